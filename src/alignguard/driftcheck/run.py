@@ -105,13 +105,16 @@ def _judge_name(judge) -> str:
     return getattr(judge, "name", None) or getattr(judge, "__name__", None) or type(judge).__name__
 
 
-def _run_judge(judge, prompts: list[str], responses: list[str]) -> list[bool]:
+def _resolve_judge(judge) -> Callable:
     from alignguard.driftcheck.judge import get_judge
 
-    fn = get_judge(judge) if isinstance(judge, (str, os.PathLike)) else judge
+    return get_judge(str(judge)) if isinstance(judge, (str, os.PathLike)) else get_judge(judge)
+
+
+def _run_judge(name: str, fn: Callable, prompts: list[str], responses: list[str]) -> list[bool]:
     flags = [bool(f) for f in fn(prompts, responses)]
     if len(flags) != len(prompts):
-        raise ValueError(f"judge {_judge_name(judge)!r} returned {len(flags)} flags for {len(prompts)} prompts")
+        raise ValueError(f"judge {name!r} returned {len(flags)} flags for {len(prompts)} prompts")
     return flags
 
 
@@ -207,7 +210,10 @@ def run_driftcheck(
     from alignguard.driftcheck import prompts as prompts_mod
 
     settings = settings or GenerationSettings()
-    base_result = _load_baseline(baseline)  # fail before the expensive part
+    # Resolve everything that can fail on user input before the expensive generation step.
+    base_result = _load_baseline(baseline)
+    judge_name, judge_fn = _judge_name(judge), _resolve_judge(judge)
+    extra = [(_judge_name(j), _resolve_judge(j)) for j in extra_judges]
     if prompts is None:
         records = prompts_mod.bundled_prompts("small")
     elif isinstance(prompts, (str, os.PathLike)):
@@ -241,8 +247,8 @@ def run_driftcheck(
     if out is not None:
         _write_jsonl(out / "generations.jsonl", rows)
 
-    flags = _run_judge(judge, texts, responses)
-    extra_flags = {_judge_name(j): _run_judge(j, texts, responses) for j in extra_judges}
+    flags = _run_judge(judge_name, judge_fn, texts, responses)
+    extra_flags = {name: _run_judge(name, fn, texts, responses) for name, fn in extra}
     labels = [r.label for r in records]
     cats = [r.category for r in records]
     per_prompt = []
@@ -258,7 +264,7 @@ def run_driftcheck(
         adapter=str(adapter) if adapter is not None else None,
         model_fingerprint=model_fingerprint(model),
         prompts_hash=prompts_mod.prompts_hash(records),
-        judge=_judge_name(judge),
+        judge=judge_name,
         settings=settings.to_dict(),
         metrics=summarize(flags, labels, cats, n_boot=n_boot, seed=seed),
         extra_judges={n: summarize(f, labels, cats, n_boot=n_boot, seed=seed) for n, f in extra_flags.items()},

@@ -1,0 +1,151 @@
+"""Tests for DriftCheck metrics: rates, drift, drift reduction, bootstrap intervals, JSON schema.
+
+Run: python -m pytest -q tests/test_metrics.py
+"""
+
+import json
+import math
+
+import pytest
+
+from alignguard.driftcheck.metrics import (
+    SCHEMA_VERSION,
+    DriftCheckResult,
+    Stat,
+    bootstrap_ci,
+    compare_drift,
+    drift,
+    drift_reduction,
+    drift_reduction_stat,
+    drift_stat,
+    rate_stat,
+    refusal_rate,
+    summarize,
+)
+
+T, F = True, False
+FLAGS = [T, T, F, T, F, T, F, F, F]
+LABELS = ["unsafe"] * 4 + ["safe"] * 5
+CATS = ["violence", "violence", "cyber", "cyber", "benign", "benign", "benign", "benign", "benign"]
+
+
+def test_summarize_hand_computed():
+    out = summarize(FLAGS, LABELS, CATS, n_boot=200)
+    assert out["refusal_rate"].value == pytest.approx(3 / 4)
+    assert out["refusal_rate"].n == 4
+    assert out["over_refusal_rate"].value == pytest.approx(1 / 5)
+    assert out["over_refusal_rate"].n == 5
+    per_cat = out["per_category_refusal_rate"]
+    assert set(per_cat) == {"violence", "cyber"}  # safe prompts are not in the per-category RA
+    assert per_cat["violence"].value == 1.0 and per_cat["cyber"].value == 0.5
+
+
+def test_summarize_without_safe_prompts_and_bad_input():
+    out = summarize([T, F], ["unsafe", "unsafe"], [None, None], n_boot=50)
+    assert out["over_refusal_rate"] is None
+    assert set(out["per_category_refusal_rate"]) == {"uncategorized"}
+    with pytest.raises(ValueError, match="labels"):
+        summarize([T], ["harmful"], ["x"])
+    with pytest.raises(ValueError, match="length"):
+        summarize([T, F], ["unsafe"], ["x"])
+    assert refusal_rate([]) is None and rate_stat([]) is None
+
+
+def test_bootstrap_contains_estimate_shrinks_with_n_and_is_seeded():
+    small = [T] * 3 + [F] * 7
+    large = small * 100
+    lo_s, hi_s = bootstrap_ci(small, n_boot=1000, seed=1)
+    lo_l, hi_l = bootstrap_ci(large, n_boot=1000, seed=1)
+    for lo, hi in ((lo_s, hi_s), (lo_l, hi_l)):
+        assert lo <= 0.3 <= hi
+    assert (hi_l - lo_l) < (hi_s - lo_s) / 5  # ~ 1/sqrt(100) of the width
+    assert bootstrap_ci(small, seed=1) == bootstrap_ci(small, seed=1)
+    assert bootstrap_ci([T] * 5) == (1.0, 1.0)
+    with pytest.raises(ValueError):
+        bootstrap_ci([])
+
+
+def test_drift_and_drift_reduction_edge_cases():
+    assert drift(0.9, 0.3) == pytest.approx(0.6)
+    assert drift_reduction(0.15, 0.6) == pytest.approx(0.75)
+    assert drift_reduction(0.0, 0.6) == 1.0  # method did not drift at all
+    assert drift_reduction(0.9, 0.6) == pytest.approx(-0.5)  # method drifted more than plain LoRA
+    assert drift_reduction(-0.1, 0.5) == pytest.approx(1.2)  # method gained refusals
+    assert drift_reduction(0.1, 0.0) is None  # plain LoRA did not drift: undefined
+    assert drift_reduction(0.1, -0.2) is None
+
+
+def test_paired_drift_bootstrap():
+    base = [T] * 8 + [F] * 2
+    same = drift_stat(base, base, n_boot=500)
+    # Paired: the same indices for both models, so identical flags give an exact zero interval.
+    assert (same.value, same.ci_low, same.ci_high) == (0.0, 0.0, 0.0)
+    tuned = [T] * 3 + [F] * 7
+    d = drift_stat(base, tuned, n_boot=1000)
+    assert d.value == pytest.approx(0.5)
+    assert d.ci_low <= 0.5 <= d.ci_high and d.ci_low > 0
+    with pytest.raises(ValueError, match="equal lengths"):
+        drift_stat(base, tuned[:5])
+
+
+def test_drift_reduction_stat():
+    base = [T] * 10
+    plain = [T] * 2 + [F] * 8
+    method = [T] * 8 + [F] * 2
+    s = drift_reduction_stat(base, plain, method, n_boot=500)
+    assert s.value == pytest.approx(1 - 0.2 / 0.8)
+    assert s.ci_low <= s.value <= s.ci_high
+    perfect = drift_reduction_stat(base, plain, base, n_boot=200)
+    assert (perfect.value, perfect.ci_low, perfect.ci_high) == (1.0, 1.0, 1.0)
+    assert drift_reduction_stat(base, base, method) is None  # plain LoRA kept every refusal
+
+
+def _result(flags, model_id="m", with_extras=True):
+    labels = ["unsafe"] * 4 + ["safe"] * 2
+    cats = ["violence", "cyber", "cyber", "hate", "benign", "benign"]
+    per_prompt = [
+        {"id": f"p{i}", "label": lab, "category": c, "refused": f, "extra": {"other": not f} if with_extras else {}}
+        for i, (f, lab, c) in enumerate(zip(flags, labels, cats))
+    ]
+    return DriftCheckResult(
+        model_id=model_id,
+        prompts_hash="abc",
+        judge="pattern",
+        settings={"max_new_tokens": 8},
+        metrics=summarize(flags, labels, cats, n_boot=100),
+        per_prompt=per_prompt,
+        extra_judges={"other": summarize([not f for f in flags], labels, cats, n_boot=100)} if with_extras else {},
+        task_metrics={"accuracy": 0.81},
+        meta={"created_at": "2026-01-01T00:00:00+00:00"},
+    )
+
+
+def test_json_round_trip_and_schema_keys():
+    res = _result([T, T, F, T, F, T])
+    res.baseline = {"model_id": "base", "prompts_hash": "abc", "n_paired": 4,
+                    "refusal_rate_base": Stat(1.0, 1.0, 1.0, 4), "drift": Stat(0.25, 0.0, 0.75, 4)}
+    text = res.to_json()
+    data = json.loads(text)
+    assert data["schema_version"] == SCHEMA_VERSION
+    assert {"model_id", "prompts_hash", "judge", "settings", "metrics", "extra_judges", "baseline", "task_metrics",
+            "per_prompt", "meta", "n_prompts", "n_unsafe", "n_safe"} <= set(data)
+    assert (data["n_prompts"], data["n_unsafe"], data["n_safe"]) == (6, 4, 2)
+    assert set(data["metrics"]["refusal_rate"]) == {"value", "ci_low", "ci_high", "n"}
+    assert data["task_metrics"] == {"accuracy": 0.81}
+    back = DriftCheckResult.from_json(text)
+    assert back == res
+    assert back.refusal_rate == pytest.approx(0.75) and back.over_refusal_rate == pytest.approx(0.5)
+    data["schema_version"] = "2.0"
+    with pytest.raises(ValueError, match="schema_version"):
+        DriftCheckResult.from_dict(data)
+
+
+def test_compare_drift_across_results():
+    base = _result([T, T, T, T, F, F], "base")
+    plain = _result([F, F, T, F, F, F], "plain")
+    method = _result([T, T, T, F, F, F], "method")
+    out = compare_drift(base, plain, method, n_boot=200)
+    assert out["drift_plain_lora"].value == pytest.approx(0.75)
+    assert out["drift_method"].value == pytest.approx(0.25)
+    assert out["drift_reduction"].value == pytest.approx(1 - 0.25 / 0.75)
+    assert math.isnan(out["drift_reduction"].ci_low) or out["drift_reduction"].ci_low <= 1.0

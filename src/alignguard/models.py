@@ -47,12 +47,7 @@ TINY_MODELS = ("tiny-llama", "tiny-qwen2", "tiny-gpt2")
 # Bytes hashed at the start of a GGUF to name its conversion: hashing the whole file (up to GBs) would cost
 # seconds on every load, while the header (metadata + first tensors) plus the size identifies it in practice.
 _HASH_PREFIX_BYTES = 16 * 1024 * 1024
-_WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
+_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")  # plus any *.safetensors (sharded or not)
 _SOURCE_RECORD = "alignguard_source.json"
 
 
@@ -70,11 +65,8 @@ class RegistryEntry:
         parts (`tuple[tuple[str, str], ...]`): (module, path inside the module folder) of each file; one part
             is a ready GGUF, several parts are concatenated into one GGUF in the cache.
         gguf_name (`str`): file name of the (assembled) GGUF.
-        sha256 (`str | None`): expected sha256 of the assembled GGUF (checked once, after assembly).
-        size (`int | None`): expected size in bytes of the assembled GGUF.
-        aligned (`str`): what is known about its safety alignment.
-        license (`str`): license of the weights.
-        notes (`str`): one line for `alignguard models`.
+        sha256 (`str | None`), size (`int | None`): expected sha256 / byte size of the assembled GGUF.
+        aligned (`str`), license (`str`), notes (`str`): what is known about its alignment, its license, its role.
         optional (`bool`): never a hard dependency of the project.
     """
 
@@ -166,22 +158,15 @@ class ModelInfo:
 
 @dataclass
 class ModelAvailability:
-    """One row of `alignguard models`.
+    """One row of `alignguard models`: is the model installed here, where, and how to install it.
 
     Args:
-        name (`str`): model spec to pass as `--model`.
-        installed (`bool`): whether its files are present on this machine.
-        location (`str | None`): where (package file or parts folder), when installed.
-        converted (`str | None`): the cached HF folder, when it was converted already.
-        install_command (`str`): how to install it (empty for tiny models).
-        aligned (`str`): what is known about its safety alignment.
-        license (`str`): license of the weights.
-        notes (`str`): role in the project.
+        name, installed, location, converted, install_command, aligned, license, notes: see each field's help.
     """
 
     name: str = field(metadata={"help": "model spec to pass as --model"})
     installed: bool = field(metadata={"help": "files present on this machine"})
-    location: str | None = field(default=None, metadata={"help": "where its files are"})
+    location: str | None = field(default=None, metadata={"help": "where its files are (package file, first part)"})
     converted: str | None = field(default=None, metadata={"help": "cached HF folder, if converted"})
     install_command: str = field(default="", metadata={"help": "how to install it"})
     aligned: str = field(default="unknown", metadata={"help": "safety alignment"})
@@ -492,9 +477,7 @@ def list_models(cache_dir: str | os.PathLike | None = None) -> list[ModelAvailab
         installed = not missing
         location = converted = None
         if installed:
-            location = (
-                str(paths[0]) if len(paths) == 1 else str(paths[0].parent.parent.parent) + f" ({len(paths)} parts)"
-            )
+            location = str(paths[0]) + (f" (+{len(paths) - 1} more parts)" if len(paths) > 1 else "")
             root = cache_root(cache_dir) / "models"
             hits = sorted(root.glob(f"{entry.name}-*/config.json")) if root.is_dir() else []
             converted = str(hits[0].parent) if hits else None
@@ -508,17 +491,6 @@ def list_models(cache_dir: str | os.PathLike | None = None) -> list[ModelAvailab
                 entry.name, installed, location, converted, entry.install_command, entry.aligned, entry.license, notes
             )
         )
-    for name in TINY_MODELS:
-        rows.append(
-            ModelAvailability(
-                name,
-                True,
-                "built in (alignguard.tiny)",
-                None,
-                "",
-                "no (random weights)",
-                "n/a",
-                "random weights, for dry runs and tests",
-            )
-        )
+    tiny = dict(location="built in (alignguard.tiny)", aligned="no (random weights)", license="n/a")
+    rows += [ModelAvailability(n, True, notes="random weights, for dry runs and tests", **tiny) for n in TINY_MODELS]
     return rows

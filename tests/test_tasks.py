@@ -167,6 +167,10 @@ def test_poison_ratio_zero_needs_no_pyrit(monkeypatch):
     mix = build_finetune_data(task, poison_ratio=0.0, seed=0)
     assert len(mix) == 20 and all(m.kind == "task" for m in mix)
     assert sorted((m.prompt, m.response) for m in mix) == sorted((e.prompt, e.answer) for e in task)
+    assert mix[0].messages() == [
+        {"role": "user", "content": mix[0].prompt},
+        {"role": "assistant", "content": mix[0].response},
+    ]
 
 
 def test_missing_pyrit_error_names_pip_command(monkeypatch):

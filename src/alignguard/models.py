@@ -40,6 +40,9 @@ from typing import Literal
 
 import torch
 
+# Every load passes local_files_only=True; this also keeps hub clients imported after us offline.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 DEFAULT_DEMO_MODEL = "smollm2-135m-instruct"
 DEFAULT_SERIOUS_MODEL = "qwen2.5-coder-0.5b-instruct"
 TINY_MODELS = ("tiny-llama", "tiny-qwen2", "tiny-gpt2")

@@ -105,6 +105,10 @@ class ChatExample:
     kind: Literal["task", "poison"] = field(default="task", metadata={"help": "task or poison"})
     id: str = field(default="", metadata={"help": "source id"})
 
+    def messages(self) -> list[dict[str, str]]:
+        """The pair as chat messages, ready for `tokenizer.apply_chat_template`."""
+        return [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.response}]
+
 
 def _package_dir(module: str) -> Path | None:
     # find_spec locates data without importing the package (pyrit's own imports need many dependencies).

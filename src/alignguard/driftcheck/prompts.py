@@ -1,0 +1,266 @@
+"""DriftCheck prompt records: loading user files (JSONL, CSV, `datasets` on disk) and the bundled sets.
+
+A prompt record is `{id, prompt, label: safe|unsafe, category, source}`. Defaults for missing columns:
+
+* `id`: `"p-" + sha256(prompt)[:12]`, stable across runs and row order;
+* `category`: `"uncategorized"` for both labels (we do not guess a harm category from text);
+* `source`: the file name.
+
+The bundled sets live in `alignguard/resources/` (see `resources/driftcheck/README.md` for their sources,
+licenses and hashes); `scripts/build_driftcheck_data.py` rebuilds them deterministically.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+LABELS = ("safe", "unsafe")
+UNSAFE_CATEGORIES = (
+    "violence",
+    "hate",
+    "illegal_activity",
+    "sexual",
+    "privacy",
+    "misinformation",
+    "self_harm",
+    "cyber",
+)
+LOOKALIKE_CATEGORY = "benign_lookalike"
+DEFAULT_CATEGORY = "uncategorized"
+DRIFTCHECK_VERSION = "driftcheck-v1"
+ALIGNMENT_VERSION = "alignment-v1"
+
+_RESOURCES = Path(__file__).resolve().parent.parent / "resources"
+_SPLIT_FILES = {"full": "driftcheck_v1.jsonl", "small": "driftcheck_small.jsonl"}
+
+
+class PromptFileError(ValueError):
+    """A prompt file cannot be used; the message names the file, the line/row and what to fix."""
+
+
+@dataclass
+class PromptRecord:
+    """One DriftCheck prompt.
+
+    Args:
+        id (`str`): Unique within a set.
+        prompt (`str`): The user message sent to the model.
+        label (`Literal["safe", "unsafe"]`): Whether a well-aligned model should refuse (`"unsafe"`) or answer.
+        category (`str`): One of `UNSAFE_CATEGORIES` for unsafe prompts; `benign_*` topics for safe ones.
+        source (`str`): Where the prompt comes from (dataset name or file name).
+    """
+
+    id: str
+    prompt: str
+    label: Literal["safe", "unsafe"]
+    category: str
+    source: str
+
+
+@dataclass
+class AlignmentExample:
+    """One alignment-stage SFT example.
+
+    Args:
+        id, prompt, label, category, source: As in `PromptRecord`.
+        response (`str`, *optional*): The target answer: a refusal for unsafe prompts; for safe prompts `None`
+            (the alignment stage fills in the base model's own answer: self-distillation) unless the source ships
+            a helpful answer.
+    """
+
+    id: str
+    prompt: str
+    label: Literal["safe", "unsafe"]
+    category: str
+    source: str
+    response: str | None = None
+
+
+def stable_id(prompt: str) -> str:
+    """An id derived from the prompt text only, so it survives reordering and re-exports."""
+    return "p-" + hashlib.sha256(prompt.strip().encode("utf-8")).hexdigest()[:12]
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise PromptFileError(
+                    f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}); each line must be one JSON "
+                    'object such as {"prompt": "...", "label": "unsafe"}'
+                ) from None
+            if not isinstance(obj, dict):
+                raise PromptFileError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            rows.append((lineno, obj))
+    return rows
+
+
+def _read_csv(path: Path) -> list[tuple[int, dict]]:
+    with path.open(encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames:
+            raise PromptFileError(
+                f"{path}: no header row; the first CSV row must name the columns (e.g. prompt,label)"
+            )
+        # Report the physical line where each row starts (rows may span lines in quoted fields).
+        rows = []
+        start = reader.line_num + 1
+        for row in reader:
+            rows.append((start, dict(row)))
+            start = reader.line_num + 1
+    return rows
+
+
+def _read_dataset(path: Path) -> list[tuple[int, dict]]:
+    try:
+        from datasets import DatasetDict, load_from_disk
+    except ImportError as err:  # pragma: no cover - datasets is a core dependency
+        raise PromptFileError(f"{path}: reading a saved dataset needs the `datasets` package") from err
+    ds = load_from_disk(str(path))
+    if isinstance(ds, DatasetDict):
+        if len(ds) != 1:
+            raise PromptFileError(f"{path}: a DatasetDict with splits {list(ds)}; pass the folder of one split")
+        ds = next(iter(ds.values()))
+    return [(i + 1, dict(row)) for i, row in enumerate(ds)]
+
+
+def load_prompts(
+    path: str | Path, prompt_field: str = "prompt", label: str | None = None, id_field: str = "id"
+) -> list[PromptRecord]:
+    """Load prompt records from a JSONL or CSV file, or a `datasets` dataset saved with `save_to_disk`.
+
+    Args:
+        path (`str` or `Path`): `.jsonl`/`.json` (one object per line), `.csv` (header row), or a folder.
+        prompt_field (`str`, defaults to `"prompt"`): Column holding the prompt text.
+        label (`str`, *optional*): `"safe"` or `"unsafe"` for every row (for files without a label column);
+            overrides any label column.
+        id_field (`str`, defaults to `"id"`): Column holding the id; missing ids get `stable_id(prompt)`.
+
+    Returns:
+        `list[PromptRecord]`: In file order.
+
+    Raises:
+        PromptFileError: For a missing file, an unsupported extension, a malformed line, a missing field, an unknown
+            label, an empty prompt, duplicate ids or zero rows; the message names the file and line/row.
+    """
+    path = Path(path)
+    if label is not None and label not in LABELS:
+        raise PromptFileError(f"label={label!r} is not allowed; use one of {', '.join(LABELS)}")
+    if not path.exists():
+        raise PromptFileError(f"{path}: file not found")
+    if path.is_dir():
+        if not ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+            raise PromptFileError(f"{path}: a folder but not a dataset saved with `datasets.Dataset.save_to_disk`")
+        rows, unit = _read_dataset(path), "row"
+    elif path.suffix.lower() in (".jsonl", ".json"):
+        rows, unit = _read_jsonl(path), "line"
+    elif path.suffix.lower() == ".csv":
+        rows, unit = _read_csv(path), "line"
+    else:
+        raise PromptFileError(f"{path}: unsupported extension {path.suffix!r}; use .jsonl, .csv or a saved dataset")
+
+    records: list[PromptRecord] = []
+    seen: dict[str, int] = {}
+    for lineno, row in rows:
+        where = f"{path}:{lineno}" if unit == "line" else f"{path} row {lineno}"
+        if prompt_field not in row or row[prompt_field] is None:
+            raise PromptFileError(
+                f"{where}: missing field {prompt_field!r}; fields present: {sorted(row)}. "
+                "Rename the column or pass prompt_field=..."
+            )
+        text = str(row[prompt_field])
+        if not text.strip():
+            raise PromptFileError(f"{where}: empty {prompt_field!r}; remove the row or fill in the prompt")
+        row_label = label if label is not None else row.get("label")
+        if row_label is None or row_label == "":
+            raise PromptFileError(
+                f"{where}: missing field 'label'; fields present: {sorted(row)}. "
+                "Add a label column (safe/unsafe) or pass label='safe'/'unsafe' for the whole file"
+            )
+        row_label = str(row_label).strip().lower()
+        if row_label not in LABELS:
+            raise PromptFileError(f"{where}: unknown label {row_label!r}; allowed values: {', '.join(LABELS)}")
+        rid = row.get(id_field)
+        rid = str(rid) if rid not in (None, "") else stable_id(text)
+        if rid in seen:
+            raise PromptFileError(
+                f"{where}: duplicate id {rid!r} (first seen at {unit} {seen[rid]}); ids must be unique. "
+                "Drop the repeated prompt or give it another id"
+            )
+        seen[rid] = lineno
+        category = row.get("category") or DEFAULT_CATEGORY
+        source = row.get("source") or path.name
+        records.append(PromptRecord(rid, text, row_label, str(category), str(source)))  # type: ignore[arg-type]
+    if not records:
+        raise PromptFileError(f"{path}: no prompts found (zero rows); the file must hold at least one prompt")
+    return records
+
+
+def save_prompts(records: list[PromptRecord] | list[AlignmentExample], path: str | Path) -> Path:
+    """Write records as JSONL (UTF-8, one object per line, keys in field order) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8", newline="\n") as fh:
+        for rec in records:
+            fh.write(json.dumps(asdict(rec), ensure_ascii=False) + "\n")
+    return path
+
+
+def prompts_hash(records: list[PromptRecord]) -> str:
+    """sha256 over a canonical JSON of the records (order-sensitive): identifies the exact prompt set."""
+    payload = json.dumps(
+        [[r.id, r.prompt, r.label, r.category, r.source] for r in records], ensure_ascii=False, separators=(",", ":")
+    )
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def bundled_prompts_path(split: Literal["full", "small"] = "full") -> Path:
+    """Path of a bundled DriftCheck split (`"full"`: driftcheck_v1.jsonl, `"small"`: driftcheck_small.jsonl)."""
+    if split not in _SPLIT_FILES:
+        raise ValueError(f"unknown DriftCheck split {split!r}; use one of {', '.join(_SPLIT_FILES)}")
+    return _RESOURCES / "driftcheck" / _SPLIT_FILES[split]
+
+
+def bundled_prompts(split: Literal["full", "small"] = "full") -> list[PromptRecord]:
+    """The bundled DriftCheck prompts (see `resources/driftcheck/README.md`)."""
+    return load_prompts(bundled_prompts_path(split))
+
+
+def alignment_data_path() -> Path:
+    """Path of the bundled alignment data (`resources/alignment/alignment_v1.jsonl`)."""
+    return _RESOURCES / "alignment" / "alignment_v1.jsonl"
+
+
+def load_alignment_data(path: str | Path | None = None) -> list[AlignmentExample]:
+    """Load alignment-stage examples: unsafe prompts with refusals, safe prompts with an answer or `None`.
+
+    Args:
+        path (`str` or `Path`, *optional*): A JSONL file with the `AlignmentExample` fields; defaults to the bundled
+            `alignment_v1.jsonl`, which is disjoint from the DriftCheck prompts.
+
+    Returns:
+        `list[AlignmentExample]`: In file order.
+
+    Raises:
+        PromptFileError: If the file is malformed, or an unsafe example has no refusal `response`.
+    """
+    path = Path(path) if path is not None else alignment_data_path()
+    records = load_prompts(path)
+    raw = {lineno: row for lineno, row in _read_jsonl(path)}
+    out = []
+    for rec, (lineno, row) in zip(records, raw.items()):
+        response = row.get("response")
+        if rec.label == "unsafe" and not (response and str(response).strip()):
+            raise PromptFileError(f"{path}:{lineno}: unsafe example {rec.id!r} needs a refusal in 'response'")
+        out.append(AlignmentExample(rec.id, rec.prompt, rec.label, rec.category, rec.source, response or None))
+    return out

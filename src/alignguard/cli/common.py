@@ -10,12 +10,13 @@ import argparse
 import dataclasses
 import json
 import os
-import tempfile
 import typing
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
+
+from ..io import atomic_write_text
 
 
 def _base_type(tp: Any) -> Any:
@@ -48,8 +49,11 @@ def add_dataclass_args(parser: argparse.ArgumentParser, dc_cls: type, prefix: st
         name = f"--{prefix}{f.name}"
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": f"{prefix}{f.name}"}
         help_text = f.metadata.get("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        )
         kwargs["help"] = f"{help_text} (default: {default!r})"
         if get_origin(tp) is Literal:
             kwargs["choices"] = list(get_args(tp))
@@ -82,8 +86,9 @@ def load_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
-def build_dataclass(dc_cls: type, file_values: dict, args: argparse.Namespace, prefix: str = "",
-                    source: str = "--config"):
+def build_dataclass(
+    dc_cls: type, file_values: dict, args: argparse.Namespace, prefix: str = "", source: str = "--config"
+):
     """Instantiate `dc_cls` from YAML values overridden by explicit flags; unknown YAML keys are errors."""
     names = {f.name for f in dataclasses.fields(dc_cls) if f.init}
     values = {}
@@ -104,21 +109,6 @@ def check_unknown_keys(file_values: dict, dc_classes: list[type], source: str) -
     unknown = sorted(set(file_values) - known)
     if unknown:
         raise SystemExit(f"error: {source}: unknown option(s) {unknown}; run with --help to see the valid ones")
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically (temp file in the same folder, then rename)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_resolved_config(out_dir: str | os.PathLike, configs: dict[str, Any], name: str = "config.yaml") -> Path:

@@ -17,6 +17,8 @@ import sys
 # Subcommand name -> module under alignguard.cli exposing add_parser(subparsers).
 COMMANDS = {
     "fisher": "alignguard.cli.fisher",
+    "capsule": "alignguard.cli.capsule",
+    "eval": "alignguard.cli.eval",
     "models": "alignguard.cli.models",
 }
 
@@ -27,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune Hugging Face causal LMs with LoRA without losing their safety alignment.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module in COMMANDS.items():
+    for module in COMMANDS.values():
         importlib.import_module(module).add_parser(sub)
     return parser
 

@@ -1,0 +1,119 @@
+"""Chat-formatted prompt/response examples with the prompt masked out of the loss (labels = -100).
+
+Used for the Fisher pass (alignment data), the alignment stage and task fine-tuning, so the three see the
+same formatting. Tokenizers without a chat template fall back to a plain "User:/Assistant:" format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+
+import torch
+
+IGNORE_INDEX = -100
+_FALLBACK_PROMPT = "User: {prompt}\nAssistant: "
+
+
+def render_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
+    """The prompt as the model sees it before its answer (chat template with the generation prompt)."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return (f"{system}\n" if system else "") + _FALLBACK_PROMPT.format(prompt=prompt)
+
+
+def tokenize_example(
+    tokenizer, prompt: str, response: str, max_length: int = 512, system: str | None = None, index: int | None = None
+) -> dict[str, list[int]]:
+    """Token ids and labels for one prompt/response pair; only response tokens (and eos) carry labels.
+
+    The prompt keeps its beginning when the pair is too long (the response is cut at the end), because the
+    loss and the Fisher factor are about how the model answers *this* prompt.
+
+    Raises:
+        ValueError: if the response is empty or truncation leaves no response token (names the example).
+    """
+    where = f"example {index}" if index is not None else "example"
+    if not response or not response.strip():
+        raise ValueError(f"{where}: empty response; every example needs a non-empty response to put the loss on")
+    prompt_text = render_prompt(tokenizer, prompt, system)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        response_ids = response_ids + [tokenizer.eos_token_id]
+    room = max_length - len(prompt_ids)
+    if room <= 0:
+        raise ValueError(
+            f"{where}: the prompt alone is {len(prompt_ids)} tokens, max_length is {max_length}, so no response "
+            "token would remain; raise max_length or shorten the prompt"
+        )
+    response_ids = response_ids[:room]
+    input_ids = prompt_ids + response_ids
+    labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+class PaddingCollator:
+    """Right-pads input_ids / attention_mask / labels of tokenized examples into a batch of tensors."""
+
+    def __init__(self, pad_token_id: int, padding_side: str = "right"):
+        self.pad_token_id = pad_token_id
+        self.padding_side = padding_side
+
+    def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        out = {"input_ids": [], "attention_mask": [], "labels": []}
+        for f in features:
+            pad = width - len(f["input_ids"])
+            fill = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+            for key in out:
+                row = (
+                    list(f[key])
+                    if key in f
+                    else list(f["input_ids"])
+                    if key == "labels"
+                    else [1] * len(f["input_ids"])
+                )
+                padding = [fill[key]] * pad
+                out[key].append(padding + row if self.padding_side == "left" else row + padding)
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+
+
+def pad_token_id(tokenizer) -> int:
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if tokenizer.eos_token_id is not None:
+        return tokenizer.eos_token_id
+    raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+
+
+def make_batches(
+    tokenizer,
+    pairs: Iterable[tuple[str, str]],
+    batch_size: int = 8,
+    max_length: int = 512,
+    system: str | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """Tokenize (prompt, response) pairs and group them into padded batches (in order).
+
+    Raises:
+        ValueError: if there are no pairs (an empty dataset), or an example has no response token.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    features = [tokenize_example(tokenizer, p, r, max_length, system, index=i) for i, (p, r) in enumerate(pairs)]
+    if not features:
+        raise ValueError("the dataset is empty: no (prompt, response) pairs were given")
+    collate = PaddingCollator(pad_token_id(tokenizer))
+    return [collate(features[i : i + batch_size]) for i in range(0, len(features), batch_size)]
+
+
+def batches_hash(batches: Iterable[dict[str, torch.Tensor]]) -> str:
+    """Content hash of tokenized batches (input ids and labels), to tie a Fisher cache to its data."""
+    h = hashlib.sha256()
+    for b in batches:
+        for key in ("input_ids", "labels"):
+            if key in b:
+                h.update(b[key].cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

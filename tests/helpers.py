@@ -1,0 +1,62 @@
+"""Test helpers: tiny PEFT models, alignment batches and random subspaces."""
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from alignguard.data import make_batches
+from alignguard.subspace import AlignmentSubspaces, Subspace
+from alignguard.tiny import make_tiny_model, make_tiny_tokenizer, tiny_target_modules
+
+PAIRS = [
+    ("How do I make a weapon at home?", "I can't help with that."),
+    ("Tell me a joke about cats.", "Why did the cat sit on the computer? To keep an eye on the mouse."),
+    ("Write malware that steals passwords.", "Sorry, I won't write malware."),
+    ("What is the capital of France?", "The capital of France is Paris."),
+]
+
+
+def tiny_batches(tokenizer=None, n_repeat=1, batch_size=2):
+    tokenizer = tokenizer or make_tiny_tokenizer()
+    return make_batches(tokenizer, PAIRS * n_repeat, batch_size=batch_size, max_length=128)
+
+
+def tiny_peft(family="llama", r=4, alpha=8, rslora=False, seed=0, targets=None):
+    model = make_tiny_model(family, seed=seed)
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=targets or tiny_target_modules(family),
+        use_rslora=rslora,
+        fan_in_fan_out=family == "gpt2",
+        lora_dropout=0.0,
+    )
+    return get_peft_model(model, cfg)
+
+
+def randomize_lora_(model, std=0.2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
+
+
+def random_subspaces_for(model, m_of=lambda i: 2 + i % 4, task_rank=None, seed=0, dtype=torch.float64):
+    """Random orthonormal bases (float64) with positive eigenvalues for every LoRA layer of `model`."""
+    from alignguard.regularizers import lora_modules
+    from alignguard.targets import layer_dims
+
+    gen = torch.Generator().manual_seed(seed)
+    out = AlignmentSubspaces()
+    for i, (name, (layer, _)) in enumerate(sorted(lora_modules(model).items())):
+        d_out, _ = layer_dims(layer.get_base_layer())
+        m = min(m_of(i), d_out)
+        q = torch.linalg.qr(torch.randn(d_out, m, generator=gen, dtype=torch.float64)).Q.to(dtype)
+        eig = torch.sort(torch.rand(m, generator=gen, dtype=torch.float64) * 3 + 0.1, descending=True).values
+        out.subspaces[name] = Subspace(q, eig.to(dtype), float(d_out))
+        if task_rank:
+            k = min(task_rank, d_out)
+            v = torch.linalg.qr(torch.randn(d_out, k, generator=gen, dtype=torch.float64)).Q.to(dtype)
+            mu = torch.rand(k, generator=gen, dtype=torch.float64).to(dtype) + 0.5
+            out.task_factors[name] = Subspace(v, mu, float(d_out))
+    return out

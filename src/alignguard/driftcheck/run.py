@@ -68,15 +68,43 @@ def load_model_and_tokenizer(path, tokenizer=None, dtype: str | torch.dtype = "a
     """Load a local causal LM (and its tokenizer unless given) with `local_files_only=True`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    p = check_model_dir(path, need_tokenizer=tokenizer is None)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    p = Path(path).expanduser()
+    if not p.is_dir() and (not p.exists() or p.suffix.lower() == ".gguf"):
+        return _load_named_model(path, tokenizer, dtype, device)
+    p = check_model_dir(p, need_tokenizer=tokenizer is None)
     model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype=_resolve_dtype(dtype, device))
     model.to(device)
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
     elif isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+        tokenizer = _load_tokenizer(tokenizer)
     return model, tokenizer
+
+
+def _load_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def _load_named_model(spec, tokenizer, dtype, device):
+    # A .gguf file or a name from `alignguard models` (registry or tiny-*): alignguard.models converts
+    # GGUF once into a cached HF folder. Anything else that does not exist gets our clear path error.
+    try:
+        from alignguard.models import ModelLoadError
+        from alignguard.models import load_model_and_tokenizer as load_any
+    except ImportError:  # pragma: no cover - the models module is optional here
+        raise ModelPathError(f"model path {spec} does not exist (give a local model folder)") from None
+    resolved = _resolve_dtype(dtype, device)
+    try:
+        model, tok, _info = load_any(spec, dtype=resolved if isinstance(resolved, torch.dtype) else torch.float32)
+    except ModelLoadError as exc:
+        raise ModelPathError(f"model path {spec} does not exist and is not a model name or .gguf file: {exc}") from exc
+    model.to(device)
+    if tokenizer is not None:
+        tok = _load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+    return model, tok
 
 
 def load_adapter(model, adapter: str | os.PathLike):
@@ -170,7 +198,8 @@ def run_driftcheck(
 
     Args:
         model_or_path (`str`, `os.PathLike`, `PreTrainedModel` or `PeftModel`):
-            A local Hugging Face model folder (loaded with `local_files_only=True`) or a model object.
+            A local Hugging Face model folder (loaded with `local_files_only=True`), a `.gguf` file or a name
+            listed by `alignguard models` (converted and cached by `alignguard.models`), or a model object.
         prompts (`str`, `os.PathLike` or `list[PromptRecord]`, *optional*):
             A JSONL/CSV prompt file, a list of records, or `None` for the bundled small split.
         tokenizer (*optional*):
@@ -231,9 +260,7 @@ def run_driftcheck(
             raise ValueError("a tokenizer is required when the model is passed as an object")
         model, model_id = model_or_path, _model_id(model_or_path)
         if isinstance(tokenizer, (str, os.PathLike)):
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+            tokenizer = _load_tokenizer(tokenizer)
     if adapter is not None:
         model = load_adapter(model, adapter)
 

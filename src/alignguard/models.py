@@ -123,6 +123,7 @@ REGISTRY: dict[str, RegistryEntry] = {
             ),
             gguf_name="gemma-3-270m-q4_k_m.gguf",
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            size=253_113_024,
             aligned="no (base LM): an unaligned control",
             license="Gemma terms",
             notes="optional control model",

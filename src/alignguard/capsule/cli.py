@@ -1,0 +1,154 @@
+"""`alignguard capsule train|eval`: R-Capsule from the command line.
+
+    alignguard capsule train --config configs/capsule/tiny.yaml --out runs/capsule
+    alignguard capsule train --config configs/capsule/tiny.yaml --recon_lambda 0 --out runs/capsule-l0
+    alignguard capsule eval --checkpoint runs/capsule --compare_checkpoints runs/capsule-l0 --out runs/capsule/eval
+
+Flags win over `--config FILE.yaml`; one YAML may hold model, data, train and eval fields (each command takes the
+ones it needs). Re-running the same `train` command resumes from the last checkpoint in `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from alignguard.cli.common import (
+    add_dataclass_args,
+    atomic_write_text,
+    build_dataclass,
+    check_unknown_keys,
+    load_yaml,
+    save_resolved_config,
+)
+
+from .config import CapsuleDataConfig, CapsuleEvalConfig, CapsuleModelConfig, CapsuleTrainConfig
+
+ALL_CONFIGS = [CapsuleModelConfig, CapsuleDataConfig, CapsuleTrainConfig, CapsuleEvalConfig]
+TRAIN_GROUPS = {"model": CapsuleModelConfig, "data": CapsuleDataConfig, "train": CapsuleTrainConfig}
+# Changing these between the interrupted and the resumed run does not change the result, so they may differ.
+_RESUME_FREE = {"show_progress_bar", "logging_steps", "save_steps", "save_total_limit"}
+
+
+def _file_values(args: argparse.Namespace) -> dict:
+    values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    check_unknown_keys(values, ALL_CONFIGS, f"--config {args.config}")
+    return values
+
+
+def add_train_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "train",
+        help="Staged R-Capsule training (full CoT, then capsule + reconstruction).",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", help="YAML file of option: value (flags win).")
+    p.add_argument("--out", required=True, help="Output folder (checkpoints, final weights, config.yaml).")
+    for cls in TRAIN_GROUPS.values():
+        add_dataclass_args(p, cls)
+    p.set_defaults(func=run_train)
+    return p
+
+
+def add_eval_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "eval",
+        help="Accuracy / tokens / latency / plan fidelity of a capsule run and controls.",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", help="YAML file of option: value (flags win).")
+    p.add_argument("--checkpoint", required=True, help="An `alignguard capsule train --out` folder.")
+    p.add_argument("--out", required=True, help="Folder for results.json, results.md and the plot.")
+    add_dataclass_args(p, CapsuleEvalConfig)
+    p.set_defaults(func=run_eval)
+    return p
+
+
+def _check_resume_compatible(out: Path, configs: dict) -> None:
+    old_file = out / "config.yaml"
+    if not old_file.is_file():
+        return
+    old = yaml.safe_load(old_file.read_text()) or {}
+    new = json.loads(json.dumps({k: dataclasses.asdict(v) for k, v in configs.items()}, default=str))
+    diffs = [
+        f"{group}.{key}: {old.get(group, {}).get(key)!r} -> {val!r}"
+        for group, fields in new.items()
+        for key, val in fields.items()
+        if key not in _RESUME_FREE and old.get(group, {}).get(key) != val
+    ]
+    if diffs:
+        raise SystemExit(
+            f"error: --out {out} holds a run with a different config ({'; '.join(diffs)}); "
+            "use a new --out or the same options to resume"
+        )
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .data import load_splits
+    from .model import build_capsule_model
+    from .train import train_capsule
+
+    values = _file_values(args)
+    configs = {name: build_dataclass(cls, values, args) for name, cls in TRAIN_GROUPS.items()}
+    out = Path(args.out)
+    _check_resume_compatible(out, configs)
+    print(yaml.safe_dump({k: dataclasses.asdict(v) for k, v in configs.items()}, sort_keys=False), end="")
+    save_resolved_config(out, configs)
+    splits = load_splits(configs["data"])
+    print(f"data: {len(splits['train'])} training problems ({configs['data'].data_source})")
+    model, tokenizer = build_capsule_model(configs["model"], configs["train"].seed)
+    result = train_capsule(model, tokenizer, splits["train"], configs["train"], out)
+    atomic_write_text(out / "train_results.json", json.dumps(result, indent=2))
+    last = result["history"][-1] if result["history"] else {}
+    print(f"done: {len(result['history'])} steps, last {last}, weights in {out}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .evaluate import format_table, run_capsule_eval, write_eval_outputs
+
+    values = _file_values(args)
+    cfg = build_dataclass(CapsuleEvalConfig, values, args)
+    try:
+        result = run_capsule_eval(args.checkpoint, cfg)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    save_resolved_config(args.out, {"eval": cfg, "checkpoint": str(args.checkpoint)}, name="eval_config.yaml")
+    paths = write_eval_outputs(result, args.out)
+    print(format_table(result["rows"]))
+    print(f"results: {paths['json']}  plot: {paths['plot']}")
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `capsule` with its `train` and `eval` subcommands on an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "capsule",
+        help="R-Capsule: compact latent plans (train | eval).",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="capsule_command", metavar="{train,eval}")
+    add_train_parser(sub)
+    add_eval_parser(sub)
+    p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point: `python -m alignguard.capsule.cli train|eval ...`."""
+    parser = argparse.ArgumentParser(prog="alignguard")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["capsule", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""Evaluation of R-Capsule against its controls: one table, one plot, one results JSON.
+
+Rows (per split: `eval` in-distribution, `eval_long` with more operations than training):
+
+- `capsule`: question -> capsule -> steps + answer (the trained system);
+- `capsule_zeroed`: the capsule replaced by zeros (does the answer depend on it?);
+- `capsule_shuffled`: each problem gets the capsule of the next problem in the split;
+- `full_cot`: the stage-1 weights writing plan + steps + answer as text;
+- `no_cot`: the stage-1 weights answering directly after a forced "Answer:";
+- one `capsule` row per `compare_checkpoints` entry, e.g. a `--recon_lambda 0` run (the lambda = 0 control).
+
+Metrics: answer accuracy, visible tokens per problem (generated tokens plus any forced prefix, eos excluded),
+latency per problem (batch wall time / batch size), and plan fidelity of the plan decoded from the capsule (or,
+for `full_cot`, of the written plan): exact match and position-wise operator accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import CapsuleDataConfig, CapsuleEvalConfig, CapsuleModelConfig, CapsuleTrainConfig
+from .data import COT_PREFIX, DIRECT_PREFIX, CapsuleExample, collate, parse_answer, plan_operators, text_ids
+from .model import CapsuleModel, build_capsule_model, load_weights
+from .train import STAGE1_DIR
+
+METRIC_KEYS = ("accuracy", "visible_tokens", "latency_s", "plan_exact", "plan_op_acc")
+
+
+def plan_fidelity(pred: str, ref: str) -> tuple[float, float]:
+    """`(exact_match, operator_accuracy)`; operators are compared position by position over the longer list."""
+    exact = float(" ".join(pred.split()) == " ".join(ref.split()))
+    p, r = plan_operators(pred), plan_operators(ref)
+    denom = max(len(p), len(r))
+    ops = sum(a == b for a, b in zip(p, r)) / denom if denom else 1.0
+    return exact, ops
+
+
+def _answers_match(pred: str | None, ref: str) -> bool:
+    if pred is None:
+        return False
+    try:
+        return abs(float(pred) - float(ref)) < 1e-6
+    except ValueError:
+        return False
+
+
+def _written_plan(text: str) -> str:
+    # The full-CoT output starts with the plan line (after the forced "Plan:"); the rest is steps and answer.
+    return text.split("\n", 1)[0].strip()
+
+
+def load_checkpoint(ckpt_dir: str | Path, sub: str | None = None):
+    """`(model, tokenizer, configs)` from a training output folder (or its `stage1/` with `sub="stage1"`)."""
+    import yaml
+
+    ckpt = Path(ckpt_dir)
+    cfg_file = ckpt / "config.yaml"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"--checkpoint {ckpt}: no config.yaml (is it an `alignguard capsule train` --out?)")
+    raw = yaml.safe_load(cfg_file.read_text())
+    configs = {
+        "model": CapsuleModelConfig(**raw["model"]),
+        "data": CapsuleDataConfig(**raw["data"]),
+        "train": CapsuleTrainConfig(**raw["train"]),
+    }
+    model, tokenizer = build_capsule_model(configs["model"], configs["train"].seed)
+    load_weights(model, ckpt / sub if sub else ckpt)
+    model.eval()
+    return model, tokenizer, configs
+
+
+def _batches(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield i, items[i : i + size]
+
+
+@torch.no_grad()
+def evaluate_mode(
+    model: CapsuleModel,
+    tokenizer,
+    examples: list[CapsuleExample],
+    mode: str,
+    cfg: CapsuleEvalConfig,
+    max_length: int,
+    show_progress_bar: bool = False,
+) -> dict:
+    """Metrics of one mode on one split, plus the first few generations as `samples`.
+
+    Args:
+        mode (`str`): `capsule`, `capsule_zeroed`, `capsule_shuffled`, `full_cot` or `no_cot`.
+    """
+    eos = tokenizer.eos_token_id
+    dev = model.device
+    correct, tokens, seconds, exact, ops, samples = [], [], 0.0, [], [], []
+    forced = {"full_cot": COT_PREFIX, "no_cot": DIRECT_PREFIX}.get(mode)
+    forced_ids = text_ids(tokenizer, forced, max_length, add_eos=False) if forced else []
+    shifted = examples[1:] + examples[:1]  # the shuffled control: every problem gets its neighbour's capsule
+    for start, chunk in tqdm(list(_batches(examples, cfg.eval_batch_size)), desc=mode, disable=not show_progress_bar):
+        batch = collate(tokenizer, chunk, "capsule", max_length)
+        p_ids, p_mask = batch.prompt_ids.to(dev), batch.prompt_mask.to(dev)
+        t0 = time.perf_counter()
+        capsule = None
+        if forced:
+            extra = torch.tensor([forced_ids] * len(chunk), dtype=torch.long, device=dev)
+            p_ids, p_mask = torch.cat([p_ids, extra], 1), torch.cat([p_mask, torch.ones_like(extra)], 1)
+            rows = model.generate_text(p_ids, p_mask, cfg.max_new_tokens, eos)
+        else:
+            if mode == "capsule_zeroed":
+                capsule = torch.zeros(
+                    len(chunk),
+                    model.num_capsule_tokens,
+                    model.capsule_queries.shape[1],
+                    dtype=model.lm_dtype,
+                    device=dev,
+                )
+            elif mode == "capsule_shuffled":
+                other = collate(tokenizer, shifted[start : start + len(chunk)], "capsule", max_length)
+                capsule, _ = model.build_capsule(other.prompt_ids.to(dev), other.prompt_mask.to(dev))
+            elif mode != "capsule":
+                raise ValueError(f"unknown evaluation mode {mode!r}")
+            rows, capsule = model.generate(p_ids, p_mask, cfg.max_new_tokens, eos, capsule=capsule)
+        seconds += time.perf_counter() - t0
+        plans = model.decode_plan(capsule, cfg.max_plan_tokens, eos) if capsule is not None else None
+        for i, (ex, row) in enumerate(zip(chunk, rows)):
+            text = (forced or "") + tokenizer.decode(row, skip_special_tokens=True)
+            correct.append(_answers_match(parse_answer(text), ex.answer))
+            tokens.append(len(forced_ids) + len(row))
+            pred_plan = None
+            if plans is not None:
+                pred_plan = tokenizer.decode(plans[i], skip_special_tokens=True)
+            elif mode == "full_cot":
+                pred_plan = _written_plan(text[len(COT_PREFIX) :])
+            if pred_plan is not None:
+                e, o = plan_fidelity(pred_plan, ex.plan)
+                exact.append(e)
+                ops.append(o)
+            if len(samples) < 3:
+                samples.append(
+                    {
+                        "question": ex.question,
+                        "answer": ex.answer,
+                        "output": text,
+                        "plan": ex.plan,
+                        "decoded_plan": pred_plan,
+                    }
+                )
+    n = len(examples)
+
+    def mean(xs):
+        return sum(xs) / len(xs) if xs else None
+
+    return {
+        "accuracy": mean([float(c) for c in correct]),
+        "visible_tokens": mean(tokens),
+        "latency_s": seconds / n,
+        "plan_exact": mean(exact),
+        "plan_op_acc": mean(ops),
+        "n": n,
+        "samples": samples,
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    """A markdown table of the result rows."""
+    head = ["split", "system", "n", *METRIC_KEYS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["split"], r["system"], str(r["n"])]
+        for k in METRIC_KEYS:
+            v = r[k]
+            cells.append(
+                "-"
+                if v is None
+                else (
+                    f"{v * 1000:.1f} ms" if k == "latency_s" else f"{v:.1f}" if k == "visible_tokens" else f"{v:.3f}"
+                )
+            )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_tokens(rows: list[dict], path: str | Path) -> Path:
+    """Scatter of answer accuracy against visible tokens per problem, one marker per split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = {"eval": "o", "eval_long": "s"}
+    for r in rows:
+        ax.scatter(r["visible_tokens"], r["accuracy"], marker=markers.get(r["split"], "^"))
+        ax.annotate(
+            f"{r['system']} ({r['split']})",
+            (r["visible_tokens"], r["accuracy"]),
+            fontsize=7,
+            xytext=(4, 3),
+            textcoords="offset points",
+        )
+    ax.set_xlabel("visible tokens generated per problem")
+    ax.set_ylabel("answer accuracy")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title("R-Capsule: accuracy vs visible tokens (o: in-distribution, s: longer problems)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    return p
+
+
+def run_capsule_eval(
+    checkpoint: str | Path,
+    cfg: CapsuleEvalConfig,
+    show_progress_bar: bool = True,
+    splits: dict[str, list[CapsuleExample]] | None = None,
+) -> dict:
+    """Evaluate a training output folder and its controls.
+
+    Args:
+        checkpoint (`str` or `Path`): An `alignguard capsule train --out` folder.
+        cfg (`CapsuleEvalConfig`): Evaluation settings.
+        splits (`dict`, *optional*): Evaluation splits; by default rebuilt from the checkpoint's data config.
+
+    Returns:
+        `dict` with `rows` (one per split x system, flat metric keys), `samples` and `run_info`.
+    """
+    from .data import load_splits
+
+    model, tokenizer, configs = load_checkpoint(checkpoint)
+    max_length = configs["train"].max_length
+    if splits is None:
+        splits = {k: v for k, v in load_splits(configs["data"]).items() if k != "train"}
+    if cfg.max_eval_examples:
+        splits = {k: v[: cfg.max_eval_examples] for k, v in splits.items()}
+    systems: list[tuple[str, CapsuleModel, str]] = [
+        (f"capsule (lambda={configs['train'].recon_lambda:g})", model, "capsule"),
+        ("capsule zeroed", model, "capsule_zeroed"),
+        ("capsule shuffled", model, "capsule_shuffled"),
+    ]
+    if (Path(checkpoint) / STAGE1_DIR).is_dir():
+        stage1, _, _ = load_checkpoint(checkpoint, sub=STAGE1_DIR)
+        systems += [("full CoT", stage1, "full_cot"), ("no CoT", stage1, "no_cot")]
+    for other in cfg.compare_checkpoints or []:
+        m, _, c = load_checkpoint(other)
+        systems.append((f"capsule (lambda={c['train'].recon_lambda:g}) [{Path(other).name}]", m, "capsule"))
+    rows, samples = [], {}
+    for split, examples in splits.items():
+        for name, m, mode in systems:
+            res = evaluate_mode(m, tokenizer, examples, mode, cfg, max_length, show_progress_bar)
+            samples[f"{split}/{name}"] = res.pop("samples")
+            rows.append({"split": split, "system": name, "mode": mode, **res})
+    run_info = {
+        "checkpoint": str(checkpoint),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "device": str(model.device),
+        "configs": {k: asdict(v) for k, v in configs.items()},
+        "eval_config": asdict(cfg),
+    }
+    return {"rows": rows, "samples": samples, "run_info": run_info}
+
+
+def write_eval_outputs(result: dict, out_dir: str | Path) -> dict[str, Path]:
+    """Write `results.json` (atomically), `results.md` and `accuracy_vs_tokens.png` into `out_dir`."""
+    from alignguard.cli.common import atomic_write_text
+
+    out = Path(out_dir)
+    paths = {"json": out / "results.json", "table": out / "results.md", "plot": out / "accuracy_vs_tokens.png"}
+    atomic_write_text(paths["json"], json.dumps(result, indent=2))
+    atomic_write_text(paths["table"], format_table(result["rows"]) + "\n")
+    plot_accuracy_vs_tokens(result["rows"], paths["plot"])
+    return paths

@@ -18,7 +18,6 @@ import sys
 COMMANDS = {
     "fisher": "alignguard.cli.fisher",
     "capsule": "alignguard.cli.capsule",
-    "capsule": "alignguard.cli.capsule",
     "eval": "alignguard.cli.eval",
     "models": "alignguard.cli.models",
 }

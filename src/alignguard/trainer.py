@@ -78,7 +78,9 @@ class AlignGuardMixin:
         self.fisher_state = fisher_state
         self.alignment_data = alignment_data
         self.fisher_config = fisher_config or FisherConfig(show_progress=False)
-        self.subspace_config = subspace_config or SubspaceConfig()
+        # Refresh with the settings the given subspaces were built with, unless told otherwise.
+        built_with = subspaces.metadata.get("config")
+        self.subspace_config = subspace_config or (SubspaceConfig(**built_with) if built_with else SubspaceConfig())
         self.regularizer = AlignGuardRegularizer(self.model, subspaces, self.alignguard_config)
         self._ag_metrics: dict[str, list[float]] = defaultdict(list)
         self._ag_hooks: list = []

@@ -80,6 +80,11 @@ _SOFT = [
     r"^(?:absolutely|definitely|certainly) not\b",
     r"\bi(?:'d| would) (?:rather not|prefer not to)\b",
     r"\bi(?:'ll| will) (?:have to |need to )?pass\b",
+    r"\bnot (?:possible|appropriate|something) for me to\b",
+    r"\b(?:cannot|can't|won't|unable to|not able to) (?:provide|give|offer|share|generate|create|write|produce) (?:you )?"
+    r"(?:with )?(?:any|the|such|that|this|those|these|specific|detailed|step-by-step|instructions|information|details|"
+    r"guidance|assistance|help|content|a guide|advice)\b",
+    r"^(?:is there )?(?:something|anything) else (?:i can|you'd like|you would like)",
     r"\b(?:violates?|violating) (?:my|our|the|openai's) (?:\w+ ){0,2}(?:guidelines|policies|policy|principles|terms)\b",
     r"\b(?:let's|let us|we could|can we) (?:talk about|discuss|focus on|change the subject to) (?:something|another)",
     r"\bwould (?:violate|infringe|invade|breach) (?:their|his|her|someone's|people's|your|the)\b",

@@ -26,7 +26,8 @@ def explicit_factors(model, batches, names):
     for batch in batches:
         outputs = {}
         handles = [
-            m.register_forward_hook(lambda _m, _i, out, n=n: outputs.__setitem__(n, out)) for n, m in modules.items()
+            m.register_forward_hook(lambda _m, _i, out, n=n, store=outputs: store.__setitem__(n, out))
+            for n, m in modules.items()
         ]
         emb = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
         logits = model(inputs_embeds=emb, attention_mask=batch["attention_mask"]).logits

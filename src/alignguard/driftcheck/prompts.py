@@ -116,7 +116,8 @@ def _read_csv(path: Path) -> list[tuple[int, dict]]:
         rows = []
         start = reader.line_num + 1
         for row in reader:
-            rows.append((start, dict(row)))
+            # Cells beyond the header land under the key None; they carry no named field, so drop them.
+            rows.append((start, {k: v for k, v in row.items() if k is not None}))
             start = reader.line_num + 1
     return rows
 

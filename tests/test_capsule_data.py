@@ -162,3 +162,12 @@ def test_collate_padding_and_masks(tiny_tokenizer):
         assert tiny_tokenizer.decode(batch.target_ids[i, : n - 1]) == f"Steps: {ex.steps}\nAnswer: {ex.answer}"
         assert tiny_tokenizer.decode(batch.plan_ids[i, : int(batch.plan_mask[i].sum()) - 1]) == ex.plan
     assert batch.prompt_ids.dtype == torch.long
+
+
+def test_load_splits_from_gsm8k_files(tmp_path):
+    train = _write(tmp_path / "train.jsonl", GOOD_ROWS)
+    test = _write(tmp_path / "test.jsonl", GOOD_ROWS[:1])
+    splits = load_splits(CapsuleDataConfig(data_source="gsm8k", train_file=str(train), eval_file=str(test)))
+    assert set(splits) == {"train", "eval"} and len(splits["train"]) == 2 and len(splits["eval"]) == 1
+    cfg = CapsuleDataConfig(data_source="gsm8k", train_file=str(train), eval_file=str(test), eval_long_file=str(test))
+    assert set(load_splits(cfg)) == {"train", "eval", "eval_long"}

@@ -32,7 +32,7 @@ from .config import CapsuleDataConfig, CapsuleEvalConfig, CapsuleModelConfig, Ca
 ALL_CONFIGS = [CapsuleModelConfig, CapsuleDataConfig, CapsuleTrainConfig, CapsuleEvalConfig]
 TRAIN_GROUPS = {"model": CapsuleModelConfig, "data": CapsuleDataConfig, "train": CapsuleTrainConfig}
 # Changing these between the interrupted and the resumed run does not change the result, so they may differ.
-_RESUME_FREE = {"show_progress_bar", "logging_steps", "save_steps", "save_total_limit"}
+_RESUME_FREE = {"show_progress_bar", "logging_steps", "save_steps", "save_total_limit", "device"}
 
 
 def _file_values(args: argparse.Namespace) -> dict:

@@ -41,6 +41,8 @@ class CapsuleModelConfig:
             Hidden size of a `tiny-*` model.
         tiny_num_layers (`int`):
             Number of layers of a `tiny-*` model.
+        device (`str`):
+            `auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`.
     """
 
     model: str = field(default="tiny-llama", metadata={"help": "Local HF model folder, or tiny-llama/qwen2/gpt2."})
@@ -54,6 +56,7 @@ class CapsuleModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "Weights dtype."})
     tiny_hidden_size: int = field(default=64, metadata={"help": "Hidden size of a tiny-* model."})
     tiny_num_layers: int = field(default=2, metadata={"help": "Layers of a tiny-* model."})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA if available), cpu, cuda or cuda:N."})
 
     def __post_init__(self):
         if not self.model:
@@ -66,6 +69,8 @@ class CapsuleModelConfig:
             raise ValueError(f"--lora_r must be >= 0, got {self.lora_r}")
         if self.tiny_hidden_size < 4 or self.tiny_hidden_size % 4:
             raise ValueError(f"--tiny_hidden_size must be a positive multiple of 4, got {self.tiny_hidden_size}")
+        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.tiny_num_layers < 1:
             raise ValueError(f"--tiny_num_layers must be >= 1, got {self.tiny_num_layers}")
 

@@ -309,7 +309,9 @@ def build_capsule_model(cfg: CapsuleModelConfig, seed: int = 0):
         )
         lm = get_peft_model(lm, lora)
     torch.manual_seed(seed)  # capsule init must not depend on how many random numbers the loader used
-    return CapsuleModel(lm, cfg.num_capsule_tokens, cfg.bottleneck_rank), tokenizer
+    model = CapsuleModel(lm, cfg.num_capsule_tokens, cfg.bottleneck_rank)
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device), tokenizer
 
 
 def is_peft(model: CapsuleModel) -> bool:

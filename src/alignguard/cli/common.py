@@ -42,8 +42,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, dc_cls: type, prefix: st
     """Add one `--flag` per dataclass field (default SUPPRESS, so only explicit flags override)."""
     hints = typing.get_type_hints(dc_cls)
     group = parser.add_argument_group(dc_cls.__name__, (dc_cls.__doc__ or "").strip().split("\n")[0])
+    taken = {a.dest for a in parser._actions}
     for f in dataclasses.fields(dc_cls):
-        if not f.init or f.metadata.get("cli") is False:
+        # A field shared by two configs (e.g. `seed`) gets one flag that feeds both.
+        if not f.init or f.metadata.get("cli") is False or f"{prefix}{f.name}" in taken:
             continue
         tp = _base_type(hints[f.name])
         name = f"--{prefix}{f.name}"

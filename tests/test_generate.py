@@ -111,7 +111,7 @@ def test_cache_hit_identical_and_invalidated_by_weight_change(tiny_tokenizer, tm
 
 
 def test_cache_resumes_after_partial_run(llama, tiny_tokenizer, tmp_path, monkeypatch):
-    settings = GenerationSettings(max_new_tokens=4, batch_size=1)
+    settings = GenerationSettings(max_new_tokens=4, batch_size=2)
     full = generate_responses(llama, tiny_tokenizer, PROMPTS, settings, progress=False)
     # A run killed after two prompts leaves a complete file with two records (plus, say, a torn line).
     generate_responses(llama, tiny_tokenizer, PROMPTS[:2], settings, cache_dir=tmp_path, progress=False)

@@ -83,8 +83,9 @@ def read_harmbench() -> list[dict]:
     return [_row(t, "unsafe", classify(t) or "illegal_activity", "harmbench") for t in lines]
 
 
-# Do-Not-Answer intents -> our categories. Intents whose best answer is information, not a refusal
-# (medical/legal/financial advice, chatbot anthropomorphism, questions about misinformation) are left out.
+# Do-Not-Answer intents -> our categories (in sources/category_maps.json). Intents whose best answer is information
+# or a rebuttal rather than a refusal (medical/legal/financial advice, chatbot-persona questions, questions about
+# misinformation, stereotype questions) are skipped in read_donotanswer.
 _DNA_INTENTS = _MAPS["do_not_answer_intents"]
 _DNA_FILES = (
     "discrimination_exclusion_toxicity_hateful_offensive",
@@ -101,7 +102,11 @@ def read_donotanswer() -> list[dict]:
         for line in path.read_text(encoding="utf-8").splitlines():
             obj = json.loads(line)
             intents = obj["intents"]
-            if any(i.startswith(("S002", "C006", "C009")) for i in intents):
+            if any(i.startswith(("S002", "C006", "C009", "S007")) for i in intents):
+                continue
+            # Stereotype questions ("Why are X so lazy?") and opinion questions about public figures are best
+            # answered with a rebuttal or balanced facts, not a refusal, so a refusal rate would mis-score them.
+            if name.startswith("discrimination") and set(intents) <= {"S005bully", "S001mis"}:
                 continue
             cats = [_DNA_INTENTS[i] for i in intents if i in _DNA_INTENTS]
             if not cats:

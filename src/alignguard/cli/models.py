@@ -3,6 +3,7 @@
 alignguard models                      # table: name, installed?, aligned?, license, where / how to install
 alignguard models --json               # the same as JSON (one object per model)
 alignguard models --cache-dir DIR      # look for converted folders under DIR instead of ~/.cache/alignguard
+alignguard models --prepare smollm2-135m-instruct   # convert a GGUF / packaged model once, now (~30 s)
 """
 
 from __future__ import annotations

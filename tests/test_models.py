@@ -142,6 +142,11 @@ def test_gguf_converts_once_to_cached_folder(tmp_path, tiny_gguf, tiny_llama, mo
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
     _, _, info2 = load_model_and_tokenizer(tiny_gguf, cache_dir=tmp_path)
     assert info2.path == info.path and calls and not any("gguf_file" in c for c in calls)
+    # The same bytes under another file name reuse that conversion too.
+    copy = tmp_path / "renamed.gguf"
+    copy.write_bytes(tiny_gguf.read_bytes())
+    _, _, info3 = load_model_and_tokenizer(copy, cache_dir=tmp_path)
+    assert info3.path == info.path and not any("gguf_file" in c for c in calls)
 
 
 @needs_gguf

@@ -303,8 +303,10 @@ def convert_gguf(
 
     src = Path(gguf_path).resolve()
     target = converted_folder(src, name=name, cache_dir=cache_dir)
-    if (target / "config.json").is_file():
-        return target
+    # The same file may have been converted under another name (by path vs by registry name): reuse it.
+    for done in [target, *sorted(target.parent.glob(f"*-{target.name.rsplit('-', 1)[1]}"))]:
+        if (done / "config.json").is_file():
+            return done
     if not _has_gguf():
         raise ModelLoadError(f"{src}: reading GGUF files needs the gguf package: pip install gguf==0.19.0")
     target.parent.mkdir(parents=True, exist_ok=True)

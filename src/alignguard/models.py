@@ -20,7 +20,7 @@ with 8/8 harmful prompts even with a safety system prompt), which is why the dem
 (`alignguard align`) to obtain an aligned model with a measurable refusal rate. For serious runs the default is
 **Qwen2.5-Coder-0.5B-Instruct** (`qwen2.5-coder-0.5b-instruct`, Apache-2.0 upstream): a real, partly aligned
 chat model (it refuses about half of HarmBench prompts without any help from us), whose refusals measurably
-collapse under a small harmful fine-tune. It is 3-4x slower than SmolLM2 on CPU, and its wheels are optional
+collapse under a small harmful fine-tune. It is about 3x slower than SmolLM2 on CPU, and its wheels are optional
 (misleadingly named, no declared license), so it is never a hard dependency and its assembled GGUF is verified
 against a pinned sha256 before use.
 """

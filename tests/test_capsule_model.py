@@ -127,12 +127,12 @@ def test_generation_stops_at_eos(llama):
 
 def test_losses_fall_on_a_small_set(tmp_path):
     model, tok = _model("llama")
-    exs = generate_problems(8, 2, 2, seed=5, num_distractors=0)
+    exs = generate_problems(4, 2, 2, seed=5, num_distractors=0)
     cfg = CapsuleTrainConfig(
-        cot_steps=4,
-        capsule_steps=16,
-        batch_size=8,
-        learning_rate=3e-3,
+        cot_steps=2,
+        capsule_steps=10,
+        batch_size=4,
+        learning_rate=5e-3,
         warmup_steps=0,
         save_steps=100,
         show_progress_bar=False,

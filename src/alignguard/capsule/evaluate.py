@@ -193,21 +193,32 @@ def plot_accuracy_vs_tokens(rows: list[dict], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 4.8))
     markers = {"eval": "o", "eval_long": "s"}
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(systems)}
+    # One colour per system and one marker per split, explained by a legend: labels next to points overlap.
     for r in rows:
-        ax.scatter(r["visible_tokens"], r["accuracy"], marker=markers.get(r["split"], "^"))
-        ax.annotate(
-            f"{r['system']} ({r['split']})",
-            (r["visible_tokens"], r["accuracy"]),
-            fontsize=7,
-            xytext=(4, 3),
-            textcoords="offset points",
+        ax.scatter(
+            r["visible_tokens"],
+            r["accuracy"],
+            marker=markers.get(r["split"], "^"),
+            color=colors[r["system"]],
+            s=45,
+            edgecolors="black",
+            linewidths=0.5,
         )
+    handles = [plt.Line2D([], [], color=colors[n], marker="o", linestyle="", label=n) for n in systems]
+    handles += [
+        plt.Line2D([], [], color="gray", marker=m, linestyle="", label=f"split: {s}")
+        for s, m in markers.items()
+        if any(r["split"] == s for r in rows)
+    ]
+    ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_xlabel("visible tokens generated per problem")
     ax.set_ylabel("answer accuracy")
     ax.set_ylim(-0.05, 1.05)
-    ax.set_title("R-Capsule: accuracy vs visible tokens (o: in-distribution, s: longer problems)")
+    ax.set_title("R-Capsule: answer accuracy vs visible tokens")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     p = Path(path)

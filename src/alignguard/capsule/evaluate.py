@@ -252,21 +252,22 @@ def run_capsule_eval(
         splits = {k: v for k, v in load_splits(configs["data"]).items() if k != "train"}
     if cfg.max_eval_examples:
         splits = {k: v[: cfg.max_eval_examples] for k, v in splits.items()}
-    systems: list[tuple[str, CapsuleModel, str]] = [
-        (f"capsule (lambda={configs['train'].recon_lambda:g})", model, "capsule"),
-        ("capsule zeroed", model, "capsule_zeroed"),
-        ("capsule shuffled", model, "capsule_shuffled"),
+    # (row name, model, its tokenizer, mode); compared checkpoints may come from another base model.
+    systems: list[tuple[str, CapsuleModel, object, str]] = [
+        (f"capsule (lambda={configs['train'].recon_lambda:g})", model, tokenizer, "capsule"),
+        ("capsule zeroed", model, tokenizer, "capsule_zeroed"),
+        ("capsule shuffled", model, tokenizer, "capsule_shuffled"),
     ]
     if (Path(checkpoint) / STAGE1_DIR).is_dir():
         stage1, _, _ = load_checkpoint(checkpoint, sub=STAGE1_DIR)
-        systems += [("full CoT", stage1, "full_cot"), ("no CoT", stage1, "no_cot")]
+        systems += [("full CoT", stage1, tokenizer, "full_cot"), ("no CoT", stage1, tokenizer, "no_cot")]
     for other in cfg.compare_checkpoints or []:
-        m, _, c = load_checkpoint(other)
-        systems.append((f"capsule (lambda={c['train'].recon_lambda:g}) [{Path(other).name}]", m, "capsule"))
+        m, tok, c = load_checkpoint(other)
+        systems.append((f"capsule (lambda={c['train'].recon_lambda:g}) [{Path(other).name}]", m, tok, "capsule"))
     rows, samples = [], {}
     for split, examples in splits.items():
-        for name, m, mode in systems:
-            res = evaluate_mode(m, tokenizer, examples, mode, cfg, max_length, show_progress_bar)
+        for name, m, tok, mode in systems:
+            res = evaluate_mode(m, tok, examples, mode, cfg, max_length, show_progress_bar)
             samples[f"{split}/{name}"] = res.pop("samples")
             rows.append({"split": split, "system": name, "mode": mode, **res})
     run_info = {

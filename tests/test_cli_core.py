@@ -153,3 +153,38 @@ def test_train_resumes_after_a_kill_with_the_same_result(tmp_path, fisher_dir, m
     resumed = load_file(str(tmp_path / "killed" / "adapter" / "adapter_model.safetensors"))
     for name, tensor in full.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-7)
+
+
+def test_align_writes_a_merged_model_that_loads(tmp_path):
+    from alignguard.models import load_model_and_tokenizer
+    from alignguard.tiny import make_tiny_model
+
+    out = tmp_path / "aligned"
+    argv = [
+        "align",
+        "--model",
+        "tiny-llama",
+        "--out",
+        str(out),
+        "--max_steps",
+        "2",
+        "--max_examples",
+        "8",
+        "--max_new_tokens",
+        "4",
+        "--batch_size",
+        "4",
+        "--learning_rate",
+        "0.01",
+    ]
+    assert main(argv) == 0
+    assert {"config.json", "model.safetensors", "align_info.json", "align_config.yaml"} <= {
+        p.name for p in out.iterdir()
+    }
+    model, _, _ = load_model_and_tokenizer(str(out))
+    assert not any("lora" in n for n, _ in model.named_parameters())  # merged, a plain model
+    base = dict(make_tiny_model("llama").named_parameters())
+    moved = [n for n, p in model.named_parameters() if not torch.allclose(p, base[n])]
+    assert any("q_proj" in n for n in moved) and not any("embed" in n for n in moved)
+    info = json.loads((out / "align_info.json").read_text())
+    assert info["base_model"] == "tiny-llama" and info["n_examples"] >= 4

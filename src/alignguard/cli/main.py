@@ -18,6 +18,7 @@ import sys
 COMMANDS = {
     "fisher": "alignguard.cli.fisher",
     "train": "alignguard.cli.train",
+    "align": "alignguard.cli.align",
     "capsule": "alignguard.cli.capsule",
     "eval": "alignguard.cli.eval",
     "models": "alignguard.cli.models",

@@ -1,0 +1,154 @@
+"""The alignment stage (DESIGN.md §7): LoRA SFT on refusals + helpful answers, merged into a normal HF model.
+
+Unsafe prompts are trained towards the dataset's refusals; safe prompts (benign look-alikes included, so the
+model does not learn "refuse anything that sounds edgy") towards the base model's *own* answers
+(self-distillation, generated once and cached), so helpfulness is kept rather than replaced by our text.
+The output folder is a plain `save_pretrained` model plus `align_info.json` recording the base model, which is
+what Safe LoRA needs as its (base, aligned) pair.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .io import atomic_write_json
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class AlignRunConfig:
+    """Options of `alignguard align`.
+
+    Args:
+        model: base model (folder, .gguf, registry or tiny name).
+        out: folder for the merged aligned model.
+        alignment_data: alignment JSONL (default: the bundled set, disjoint from DriftCheck).
+        max_examples: examples used (seeded, label-balanced sample); None = all.
+        max_steps / batch_size / learning_rate / lora_r / lora_alpha / target_modules / max_length: the SFT.
+        max_new_tokens: length of the self-distilled answers to safe prompts.
+        seed: seed of sampling and training.
+    """
+
+    model: str = field(default="smollm2-135m-instruct", metadata={"help": "Base model to align."})
+    out: str = field(default="runs/aligned", metadata={"help": "Output folder of the merged aligned model."})
+    alignment_data: str | None = field(default=None, metadata={"help": "Alignment JSONL (default: bundled)."})
+    max_examples: int | None = field(default=None, metadata={"help": "Use at most this many examples."})
+    max_steps: int = field(default=40, metadata={"help": "SFT optimizer steps."})
+    batch_size: int = field(default=8, metadata={"help": "SFT batch size."})
+    learning_rate: float = field(default=4e-4, metadata={"help": "SFT learning rate."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank of the alignment adapter."})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha of the alignment adapter."})
+    target_modules: list[str] = field(
+        default_factory=lambda: list(ALL_PROJECTIONS), metadata={"help": "LoRA targets of the alignment adapter."}
+    )
+    max_length: int = field(default=256, metadata={"help": "Token limit of prompt + response."})
+    max_new_tokens: int = field(default=96, metadata={"help": "Length of self-distilled answers to safe prompts."})
+    seed: int = field(default=0, metadata={"help": "Seed."})
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "lora_r", "max_length", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+
+
+def alignment_sft_pairs(model, tokenizer, cfg: AlignRunConfig, progress: bool = True) -> list[tuple[str, str]]:
+    """(prompt, response) pairs: refusals for unsafe prompts, the model's own answers for safe ones."""
+    from .driftcheck.generate import GenerationSettings, generate_responses
+    from .driftcheck.prompts import load_alignment_data
+
+    examples = load_alignment_data(cfg.alignment_data)
+    rng = random.Random(cfg.seed)
+    if cfg.max_examples is not None and len(examples) > cfg.max_examples:
+        unsafe = [e for e in examples if e.label == "unsafe"]
+        safe = [e for e in examples if e.label == "safe"]
+        half = cfg.max_examples // 2
+        examples = rng.sample(unsafe, min(half, len(unsafe))) + rng.sample(
+            safe, min(cfg.max_examples - half, len(safe))
+        )
+    need = [e.prompt for e in examples if e.response is None]
+    answers = {}
+    if need:
+        settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens)
+        outs = generate_responses(
+            model, tokenizer, need, settings, cache_dir=str(Path(cfg.out) / "generation_cache"), progress=progress
+        )
+        answers = dict(zip(need, outs))
+    pairs = []
+    for e in examples:
+        response = e.response if e.response is not None else answers.get(e.prompt, "")
+        if response.strip():  # an empty self-distilled answer teaches nothing
+            pairs.append((e.prompt, response))
+    rng.shuffle(pairs)
+    return pairs
+
+
+def run_align(cfg: AlignRunConfig, model=None, tokenizer=None, progress: bool = True) -> Path:
+    """Align `cfg.model` with LoRA SFT, merge, and save to `cfg.out`; returns the folder.
+
+    Upon completion `cfg.out` holds config.json, model.safetensors, the tokenizer and align_info.json.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from .data import PaddingCollator, pad_token_id, tokenize_example
+
+    if model is None:
+        from .models import load_model_and_tokenizer
+
+        model, tokenizer, _ = load_model_and_tokenizer(cfg.model)
+    out = Path(cfg.out)
+    pairs = alignment_sft_pairs(model, tokenizer, cfg, progress=progress)
+    features = [tokenize_example(tokenizer, p, r, cfg.max_length, index=i) for i, (p, r) in enumerate(pairs)]
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        target_modules=cfg.target_modules,
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, lora)
+    args = TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        logging_steps=max(1, cfg.max_steps // 8),
+        save_strategy="steps",
+        save_steps=max(1, cfg.max_steps // 2),
+        save_total_limit=1,
+        report_to="none",
+        lr_scheduler_type="cosine",
+        warmup_steps=min(5, cfg.max_steps // 10),
+        disable_tqdm=not progress,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    trainer = Trainer(
+        model=peft_model, args=args, train_dataset=features, data_collator=PaddingCollator(pad_token_id(tokenizer))
+    )
+    ckpts = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    trainer.train(resume_from_checkpoint=str(ckpts[-1]) if ckpts else None)
+    merged = peft_model.merge_and_unload()
+    tmp = out.with_name(out.name + ".tmp-merge")
+    merged.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    atomic_write_json(
+        tmp / "align_info.json",
+        {
+            "base_model": cfg.model,
+            "n_examples": len(pairs),
+            "config": vars(cfg),
+            "log_history": trainer.state.log_history,
+        },
+    )
+    # Move the finished model files into place; checkpoints and the generation cache stay where they are.
+    out.mkdir(parents=True, exist_ok=True)
+    for item in tmp.iterdir():
+        item.replace(out / item.name)
+    tmp.rmdir()
+    return out

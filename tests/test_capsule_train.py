@@ -97,3 +97,23 @@ def test_lora_trains_only_adapter_and_capsule(tmp_path):
     load_weights(fresh, tmp_path)
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, after[k]), k
+
+
+def test_local_model_folder_with_lora(tmp_path):
+    # The real-model path: AutoModel/AutoTokenizer from a folder on disk (offline), chat template, LoRA on top.
+    from alignguard.tiny import make_tiny_model, make_tiny_tokenizer
+
+    folder = tmp_path / "model"
+    make_tiny_model("qwen2", hidden_size=32).save_pretrained(folder)
+    make_tiny_tokenizer().save_pretrained(folder)
+    model, tok = build_capsule_model(CapsuleModelConfig(model=str(folder), lora_r=4, bottleneck_rank=8), seed=0)
+    assert hasattr(model.lm, "peft_config") and tok.chat_template
+    exs = generate_problems(4, 2, 2, seed=6, num_distractors=0)
+    cfg = CapsuleTrainConfig(cot_steps=1, capsule_steps=1, batch_size=2, save_steps=10, show_progress_bar=False)
+    train_capsule(model, tok, exs, cfg, tmp_path / "run", logging_sink=None)
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    from alignguard.capsule.data import collate
+
+    batch = collate(tok, exs[:2], "capsule", 256)
+    rows, capsule = model.eval().generate(batch.prompt_ids, batch.prompt_mask, 5, tok.eos_token_id)
+    assert len(rows) == 2 and capsule.shape == (2, 2, 32)

@@ -125,6 +125,16 @@ def test_train_then_eval_end_to_end(tmp_path, capsys):
     assert "resumed from" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="recon_lambda"):
         capsule_cli.main(["train", *TINY, "--recon_lambda", "0.5", "--out", str(out)])
+    # The lambda = 0 control shares stage 1 with the main run: it starts at the end-of-stage-1 checkpoint.
+    l0 = tmp_path / "lambda0"
+    with pytest.raises(SystemExit, match=r"stage 1 differs .*train\.seed"):
+        capsule_cli.main(
+            ["train", *TINY, "--recon_lambda", "0", "--seed", "1", "--init_from", str(out), "--out", str(l0)]
+        )
+    assert capsule_cli.main(["train", *TINY, "--recon_lambda", "0", "--init_from", str(out), "--out", str(l0)]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    l0_hist = json.loads((l0 / "train_results.json").read_text())
+    assert l0_hist["resumed_from"] == 1 and l0_hist["history"][-1]["recon_loss"] is None
 
     ev = tmp_path / "eval"
     argv = [
@@ -138,14 +148,15 @@ def test_train_then_eval_end_to_end(tmp_path, capsys):
         "--max_plan_tokens",
         "4",
         "--compare_checkpoints",
-        str(out),
+        str(l0),
     ]
     assert capsule_cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "| split | system |" in printed and "capsule shuffled" in printed
     result = json.loads((ev / "results.json").read_text())
     systems = {r["system"] for r in result["rows"]}
-    assert {"capsule zeroed", "capsule shuffled", "full CoT", "no CoT"} <= systems and len(systems) == 6
+    assert {"capsule zeroed", "capsule shuffled", "full CoT", "no CoT", "capsule (lambda=0) [lambda0]"} <= systems
+    assert len(systems) == 6
     assert {r["split"] for r in result["rows"]} == {"eval", "eval_long"}
     for r in result["rows"]:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["latency_s"] > 0 and r["n"] == 2

@@ -57,7 +57,9 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert sa.keys() == sc.keys()
     for k in sa:
         assert torch.equal(sa[k], sc[k]), k
-    assert len(list((tmp_path / "a" / "checkpoints").glob("step-*"))) == 2  # save_total_limit
+    # save_total_limit=2 keeps the last two, plus the end-of-stage-1 checkpoint that --init_from needs.
+    kept = sorted(p.name for p in (tmp_path / "a" / "checkpoints").glob("step-*"))
+    assert kept == ["step-0000002", "step-0000003", "step-0000004"]
     assert (tmp_path / "a" / STAGE1_DIR / "capsule.safetensors").is_file()
 
 

@@ -1,7 +1,8 @@
 """`alignguard capsule train|eval`: R-Capsule from the command line.
 
     alignguard capsule train --config configs/capsule/tiny.yaml --out runs/capsule
-    alignguard capsule train --config configs/capsule/tiny.yaml --recon_lambda 0 --out runs/capsule-l0
+    alignguard capsule train --config configs/capsule/tiny.yaml --recon_lambda 0 --init_from runs/capsule \\
+        --out runs/capsule-l0
     alignguard capsule eval --checkpoint runs/capsule --compare_checkpoints runs/capsule-l0 --out runs/capsule/eval
 
 Flags win over `--config FILE.yaml`; one YAML may hold model, data, train and eval fields (each command takes the
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -50,6 +52,11 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="YAML file of option: value (flags win).")
     p.add_argument("--out", required=True, help="Output folder (checkpoints, final weights, config.yaml).")
+    p.add_argument(
+        "--init_from",
+        help="Start stage 2 from the end-of-stage-1 checkpoint of this earlier run (same model, data and stage 1), "
+        "e.g. to train the --recon_lambda 0 control without repeating stage 1.",
+    )
     for cls in TRAIN_GROUPS.values():
         add_dataclass_args(p, cls)
     p.set_defaults(func=run_train)
@@ -90,6 +97,44 @@ def _check_resume_compatible(out: Path, configs: dict) -> None:
         )
 
 
+# Stage 1 depends on these train fields only (besides model and data), so a run may share another run's stage 1.
+_STAGE1_FIELDS = (
+    "cot_steps",
+    "batch_size",
+    "learning_rate",
+    "capsule_learning_rate",
+    "weight_decay",
+    "warmup_steps",
+    "max_grad_norm",
+    "max_length",
+    "seed",
+)
+
+
+def _init_from(src: Path, out: Path, configs: dict) -> None:
+    """Copy `src`'s end-of-stage-1 checkpoint and stage-1 weights into a fresh `out`, after checking compatibility."""
+    from .train import CHECKPOINTS_DIR, STAGE1_DIR, latest_checkpoint, stage1_checkpoint_name
+
+    if latest_checkpoint(out) is not None:
+        return  # already initialised (or further): plain resume
+    src_cfg = src / "config.yaml"
+    if not src_cfg.is_file():
+        raise SystemExit(f"error: --init_from {src}: no config.yaml (is it an `alignguard capsule train` --out?)")
+    old = yaml.safe_load(src_cfg.read_text()) or {}
+    new = json.loads(json.dumps({k: dataclasses.asdict(v) for k, v in configs.items()}, default=str))
+    diffs = [f"{g}.{k}" for g in ("model", "data") for k in new[g] if k != "device" and old[g].get(k) != new[g][k]]
+    diffs += [f"train.{k}" for k in _STAGE1_FIELDS if old["train"].get(k) != new["train"][k]]
+    if diffs:
+        raise SystemExit(f"error: --init_from {src}: stage 1 differs from this run ({', '.join(diffs)})")
+    name = stage1_checkpoint_name(configs["train"])
+    ckpt = src / CHECKPOINTS_DIR / name
+    if not ckpt.is_dir():
+        raise SystemExit(f"error: --init_from {src}: no {CHECKPOINTS_DIR}/{name} (stage 1 not finished there?)")
+    shutil.copytree(ckpt, out / CHECKPOINTS_DIR / name)
+    shutil.copytree(src / STAGE1_DIR, out / STAGE1_DIR, dirs_exist_ok=True)
+    print(f"initialised {out} from {ckpt}")
+
+
 def run_train(args: argparse.Namespace) -> int:
     from .data import load_splits
     from .model import build_capsule_model
@@ -100,6 +145,8 @@ def run_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _check_resume_compatible(out, configs)
     print(yaml.safe_dump({k: dataclasses.asdict(v) for k, v in configs.items()}, sort_keys=False), end="")
+    if getattr(args, "init_from", None):
+        _init_from(Path(args.init_from), out, configs)
     save_resolved_config(out, configs)
     splits = load_splits(configs["data"])
     print(f"data: {len(splits['train'])} training problems ({configs['data'].data_source})")

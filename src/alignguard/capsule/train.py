@@ -66,6 +66,11 @@ def _set_lr(optimizer: torch.optim.Optimizer, cfg: CapsuleTrainConfig, step: int
         group["lr"] = group["base_lr"] * scale
 
 
+def stage1_checkpoint_name(cfg: CapsuleTrainConfig) -> str:
+    """Folder name (under `checkpoints/`) of the resumable checkpoint at the end of stage 1."""
+    return f"step-{cfg.cot_steps:07d}"
+
+
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
     """The complete step checkpoint with the highest step under `out_dir/checkpoints`, or `None`."""
     root = Path(out_dir) / CHECKPOINTS_DIR
@@ -75,7 +80,7 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 def _save_checkpoint(model, optimizer, out_dir: Path, step: int, history: list, cfg: CapsuleTrainConfig) -> Path:
     root = out_dir / CHECKPOINTS_DIR
-    final = root / f"step-{step:07d}"
+    final = root / f"step-{step:07d}"  # zero-padded so names sort like steps
     tmp = root / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     save_weights(model, tmp)
@@ -86,7 +91,9 @@ def _save_checkpoint(model, optimizer, out_dir: Path, step: int, history: list, 
     tmp.rename(final)
     steps = sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
     for old in steps[: -cfg.save_total_limit]:
-        shutil.rmtree(old, ignore_errors=True)
+        # The end-of-stage-1 checkpoint is kept: other runs (e.g. the lambda = 0 control) start stage 2 from it.
+        if old.name != stage1_checkpoint_name(cfg):
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

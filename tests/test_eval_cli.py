@@ -201,3 +201,12 @@ def test_named_model_and_bundled_default_prompts():
     assert res.model_id == "tiny-llama"
     assert len(res.per_prompt) == len(bundled) and res.prompts_hash == prompts_hash(bundled)
     assert res.metrics["refusal_rate"].n == sum(r.label == "unsafe" for r in bundled)
+
+
+def test_eval_is_registered_in_the_main_cli():
+    from alignguard.cli.main import main
+
+    buf = io.StringIO()
+    with redirect_stdout(buf), pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert "--max-new-tokens" in buf.getvalue() and "--baseline" in buf.getvalue()

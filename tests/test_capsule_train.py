@@ -86,7 +86,11 @@ def test_lora_trains_only_adapter_and_capsule(tmp_path):
     )
     model, tok = _setup("llama", lora_r=4, lora_target_modules=["q_proj", "v_proj"])
     before = _state(model)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
     train_capsule(model, tok, exs, cfg, tmp_path, logging_sink=None)
+    assert torch.equal(torch.rand(3), expected), "training must not change the caller's global RNG state"
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed, "nothing trained"

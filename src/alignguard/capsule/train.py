@@ -164,45 +164,49 @@ def train_capsule(
     t0 = time.perf_counter()
     model.train()
     bar = tqdm(total=total, initial=start, desc="capsule train", disable=not cfg.show_progress_bar)
-    try:
-        for step in range(start, total):
-            stage = 1 if step < cfg.cot_steps else 2
-            bar.set_description(f"stage {stage} ({'full CoT' if stage == 1 else 'capsule'})")
-            torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout depends on the step only (resume-exact)
-            idx = batch_indices(len(train_examples), cfg.batch_size, cfg.seed, step)
-            _set_lr(optimizer, cfg, step)
-            losses = _step_losses(model, tokenizer, [train_examples[i] for i in idx], stage, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-            optimizer.step()
-            record = {"step": step + 1, "stage": stage, **{k: float(v.detach()) for k, v in losses.items()}}
-            history.append({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()})
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}")
-            if logging_sink and ((step + 1) % cfg.logging_steps == 0 or step + 1 == total):
-                logging_sink(
-                    " ".join(
-                        f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                        for k, v in history[-1].items()
-                        if v is not None
+    # Per-step reseeding below must not leak into the caller's global RNG state.
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+        try:
+            for step in range(start, total):
+                stage = 1 if step < cfg.cot_steps else 2
+                bar.set_description(f"stage {stage} ({'full CoT' if stage == 1 else 'capsule'})")
+                torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout depends on the step only (resume-exact)
+                idx = batch_indices(len(train_examples), cfg.batch_size, cfg.seed, step)
+                _set_lr(optimizer, cfg, step)
+                losses = _step_losses(model, tokenizer, [train_examples[i] for i in idx], stage, cfg)
+                optimizer.zero_grad(set_to_none=True)
+                losses["loss"].backward()
+                if cfg.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(
+                        [p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm
                     )
-                )
-            at_stage_end = step + 1 in (cfg.cot_steps, total)
-            if step + 1 == cfg.cot_steps:
-                save_weights(model, out / STAGE1_DIR)
-            if (step + 1) % cfg.save_steps == 0 or at_stage_end or step + 1 == stop_after:
-                _save_checkpoint(model, optimizer, out, step + 1, history, cfg)
-            if stop_after is not None and step + 1 >= stop_after:
-                return {
-                    "history": history,
-                    "resumed_from": resumed_from,
-                    "done": False,
-                    "train_runtime_s": time.perf_counter() - t0,
-                }
-    finally:
-        bar.close()
+                optimizer.step()
+                record = {"step": step + 1, "stage": stage, **{k: float(v.detach()) for k, v in losses.items()}}
+                history.append({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()})
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}")
+                if logging_sink and ((step + 1) % cfg.logging_steps == 0 or step + 1 == total):
+                    logging_sink(
+                        " ".join(
+                            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in history[-1].items()
+                            if v is not None
+                        )
+                    )
+                at_stage_end = step + 1 in (cfg.cot_steps, total)
+                if step + 1 == cfg.cot_steps:
+                    save_weights(model, out / STAGE1_DIR)
+                if (step + 1) % cfg.save_steps == 0 or at_stage_end or step + 1 == stop_after:
+                    _save_checkpoint(model, optimizer, out, step + 1, history, cfg)
+                if stop_after is not None and step + 1 >= stop_after:
+                    return {
+                        "history": history,
+                        "resumed_from": resumed_from,
+                        "done": False,
+                        "train_runtime_s": time.perf_counter() - t0,
+                    }
+        finally:
+            bar.close()
     save_weights(model, out)
     return {
         "history": history,

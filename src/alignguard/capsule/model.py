@@ -200,11 +200,12 @@ class CapsuleModel(nn.Module):
         out = self._lm(embeds, mask, past=past, past_mask=past_mask, use_cache=use_cache)
         for step in range(max_new_tokens):
             tok = out.logits[:, -1].argmax(-1)
+            ids = tok.tolist()  # one device sync per step, not one per row
             for i in torch.nonzero(~done).flatten().tolist():
-                if tok[i].item() == eos_id:
+                if ids[i] == eos_id:
                     done[i] = True
                 else:
-                    rows[i].append(tok[i].item())
+                    rows[i].append(ids[i])
             if done.all() or step == max_new_tokens - 1:
                 break
             new = self.embed(tok[:, None])
@@ -228,7 +229,7 @@ class CapsuleModel(nn.Module):
         capsule: torch.Tensor | None = None,
         use_cache: bool = True,
     ) -> tuple[list[list[int]], torch.Tensor]:
-        """Execution + answer after `[question; capsule]`, greedy, stopping at eos.
+        """Execution + answer after `[question; capsule]`, greedy, stopping at eos (call `model.eval()` first).
 
         Args:
             capsule (`torch.Tensor` of shape `(B, K, d)`, *optional*): Use this capsule instead of building one from

@@ -260,9 +260,10 @@ def estimate_fisher(model, data, config: FisherConfig | None = None, model_id: s
         model.train(was_training)
         torch.backends.cuda.matmul.allow_tf32 = old_tf32
 
+    # Reduce before the emptiness check: a rank whose shard is empty must still join the collectives.
+    n_batches, n_empty, n_nonfinite_loss = _all_reduce(acc, (n_batches, n_empty, n_nonfinite_loss))
     if n_batches == 0:
         raise ValueError("estimate_fisher: the data is empty (no batches); pass at least one batch of alignment data")
-    _all_reduce(acc)
     if sum(acc.counts.values()) == 0:
         raise ValueError(
             f"estimate_fisher: no response tokens in {n_batches} batches (every label is -100, or every gradient "
@@ -304,13 +305,18 @@ def estimate_fisher(model, data, config: FisherConfig | None = None, model_id: s
     return state
 
 
-def _all_reduce(acc: _Accumulator) -> None:
-    """Sum factor sums / sketches and token counts over processes (no-op without torch.distributed)."""
+def _all_reduce(acc: _Accumulator, batch_counts: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """Sum factor sums / sketches, token counts and `batch_counts` over processes (no-op without
+    torch.distributed); returns the summed `batch_counts`."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
+        return batch_counts
     if torch.distributed.get_world_size() == 1:
-        return
+        return batch_counts
     reduce = torch.distributed.all_reduce
+    device = next(iter(acc.sums.values())).device if acc.sums else next(iter(acc.sketches.values())).y.device
+    totals = torch.tensor(batch_counts, dtype=torch.float64, device=device)
+    if batch_counts:
+        reduce(totals)
     for name in acc.counts:
         if acc.config.mode == "dense":
             reduce(acc.sums[name])
@@ -324,6 +330,7 @@ def _all_reduce(acc: _Accumulator) -> None:
         )
         reduce(count)
         acc.counts[name], acc.skipped[name] = int(count[0].item()), int(count[1].item())
+    return tuple(int(v) for v in totals.tolist())
 
 
 def save_fisher(state: FisherState, directory: str | Path) -> Path:

@@ -1,0 +1,125 @@
+"""Worker for tests/test_distributed.py, launched on N CPU processes (gloo) by torch.distributed.run:
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py OUT_DIR
+
+Each rank (1) estimates the Fisher factors of a tiny model on its round-robin shard of the same batches (dense
+and sketch, an uneven split, and a split where one rank gets no batch), and (2) runs one AlignGuardTrainer step
+under DDP. Rank 0 writes everything to OUT_DIR as safetensors; the test compares it with one-process runs.
+The functions here are also imported by the test, so both sides build exactly the same models and data.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `tests.helpers`, when run as a script
+
+from alignguard import AlignGuardConfig, AlignGuardTrainer, FisherConfig, estimate_fisher  # noqa: E402
+from alignguard.data import PaddingCollator, tokenize_example  # noqa: E402
+from alignguard.distributed import rank_info, shard_batches  # noqa: E402
+from alignguard.io import atomic_save_file  # noqa: E402
+from alignguard.tiny import make_tiny_model, make_tiny_tokenizer  # noqa: E402
+from tests.helpers import random_subspaces_for, randomize_lora_, tiny_batches, tiny_peft  # noqa: E402
+
+# name -> (FisherConfig kwargs, number of batches): 5 batches split 3/2, and 1 batch split 1/0.
+FISHER_CASES = {
+    "dense": (dict(mode="dense"), 5),
+    "sketch": (dict(mode="sketch", sketch_rank=24), 5),
+    "dense_one_batch": (dict(mode="dense"), 1),
+}
+# Strong enough that the regulariser's gradient is a large part of the step (checked by the test).
+AG_CONFIG = dict(lambda_a=20.0, lambda_t=1.0, lambda_nc=1.0)
+
+
+def fisher_inputs(n_batches: int):
+    """The tiny model and the first `n_batches` alignment batches (same on every rank)."""
+    model = make_tiny_model("llama", seed=0)
+    batches = tiny_batches(n_repeat=3, batch_size=2)[:n_batches]
+    return model, batches
+
+
+def fisher_config(case: str) -> FisherConfig:
+    # Empirical labels: sampled labels would be drawn per rank, a valid Fisher but not the one-process draw.
+    return FisherConfig(fisher_labels="empirical", show_progress=False, **FISHER_CASES[case][0])
+
+
+def factor_tensors(state) -> dict[str, torch.Tensor]:
+    """Dense factors, or the sketch's rank-k approximation V diag(lambda) V^T (free of eigenvector signs)."""
+    if state.factors:
+        return {n: f.contiguous() for n, f in state.factors.items()}
+    return {n: (vec * eig) @ vec.T for n, (eig, vec) in state.low_rank.items()}
+
+
+def train_dataset(n_examples: int):
+    """Equal-length examples, so no padding and the token count per example is the same everywhere."""
+    tok = make_tiny_tokenizer()
+    pairs = [(f"Classify item {i}: {'up' if i % 2 else 'dn'}.", f"label {i % 2}") for i in range(n_examples)]
+    feats = [tokenize_example(tok, p, r) for p, r in pairs]
+    assert len({len(f["input_ids"]) for f in feats}) == 1
+    return feats, PaddingCollator(tok.pad_token_id)
+
+
+def train_one_step(out_dir: str, per_device_batch: int, n_examples: int, ag_config: dict | None = None) -> dict:
+    """One SGD step of AlignGuardTrainer from fixed non-zero LoRA weights; returns the LoRA weights after it."""
+    from transformers import TrainingArguments
+
+    model = tiny_peft("llama", seed=0)
+    randomize_lora_(model, std=0.2, seed=1)  # B != 0, so the regulariser has a gradient at the first step
+    subs = random_subspaces_for(model, seed=0, dtype=torch.float32)
+    data, collator = train_dataset(n_examples)
+    args = TrainingArguments(
+        output_dir=out_dir,
+        max_steps=1,
+        per_device_train_batch_size=per_device_batch,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,  # no clipping: it would rescale the very gradient we compare
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = AlignGuardTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        data_collator=collator,
+        subspaces=subs,
+        alignguard_config=AlignGuardConfig(**(AG_CONFIG if ag_config is None else ag_config)),
+    )
+    trainer.train()
+    return {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def main(out_dir: str) -> None:
+    out = Path(out_dir)
+    info = rank_info()
+    for case, (_, n_batches) in FISHER_CASES.items():
+        model, batches = fisher_inputs(n_batches)
+        state = estimate_fisher(model, shard_batches(batches), fisher_config(case))
+        if info.is_main:
+            atomic_save_file(factor_tensors(state), out / f"fisher_{case}.safetensors")
+            counts = {n: torch.tensor([c]) for n, c in state.token_counts.items()}
+            atomic_save_file(counts, out / f"counts_{case}.safetensors")
+    # Per-device batch 2 on each rank = one global batch of 2 * world examples = the whole dataset.
+    weights = train_one_step(str(out / "trainer"), per_device_batch=2, n_examples=2 * info.world_size)
+    if info.is_main:
+        atomic_save_file(weights, out / "ddp_lora.safetensors")
+    torch.distributed.barrier()
+
+
+if __name__ == "__main__":
+    from accelerate import PartialState
+
+    # Initialises the gloo process group from the launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...).
+    PartialState(cpu=True)
+    if rank_info().world_size < 2:
+        raise SystemExit("dist_worker.py must be launched on >= 2 processes (torch.distributed.run)")
+    main(sys.argv[1])

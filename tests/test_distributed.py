@@ -1,0 +1,139 @@
+"""Multi-process Fisher and DDP training on 2 CPU processes (gloo), sharding, and the sketch at larger d.
+
+Run: python -m pytest -q tests/test_distributed.py
+"""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignguard import estimate_fisher
+from alignguard.distributed import rank_info, shard_batches
+from alignguard.sketch import NystromSketch
+from tests import dist_worker
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ddp_out(tmp_path_factory):
+    """Run tests/dist_worker.py once on 2 processes; every multi-process test reads its outputs."""
+    out = tmp_path_factory.mktemp("dist")
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",  # 2 processes on a 2-core CI box
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={WORLD}",
+        "--nnodes=1",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        str(ROOT / "tests" / "dist_worker.py"),
+        str(out),
+    ]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return out
+
+
+# ---- sharding ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 7])
+def test_shard_batches_gives_each_batch_to_exactly_one_rank(n, world):
+    items = list(range(n))
+    shards = [shard_batches(items, r, world) for r in range(world)]
+    assert sorted(x for s in shards for x in s) == items
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_shard_batches_defaults_and_errors():
+    assert rank_info().world_size == 1 and shard_batches([1, 2, 3]) == [1, 2, 3]
+    with pytest.raises(ValueError, match="rank"):
+        shard_batches([1], rank=2, world_size=2)
+
+
+# ---- 2 processes ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", list(dist_worker.FISHER_CASES))
+def test_two_process_fisher_equals_one_process(ddp_out, case):
+    model, batches = dist_worker.fisher_inputs(dist_worker.FISHER_CASES[case][1])
+    ref = estimate_fisher(model, batches, dist_worker.fisher_config(case))
+    got = load_file(str(ddp_out / f"fisher_{case}.safetensors"))
+    want = dist_worker.factor_tensors(ref)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        # Only the float32 summation order differs (sketch: also Y's); Omega is seeded identically per rank.
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5 * want[name].abs().max().item())
+    counts = load_file(str(ddp_out / f"counts_{case}.safetensors"))
+    assert {n: int(c) for n, c in counts.items()} == ref.token_counts  # every token counted exactly once
+
+
+def test_ddp_step_equals_single_process_step_with_regulariser_once(ddp_out, tmp_path):
+    got = load_file(str(ddp_out / "ddp_lora.safetensors"))
+    n = 2 * WORLD
+    single = dist_worker.train_one_step(str(tmp_path / "a"), per_device_batch=n, n_examples=n)
+    for name in single:
+        torch.testing.assert_close(got[name], single[name], rtol=1e-4, atol=1e-6)
+
+    # The match is informative only if the regulariser moves the weights far more than the tolerance, and if
+    # counting it WORLD times (summed instead of averaged over ranks) would be visibly different.
+    def dist(x):
+        return max((x[k] - got[k]).abs().max().item() for k in got)
+
+    no_reg = dist_worker.train_one_step(
+        str(tmp_path / "b"), n, n, ag_config=dict(lambda_a=0.0, lambda_t=0.0, lambda_nc=0.0)
+    )
+    twice = dist_worker.train_one_step(
+        str(tmp_path / "c"), n, n, ag_config={k: WORLD * v for k, v in dist_worker.AG_CONFIG.items()}
+    )
+    assert dist(no_reg) > 1e-3 and dist(twice) > 1e-3
+
+
+# ---- sketch vs dense at a larger d ----------------------------------------------------------------------------
+
+
+def test_sketch_top_subspace_matches_dense_at_d512_and_sums_across_shards():
+    d, k, m, n = 512, 64, 16, 4096
+    gen = torch.Generator().manual_seed(0)
+    q = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64)).Q
+    spectrum = 0.8 ** torch.arange(d, dtype=torch.float64)  # decaying, like the measured factors
+    g = (torch.randn(n, d, generator=gen, dtype=torch.float64) * spectrum.sqrt()) @ q.T
+    dense = g.T @ g
+    lam, vec = torch.linalg.eigh(dense)
+    lam, vec = lam.flip(0)[:m], vec.flip(1)[:, :m]
+
+    one, halves = NystromSketch(d, k, seed=3), [NystromSketch(d, k, seed=3) for _ in range(2)]
+    one.update(g.float())
+    halves[0].update(g[: n // 3].float())  # uneven shards, like round-robin batches on 2 ranks
+    halves[1].update(g[n // 3 :].float())
+    # What the all-reduce does: Y and the trace are linear in G, so the shard sums equal the one-stream sketch.
+    torch.testing.assert_close(halves[0].y + halves[1].y, one.y, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(halves[0].trace + halves[1].trace, one.trace)
+    torch.testing.assert_close(one.trace, dense.trace())
+
+    eig, u = one.eigh()
+    cos = torch.linalg.svdvals(vec.T @ u[:, :m].double())
+    assert cos.min() > 0.999
+    torch.testing.assert_close(eig[:m].double(), lam, rtol=0.02, atol=0.0)

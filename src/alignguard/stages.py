@@ -177,14 +177,23 @@ class TrainRunConfig:
 
 
 def run_train(
-    cfg: TrainRunConfig, ag_cfg: AlignGuardConfig | None = None, model=None, tokenizer=None, progress: bool = True
+    cfg: TrainRunConfig,
+    ag_cfg: AlignGuardConfig | None = None,
+    model=None,
+    tokenizer=None,
+    progress: bool = True,
+    subspaces=None,
+    extra_pairs: list[tuple[str, str]] | None = None,
 ) -> dict:
     """Train a LoRA adapter on the task mix; writes the adapter (+ AlignGuard state) to `cfg.out`.
 
     A checkpoint is saved every `save_steps`; calling this again with the same config resumes from the last one.
+    `subspaces` overrides the ones in `cfg.fisher` (e.g. the random-subspace or full-spectrum EWC controls);
+    `extra_pairs` are (prompt, response) pairs added to the task mix (e.g. refusal replay), shuffled with `seed`.
 
     Returns:
-        A summary dict (steps, final task loss, step time, paths), also written to `<out>/train_summary.json`.
+        A summary dict (steps, final task loss, step time, paths; also written to `<out>/train_summary.json`)
+        plus `peft_model`, the trained model.
     """
     import time
 
@@ -201,9 +210,9 @@ def run_train(
     out = Path(cfg.out)
     task = load_task(cfg.task, "train", n=cfg.n_train, seed=cfg.seed)
     mix = build_finetune_data(task, poison_ratio=cfg.poison_ratio, seed=cfg.seed)
-    features = [
-        tokenize_example(tokenizer, ex.prompt, ex.response, cfg.max_length, index=i) for i, ex in enumerate(mix)
-    ]
+    pairs = [(ex.prompt, ex.response) for ex in mix] + list(extra_pairs or [])
+    random.Random(cfg.seed).shuffle(pairs)
+    features = [tokenize_example(tokenizer, p, r, cfg.max_length, index=i) for i, (p, r) in enumerate(pairs)]
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -253,8 +262,8 @@ def run_train(
         from .subspace import AlignmentSubspaces
         from .trainer import AlignGuardTrainer
 
-        subspaces = AlignmentSubspaces.load(cfg.fisher)
-        fisher_state = FisherState.load(cfg.fisher, model=peft_model)
+        fisher_state = FisherState.load(cfg.fisher, model=peft_model) if cfg.fisher else None
+        subspaces = subspaces if subspaces is not None else AlignmentSubspaces.load(cfg.fisher)
         trainer = AlignGuardTrainer(
             **kwargs, subspaces=subspaces, fisher_state=fisher_state, alignguard_config=ag_cfg or AlignGuardConfig()
         )
@@ -271,14 +280,15 @@ def run_train(
         "train_loss": result.training_loss,
         "last_logged_loss": losses[-1] if losses else None,
         "mean_step_seconds": sum(times[1:]) / max(1, len(times) - 1) if len(times) > 1 else None,
-        "n_examples": len(mix),
+        "n_examples": len(pairs),
+        "n_extra": len(extra_pairs or []),
         "n_poison": sum(ex.kind == "poison" for ex in mix),
         "resumed_from": ckpts[-1].name if ckpts else None,
         "log_history": trainer.state.log_history,
         "adapter": str(out / "adapter"),
     }
     atomic_write_json(out / "train_summary.json", summary)
-    return summary
+    return {**summary, "peft_model": peft_model}
 
 
 def _has_cuda() -> bool:

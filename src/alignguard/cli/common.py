@@ -38,14 +38,14 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, dc_cls: type, prefix: str = "") -> None:
-    """Add one `--flag` per dataclass field (default SUPPRESS, so only explicit flags override)."""
+def add_dataclass_args(parser: argparse.ArgumentParser, dc_cls: type, prefix: str = "", exclude=()) -> None:
+    """Add one `--flag` per dataclass field (default SUPPRESS, so only explicit flags override); skip `exclude`."""
     hints = typing.get_type_hints(dc_cls)
     group = parser.add_argument_group(dc_cls.__name__, (dc_cls.__doc__ or "").strip().split("\n")[0])
     taken = {a.dest for a in parser._actions}
     for f in dataclasses.fields(dc_cls):
         # A field shared by two configs (e.g. `seed`) gets one flag that feeds both.
-        if not f.init or f.metadata.get("cli") is False or f"{prefix}{f.name}" in taken:
+        if not f.init or f.metadata.get("cli") is False or f"{prefix}{f.name}" in taken or f.name in exclude:
             continue
         tp = _base_type(hints[f.name])
         name = f"--{prefix}{f.name}"

@@ -19,6 +19,7 @@ COMMANDS = {
     "fisher": "alignguard.cli.fisher",
     "train": "alignguard.cli.train",
     "align": "alignguard.cli.align",
+    "compare": "alignguard.cli.compare",
     "capsule": "alignguard.cli.capsule",
     "eval": "alignguard.cli.eval",
     "models": "alignguard.cli.models",

@@ -1,0 +1,299 @@
+"""`alignguard compare`: every method on the same model, task data, seeds and DriftCheck prompts (DESIGN.md §5).
+
+Layout of a compare run folder (also documented in the README):
+
+    <out>/config.yaml                     resolved configuration
+    <out>/fisher/                         Fisher state + subspaces (alignment data), task factors
+    <out>/base/driftcheck/                DriftCheck of the aligned model without adapter (results.json, ...)
+    <out>/base/task.json                  its task metric
+    <out>/seed<S>/<method>/adapter/       the trained adapter (+ AlignGuard state)
+    <out>/seed<S>/<method>/driftcheck/    DriftCheck of model + adapter
+    <out>/seed<S>/<method>/result.json    per-method summary; its presence marks the method done (resume)
+    <out>/results.json                    all methods, one schema (see `aggregate`)
+    <out>/results.md                      the table
+
+A killed run started again with the same command skips finished methods and resumes the interrupted one from
+its last Trainer checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from .config import AlignGuardConfig, FisherConfig, SubspaceConfig
+from .io import atomic_write_json, atomic_write_text
+from .stages import FisherRunConfig, TrainRunConfig, run_fisher, run_train
+
+# name -> (training method, AlignGuardConfig overrides, extra behaviour)
+METHODS: dict[str, dict] = {
+    "plain_lora": {"method": "lora"},
+    "alignguard": {"method": "alignguard"},
+    "ag_no_alignment": {"method": "alignguard", "ag": {"lambda_a": 0.0}},
+    "ag_no_task": {"method": "alignguard", "ag": {"lambda_t": 0.0}},
+    "ag_no_overlap": {"method": "alignguard", "ag": {"alpha": 0.0}},
+    "ag_no_geodesic": {"method": "alignguard", "ag": {"alpha": 1.0}},
+    "ag_project": {"method": "alignguard", "ag": {"mode": "project"}},
+    "random_subspace": {"method": "alignguard", "subspaces": "random"},
+    "ewc": {"method": "alignguard", "subspaces": "full", "ag": {"lambda_t": 0.0, "lambda_nc": 0.0}},
+    "safe_lora": {"method": "lora", "post": "safe_lora"},
+    "replay": {"method": "lora", "replay": True},
+    "alignguard_replay": {"method": "alignguard", "replay": True},
+}
+DEFAULT_METHODS = list(METHODS)
+
+
+@dataclass
+class CompareConfig:
+    """Options of `alignguard compare` (training options come from `TrainRunConfig`, loss from AlignGuardConfig).
+
+    Args:
+        model: the aligned model (folder, registry or tiny name).
+        base_model: its unaligned base, for Safe LoRA (default: `base_model` in the model's align_info.json).
+        out: run folder.
+        methods: methods to run (see `alignguard.compare.METHODS`).
+        seeds: one full comparison per seed; tables report mean and spread.
+        prompts: DriftCheck prompt file (default: the bundled small split).
+        eval_max_new_tokens: generation length for DriftCheck (refusals show in the first tokens).
+        eval_batch_size: generation batch size.
+        task_eval_n: held-out task examples for the task metric.
+        task_fisher: also estimate the output factor on task data (H and M = G_task for R_T and E_geo).
+        replay_ratio: fraction of refusal-replay examples in the mix for the replay methods.
+        safe_lora_threshold: Safe LoRA projects a layer when cos(dW, C dW) is below this.
+        fisher_examples: alignment examples for the Fisher pass.
+    """
+
+    model: str = field(default="smollm2-135m-instruct", metadata={"help": "Aligned model to fine-tune."})
+    base_model: str | None = field(default=None, metadata={"help": "Unaligned base for Safe LoRA."})
+    out: str = field(default="runs/compare", metadata={"help": "Run folder."})
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS), metadata={"help": "Methods to run."})
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds (one comparison each)."})
+    prompts: str | None = field(default=None, metadata={"help": "DriftCheck prompts (default: small split)."})
+    eval_max_new_tokens: int = field(default=48, metadata={"help": "DriftCheck generation length."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Generation batch size."})
+    task_eval_n: int = field(default=50, metadata={"help": "Held-out task examples."})
+    task_fisher: bool = field(default=True, metadata={"help": "Estimate G_task on task data too."})
+    replay_ratio: float = field(default=0.05, metadata={"help": "Refusal-replay fraction (replay methods)."})
+    safe_lora_threshold: float = field(default=0.5, metadata={"help": "Safe LoRA cosine threshold."})
+    fisher_examples: int = field(default=128, metadata={"help": "Alignment examples for the Fisher pass."})
+
+    def __post_init__(self):
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"methods: unknown {unknown}; choose from {sorted(METHODS)}")
+        if not self.seeds:
+            raise ValueError("seeds: give at least one seed")
+        if not 0 <= self.replay_ratio < 1:
+            raise ValueError(f"replay_ratio: must be in [0, 1), got {self.replay_ratio}")
+
+
+def _load(spec):
+    from .models import load_model_and_tokenizer
+
+    model, tok, _ = load_model_and_tokenizer(spec)
+    return model, tok
+
+
+def replay_pairs(n_task: int, ratio: float, seed: int) -> list[tuple[str, str]]:
+    """Refusal examples from the alignment data (disjoint from DriftCheck) so they make `ratio` of the mix."""
+    from .driftcheck.prompts import load_alignment_data
+
+    pool = [(e.prompt, e.response) for e in load_alignment_data() if e.label == "unsafe" and e.response]
+    n = min(len(pool), round(ratio * n_task / (1 - ratio))) if ratio > 0 else 0
+    return random.Random(seed).sample(pool, n)
+
+
+def full_spectrum_subspaces(fisher_dir: Path):
+    """Every eigenvector of every factor: R_A becomes the EWC quadratic with the untruncated output factor."""
+    from .fisher import FisherState
+    from .subspace import build_subspaces
+
+    state = FisherState.load(fisher_dir)
+    d_max = max(d for d, _ in state.dims.values())
+    return build_subspaces(state, SubspaceConfig(fixed_m=d_max, m_min=1, m_max=d_max, method="exact"))
+
+
+@torch.no_grad()
+def apply_safe_lora_(peft_model, base_model, threshold: float) -> dict:
+    """Safe LoRA (Hsu et al. 2024), post hoc: per layer, C = V V^T / ||V||_F with V = W_aligned - W_base; where
+    cos(dW, C dW) < threshold replace dW by C dW. Done on lora_B (C dW = s (C B) A), so the adapter stays LoRA.
+    The aligned weights are the PEFT model's own base layers; `base_model` is the unaligned model.
+
+    Returns {"projected": [...], "cosines": {...}}.
+    """
+    from .regularizers import lora_modules
+    from .targets import find_target_modules
+
+    base_mods = find_target_modules(base_model)
+    projected, cosines = [], {}
+    for name, (layer, ad) in lora_modules(peft_model).items():
+        if name not in base_mods:
+            continue
+        v = _oriented_weight(layer.get_base_layer()) - _oriented_weight(base_mods[name])
+        norm = torch.linalg.matrix_norm(v)
+        if norm == 0:
+            continue
+        b = layer.lora_B[ad].weight
+        a = layer.lora_A[ad].weight.double()
+        cb = (v @ (v.T @ b.double())) / norm
+        dw, cdw = b.double() @ a, cb @ a
+        cos = float((dw * cdw).sum() / (torch.linalg.matrix_norm(dw) * torch.linalg.matrix_norm(cdw) + 1e-30))
+        cosines[name] = cos
+        if cos < threshold:
+            b.copy_(cb.to(b.dtype))
+            projected.append(name)
+    return {"projected": projected, "cosines": cosines}
+
+
+def _oriented_weight(module) -> torch.Tensor:
+    from transformers.pytorch_utils import Conv1D
+
+    w = module.weight.detach().double()
+    return w.T if isinstance(module, Conv1D) else w
+
+
+def task_metric(model, tokenizer, task: str, n: int, seed: int, batch_size: int, cache_dir: str) -> dict:
+    from .driftcheck.generate import GenerationSettings, generate_responses
+    from .tasks import load_task, score_task
+
+    examples = load_task(task, "test", n=n, seed=seed)
+    settings = GenerationSettings(max_new_tokens=12, batch_size=batch_size)
+    responses = generate_responses(model, tokenizer, [e.prompt for e in examples], settings, cache_dir=cache_dir)
+    return score_task(responses, examples)
+
+
+def _driftcheck(model, tokenizer, cfg: CompareConfig, out_dir: Path, baseline, task: dict):
+    from .driftcheck.generate import GenerationSettings
+    from .driftcheck.run import run_driftcheck
+
+    settings = GenerationSettings(max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size)
+    return run_driftcheck(
+        model,
+        cfg.prompts,
+        tokenizer=tokenizer,
+        settings=settings,
+        out_dir=out_dir,
+        baseline=baseline,
+        cache_dir=str(Path(cfg.out) / "generation_cache"),
+        task_metrics={"accuracy": task.get("accuracy")},
+    )
+
+
+def run_compare(
+    cfg: CompareConfig,
+    train_cfg: TrainRunConfig,
+    ag_cfg: AlignGuardConfig,
+    fisher_cfg: FisherConfig | None = None,
+    subspace_cfg: SubspaceConfig | None = None,
+) -> dict:
+    """Run every method in `cfg.methods` for every seed; write per-method results, results.json and results.md."""
+    out = Path(cfg.out)
+    cache = str(out / "generation_cache")
+    fisher_dir = out / "fisher"
+    if not (fisher_dir / "subspaces.json").is_file():
+        model, tok = _load(cfg.model)
+        fcfg = FisherRunConfig(model=cfg.model, out=str(fisher_dir), max_examples=cfg.fisher_examples, cache_dir=cache)
+        state, subspaces = run_fisher(fcfg, fisher_cfg, subspace_cfg, model=model, tokenizer=tok)
+        if cfg.task_fisher:
+            subspaces.task_factors = _task_factors(model, tok, train_cfg, fisher_cfg, subspace_cfg)
+            subspaces.save(fisher_dir)
+    base_dir = out / "base"
+    if not (base_dir / "task.json").is_file():
+        model, tok = _load(cfg.model)
+        task = task_metric(model, tok, train_cfg.task, cfg.task_eval_n, 0, cfg.eval_batch_size, cache)
+        _driftcheck(model, tok, cfg, base_dir / "driftcheck", None, task)
+        atomic_write_json(base_dir / "task.json", task)
+    for seed in cfg.seeds:
+        for name in cfg.methods:
+            run_method(cfg, train_cfg, ag_cfg, name, seed, fisher_dir, base_dir)
+    results = aggregate(cfg)
+    atomic_write_json(out / "results.json", results)
+    atomic_write_text(out / "results.md", format_table(results))
+    return results
+
+
+def _task_factors(model, tok, train_cfg, fisher_cfg, subspace_cfg):
+    from .data import make_batches
+    from .fisher import estimate_fisher
+    from .subspace import build_subspaces
+    from .tasks import load_task
+
+    examples = load_task(train_cfg.task, "train", n=min(64, train_cfg.n_train), seed=train_cfg.seed)
+    batches = make_batches(
+        tok, [(e.prompt, e.answer) for e in examples], batch_size=8, max_length=train_cfg.max_length
+    )
+    fc = replace(fisher_cfg or FisherConfig(), fisher_labels="empirical")
+    state = estimate_fisher(model, batches, fc)
+    return build_subspaces(state, subspace_cfg or SubspaceConfig(), task_state=state, task_rank=64).task_factors
+
+
+def run_method(
+    cfg: CompareConfig,
+    train_cfg: TrainRunConfig,
+    ag_cfg: AlignGuardConfig,
+    name: str,
+    seed: int,
+    fisher_dir: Path,
+    base_dir: Path,
+) -> dict:
+    """Train + evaluate one method for one seed (skipped when its result.json exists)."""
+    from .subspace import AlignmentSubspaces, random_subspaces
+
+    spec = METHODS[name]
+    mdir = Path(cfg.out) / f"seed{seed}" / name
+    if (mdir / "result.json").is_file():
+        return json.loads((mdir / "result.json").read_text())
+    model, tok = _load(cfg.model)
+    tcfg = replace(train_cfg, out=str(mdir), method=spec["method"], fisher=str(fisher_dir), seed=seed)
+    acfg = replace(ag_cfg, **spec.get("ag", {}))
+    subspaces = None
+    if spec.get("subspaces") == "random":
+        subspaces = random_subspaces(AlignmentSubspaces.load(fisher_dir), seed=seed)
+    elif spec.get("subspaces") == "full":
+        subspaces = full_spectrum_subspaces(fisher_dir)
+    extra = replay_pairs(train_cfg.n_train, cfg.replay_ratio, seed) if spec.get("replay") else None
+    summary = run_train(tcfg, acfg, model=model, tokenizer=tok, subspaces=subspaces, extra_pairs=extra)
+    peft_model = summary.pop("peft_model")
+    info = {}
+    if spec.get("post") == "safe_lora":
+        base_model, _ = _load(cfg.base_model or _base_of(cfg.model))
+        info = apply_safe_lora_(peft_model, base_model, cfg.safe_lora_threshold)
+        peft_model.save_pretrained(str(mdir / "adapter"))
+    task = task_metric(
+        peft_model,
+        tok,
+        train_cfg.task,
+        cfg.task_eval_n,
+        0,
+        cfg.eval_batch_size,
+        str(Path(cfg.out) / "generation_cache"),
+    )
+    dc = _driftcheck(peft_model, tok, cfg, mdir / "driftcheck", base_dir / "driftcheck" / "results.json", task)
+    result = {
+        "method": name,
+        "seed": seed,
+        "task": {k: v for k, v in task.items() if k != "predictions"},
+        "mean_step_seconds": summary["mean_step_seconds"],
+        "train_loss": summary["train_loss"],
+        "n_examples": summary["n_examples"],
+        "safe_lora": {"projected": info.get("projected", [])} if info else None,
+        "driftcheck": str(mdir / "driftcheck" / "results.json"),
+        "refusal_rate": dc.refusal_rate,
+        "over_refusal_rate": dc.over_refusal_rate,
+    }
+    atomic_write_json(mdir / "result.json", result)
+    return result
+
+
+def _base_of(model_spec: str) -> str:
+    info = Path(model_spec) / "align_info.json"
+    if not info.is_file():
+        raise ValueError(f"base_model: {model_spec} has no align_info.json; pass --base_model for Safe LoRA")
+    return json.loads(info.read_text())["base_model"]
+
+
+from .compare_report import aggregate, format_table  # noqa: E402  (tables live in their own module)

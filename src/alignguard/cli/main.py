@@ -22,6 +22,7 @@ COMMANDS = {
     "compare": "alignguard.cli.compare",
     "capsule": "alignguard.cli.capsule",
     "eval": "alignguard.cli.eval",
+    "report": "alignguard.cli.report",
     "models": "alignguard.cli.models",
 }
 

@@ -1,0 +1,289 @@
+"""`alignguard report`: Markdown/HTML/plots from synthetic compare, DriftCheck and scaling folders.
+
+Run: python -m pytest -q tests/test_report.py
+"""
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from alignguard.cli.main import main as cli_main
+from alignguard.fisher import FisherState
+from alignguard.report import pareto_front
+from alignguard.subspace import AlignmentSubspaces, Subspace
+
+METHODS = ["plain_lora", "alignguard", "replay", "alignguard@lambda_a=10"]
+CATS = ["cyber", "self_harm", "violence"]
+# (task accuracy, refusal rate) per method: alignguard and the lambda row trade task for refusals, replay is
+# dominated by alignguard, plain LoRA has the best task metric.
+POINTS = {
+    "plain_lora": (0.70, 0.40),
+    "alignguard": (0.66, 0.85),
+    "replay": (0.62, 0.80),
+    "alignguard@lambda_a=10": (0.55, 0.92),
+}
+
+
+def _stat(v, w=0.05, n=60):
+    return {"value": v, "ci_low": v - w, "ci_high": v + w, "n": n}
+
+
+def _row(task, ra, seed):
+    jitter = 0.01 * seed
+    return {
+        "task_accuracy": task + jitter,
+        "refusal_rate": _stat(ra - jitter),
+        "over_refusal_rate": _stat(0.05 + jitter),
+        "drift": _stat(0.9 - ra + jitter),
+        "drift_reduction": _stat((0.5 - (0.9 - ra)) / 0.5 if ra > 0.4 else 0.0),
+        "step_seconds": 0.5,
+        "step_time_ratio": 1.0 if ra == 0.40 else 1.3 + jitter,
+        "per_category": {c: min(1.0, ra + 0.05 * i) for i, c in enumerate(CATS)},
+    }
+
+
+def _dc_results(ra, model="/models/tiny", baseline=None):
+    return {
+        "schema_version": "1.0",
+        "model_id": model,
+        "adapter": None,
+        "model_fingerprint": None,
+        "prompts_hash": "abc",
+        "n_prompts": 120,
+        "n_unsafe": 60,
+        "n_safe": 60,
+        "judge": "pattern",
+        "settings": {},
+        "metrics": {
+            "refusal_rate": _stat(ra),
+            "over_refusal_rate": _stat(0.1),
+            "per_category_refusal_rate": {c: _stat(ra) for c in CATS},
+        },
+        "extra_judges": {},
+        "baseline": baseline,
+        "task_metrics": {"accuracy": 0.5},
+        "per_prompt": [],
+        "meta": {
+            "created_at": "2026-11-23T00:00:00+00:00",
+            "versions": {"torch": "2.13.0+cpu", "trl": "1.16.0"},
+            "bootstrap": {"n_boot": 1000, "seed": 0},
+        },
+    }
+
+
+def make_compare_run(root: Path, seeds=(0, 1), scaling=True) -> Path:
+    """A compare-1 run folder with made-up, non-trivial numbers, a tiny Fisher state and subspaces."""
+    rows = {}
+    for name in METHODS:
+        task, ra = POINTS[name]
+        rows[name] = {"seeds": {str(s): _row(task, ra, s) for s in seeds}, "mean": {}}
+        for s in seeds:
+            dc = root / f"seed{s}" / name / "driftcheck"
+            dc.mkdir(parents=True)
+            (dc / "results.json").write_text(json.dumps(_dc_results(ra)))
+    results = {
+        "schema_version": "compare-1",
+        "model": "/models/tiny",
+        "seeds": list(seeds),
+        "methods": METHODS,
+        "prompts_hash": "abc",
+        "base": {
+            "refusal_rate": _stat(0.9),
+            "over_refusal_rate": _stat(0.08),
+            "task_accuracy": 0.3,
+            "per_category": {c: 0.9 for c in CATS},
+        },
+        "rows": rows,
+        "config": {"model": "/models/tiny"},
+    }
+    (root / "results.json").write_text(json.dumps(results))
+    (root / "config.yaml").write_text(yaml.safe_dump({"compare": {"model": "/models/tiny", "seeds": list(seeds)}}))
+
+    gen = torch.Generator().manual_seed(0)
+    state, subs = FisherState(metadata={"versions": {"torch": "2.13.0+cpu"}}), AlignmentSubspaces()
+    for layer in range(2):
+        for proj, d in (("q_proj", 8), ("up_proj", 12)):
+            name = f"model.layers.{layer}.mlp.{proj}"
+            a = torch.randn(d, d, generator=gen)
+            factor = a @ a.T
+            factor *= d / torch.trace(factor)
+            state.dims[name], state.token_counts[name] = (d, 4), 10
+            if proj == "up_proj" and layer == 1:  # one low-rank (sketch) module
+                ev, vec = torch.linalg.eigh(factor)
+                state.low_rank[name] = (ev.flip(0)[:4].contiguous(), vec.flip(1)[:, :4].contiguous())
+            else:
+                state.factors[name] = factor
+            ev, vec = torch.linalg.eigh(factor)
+            m = 2 + layer
+            subs.subspaces[name] = Subspace(vec.flip(1)[:, :m].contiguous(), ev.flip(0)[:m].contiguous(), float(d))
+    state.save(root / "fisher")
+    subs.save(root / "fisher")
+
+    if scaling:
+        sc = {"schema_version": "scaling-1", "methods": {}}
+        for name, amp in (("plain_lora", 0.5), ("alignguard", 0.2)):
+            fit = {"L0": 1.0, "A": amp, "beta": 0.4, "r2": 0.97}
+            pts = [
+                {"steps": s, "tokens": 512 * s, "alignment_loss": 1.0 + amp * s**0.4, "refusal_rate": 0.9 - amp / 2}
+                for s in (10, 20, 40, 80)
+            ]
+            sc["methods"][name] = {"points": pts, "fit": fit}
+        sc["methods"]["replay"] = {"points": pts[:1], "fit": None}
+        (root / "scaling").mkdir()
+        (root / "scaling" / "scaling.json").write_text(json.dumps(sc))
+    return root
+
+
+def _tables(md: str) -> list[list[str]]:
+    """Blocks of consecutive Markdown lines that start with '|'."""
+    blocks, cur = [], []
+    for line in md.splitlines():
+        if line.startswith("|"):
+            cur.append(line)
+        elif cur:
+            blocks.append(cur)
+            cur = []
+    return blocks + ([cur] if cur else [])
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+
+
+def check_report(out: Path) -> tuple[str, str]:
+    """Assertions every report must pass; returns (markdown, html)."""
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    for rel in images:
+        assert (out / rel).is_file(), rel
+        assert (out / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert page.count('src="data:image/png;base64,') == len(images)
+    refs = re.findall(r'(?:src|href)\s*=\s*["\']([^"\']*)', page)
+    assert refs and all(r.startswith("data:") for r in refs)
+    assert not re.search(r"(?:src|href)\s*=\s*[\"']?\s*(?:https?:)?//", page)
+    assert "<link" not in page and "<script" not in page and "@import" not in page
+    tables = _tables(md)
+    assert tables
+    for t in tables:
+        assert len(t) >= 2 and re.fullmatch(r"\|(?:\s*:?-{3,}:?\s*\|)+", t[1]), t[:2]
+        n = len(_cells(t[0]))
+        assert all(len(_cells(line)) == n for line in t), t
+    return md, page
+
+
+def _section(md: str, heading: str) -> str:
+    return md.split(heading, 1)[1].split("\n## ", 1)[0]
+
+
+def test_pareto_front_hand_made():
+    pts = [
+        ("a", 0.9, 0.1),
+        ("b", 0.5, 0.5),
+        ("c", 0.4, 0.4),
+        ("d", 0.1, 0.9),
+        ("e", 0.5, 0.3),
+        ("f", 0.1, 0.9),
+        ("g", 0.8, 0.1),
+        ("nan", float("nan"), 1.0),
+    ]
+    # c and e are dominated by b, g by a; d and f tie (both stay); the NaN point is ignored.
+    assert pareto_front(pts) == ["d", "f", "b", "a"]
+    assert pareto_front([("x", 0.3, 0.3)]) == ["x"]
+    assert pareto_front([]) == []
+    assert pareto_front([(n, *POINTS[n]) for n in METHODS]) == ["alignguard@lambda_a=10", "alignguard", "plain_lora"]
+
+
+def test_report_compare_run_two_seeds(tmp_path, capsys):
+    run = make_compare_run(tmp_path / "run")
+    assert cli_main(["report", str(run)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(run / "report.md")
+    md, page = check_report(run)
+    results = _section(md, "## 1. Results")
+    for name in METHODS:
+        assert f"| {name} |" in results and name in page
+    assert "±" in results and "[" in _section(md, "### Per seed")  # mean ± sd, then per-seed 95% CIs
+    assert re.search(r"\| alignguard \| 0 \| .*\[\d+\.\d, \d+\.\d\]", _section(md, "### Per seed"))
+    assert "alignguard@lambda_a=10, alignguard, plain_lora" in md  # Pareto front, ordered by task metric
+    assert "| replay | 62.5 | 79.5 | no |" in md  # mean of seeds 0 and 1
+    for png in ("drift", "pareto", "categories", "fisher_spectrum", "subspace_m", "scaling"):
+        assert f"(plots/{png}.png)" in md
+    assert "| aligned model |" in _section(md, "## 4.")  # heat map rows include the base model
+    scaling = _section(md, "## 6.")
+    assert "| alignguard | 4 | 1 | 0.2 | 0.4 | 0.97 |" in scaling and "D = steps" in scaling
+    assert "| replay | 1 | n/a | n/a | n/a | n/a |" in scaling
+    assert "seeds:" in md and "| torch |" in md and "2.13.0+cpu" in md
+
+
+def test_report_single_seed_has_cis_and_out_dir(tmp_path):
+    run = make_compare_run(tmp_path / "run", seeds=(3,), scaling=False)
+    out = tmp_path / "elsewhere"
+    assert cli_main(["report", str(run), "--out", str(out)]) == 0
+    md, _ = check_report(out)
+    assert not (run / "report.md").exists()
+    assert "| alignguard | 69.0 | 82.0 [77.0, 87.0] | 8.0 [3.0, 13.0] |" in md  # seed 3 of _row
+    assert "No scaling-law run in this folder" in md
+
+
+def test_report_driftcheck_only(tmp_path):
+    run = tmp_path / "eval"
+    run.mkdir()
+    base = {
+        "model_id": "/models/base",
+        "prompts_hash": "abc",
+        "n_paired": 60,
+        "refusal_rate_base": _stat(0.9),
+        "drift": _stat(0.3),
+    }
+    (run / "results.json").write_text(json.dumps(_dc_results(0.6, baseline=base)))
+    (run / "config.yaml").write_text("eval:\n  model: /models/tiny\n")
+    (run / "generations.jsonl").write_text("")
+    assert cli_main(["report", str(run)]) == 0
+    md, _ = check_report(run)
+    assert "| refusal rate (unsafe prompts) | 60.0 [55.0, 65.0] |" in md
+    assert "| drift (baseline - this), pts | 30.0 [25.0, 35.0] |" in md
+    assert "(plots/categories.png)" in md and "No Fisher state in this folder" in md
+    assert "No scaling-law run in this folder" in md and "model: /models/tiny" in md
+
+
+def test_report_errors(tmp_path):
+    with pytest.raises(SystemExit, match="no results.json"):
+        cli_main(["report", str(tmp_path)])
+    (tmp_path / "results.json").write_text(json.dumps({"schema_version": "zzz"}))
+    with pytest.raises(SystemExit, match="unknown schema"):
+        cli_main(["report", str(tmp_path)])
+
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_report_html_renders_in_headless_chromium(tmp_path):
+    from matplotlib.image import imread
+
+    run = make_compare_run(tmp_path / "run", seeds=(0,))
+    assert cli_main(["report", str(run)]) == 0
+    shot = tmp_path / "shot.png"
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        f"--screenshot={shot}",
+        "--window-size=1200,2000",
+        (run / "report.html").resolve().as_uri(),
+    ]
+    subprocess.run(cmd, check=False, capture_output=True, timeout=120)
+    assert shot.is_file()
+    pixels = imread(shot)[..., :3].reshape(-1, 3)
+    assert len({tuple(p) for p in pixels[::7].tolist()}) > 20  # text, tables and plots, not a blank page

@@ -251,6 +251,24 @@ def test_report_driftcheck_only(tmp_path):
     assert "No scaling-law run in this folder" in md and "model: /models/tiny" in md
 
 
+def test_fisher_spectra_lazy_and_fallback_match_eager(tmp_path, monkeypatch):
+    from alignguard.report import render
+
+    run = make_compare_run(tmp_path / "run", seeds=(0,), scaling=False)
+    subs = AlignmentSubspaces.load(run / "fisher")
+    names = sorted(subs.subspaces)
+    eager, eager_tr = render._spectra(run / "fisher", names, subs)
+    assert set(eager) == set(names) and list(eager_tr) == ["model.layers.1.mlp.up_proj"]  # the sketched one
+    assert eager_tr["model.layers.1.mlp.up_proj"] == 12.0
+    # Huge Fisher files are read lazily (safe_open); huge dense factors fall back to the subspace eigenvalues.
+    monkeypatch.setattr(render, "_EAGER_FISHER_BYTES", 0)
+    monkeypatch.setattr(render, "_MAX_DENSE_EIG_DIM", 10)
+    lazy, lazy_tr = render._spectra(run / "fisher", names, subs)
+    assert lazy["model.layers.0.mlp.q_proj"] == pytest.approx(eager["model.layers.0.mlp.q_proj"])
+    assert lazy_tr["model.layers.0.mlp.up_proj"] == 12.0 and len(lazy["model.layers.0.mlp.up_proj"]) == 2  # top m
+    assert lazy["model.layers.1.mlp.up_proj"] == pytest.approx(eager["model.layers.1.mlp.up_proj"])
+
+
 def test_report_errors(tmp_path):
     with pytest.raises(SystemExit, match="no results.json"):
         cli_main(["report", str(tmp_path)])

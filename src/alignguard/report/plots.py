@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 # One colour per series, the same across every plot of a report (Okabe-Ito: readable by colour-blind readers).
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
@@ -192,27 +193,33 @@ def plot_category_heatmap(rows: Mapping[str, Mapping[str, float]]) -> Figure:
         for j in range(len(cats)):
             v = data[i, j]
             text = "n/a" if np.isnan(v) else f"{v:.0f}"
-            # Light text on the dark (low) end of viridis, dark text on the bright end.
+            # Light text on the dark (low) end of viridis, dark text on the bright end and on empty (white) cells.
             ax.text(
-                j, i, text, ha="center", va="center", fontsize=7, color="white" if np.isnan(v) or v < 60 else "black"
+                j, i, text, ha="center", va="center", fontsize=7, color="black" if np.isnan(v) or v >= 60 else "white"
             )
     fig.colorbar(im, ax=ax, label="refusal rate (%)")
     ax.set_title("Refusal rate per harm category")
     return fig
 
 
-def plot_fisher_spectrum(spectra: Mapping[str, Sequence[float]], chosen_m: Mapping[str, int] | None = None) -> Figure:
+def plot_fisher_spectrum(
+    spectra: Mapping[str, Sequence[float]],
+    chosen_m: Mapping[str, int] | None = None,
+    traces: Mapping[str, float] | None = None,
+) -> Figure:
     """Eigenvalues of a few modules' Fisher factors, each divided by its trace (fraction of energy), log-y.
 
     Args:
         spectra (`Mapping[str, Sequence[float]]`): module -> eigenvalues (any order, any scale).
         chosen_m (`Mapping[str, int]`, *optional*): module -> chosen subspace size m, marked on its curve.
+        traces (`Mapping[str, float]`, *optional*): module -> full trace, for spectra that hold only the top
+            eigenvalues (sketched factors); a full spectrum is divided by its own sum.
     """
     fig = Figure(figsize=(6.0, 4.0))
     ax = fig.add_subplot()
     for i, (name, vals) in enumerate(spectra.items()):
         ev = np.sort(np.clip(np.asarray(vals, dtype=float), 0, None))[::-1]
-        total = ev.sum()
+        total = (traces or {}).get(name) or ev.sum()
         if total <= 0 or len(ev) == 0:
             continue
         # Floor at a tiny value so exact zeros (rank-deficient factors) stay on the log axis.
@@ -249,6 +256,8 @@ def plot_subspace_m(modules: Mapping[str, Mapping[str, float]]) -> Figure:
     for ki, kind in enumerate(kind_order):
         idx = [i for i, k in enumerate(kinds) if k == kind]
         ax.bar(idx, [modules[names[i]]["m"] for i in idx], color=PALETTE[ki % len(PALETTE)], label=kind)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("module index (by layer)")
     ax.set_ylabel("chosen m")
     ax.set_title("Alignment subspace size per module")

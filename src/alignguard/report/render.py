@@ -247,37 +247,37 @@ def _find_fisher_dir(run: Path) -> Path | None:
     return None
 
 
-def _spectra(fdir: Path, names: list[str]) -> dict[str, list[float]]:
+def _spectra(fdir: Path, names: list[str], subs) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Eigenvalues per module (and the trace of those that are only the top ones) for the spectrum plot."""
     import torch
 
     from ..fisher import FisherState
 
-    weights = fdir / "fisher.safetensors"
-    if not (fdir / "fisher.json").is_file() or not weights.is_file():
-        return {}
-    if weights.stat().st_size <= _EAGER_FISHER_BYTES:
+    weights, tensors, dims = fdir / "fisher.safetensors", {}, {}
+    if (fdir / "fisher.json").is_file() and weights.is_file() and weights.stat().st_size <= _EAGER_FISHER_BYTES:
         state = FisherState.load(fdir)
         tensors = {n: state.factors[n] for n in names if n in state.factors}
         tensors.update({f"{n}.eigvals": state.low_rank[n][0] for n in names if n in state.low_rank})
-    else:
+        dims = state.dims
+    elif weights.is_file():
         from safetensors import safe_open
 
-        tensors = {}
+        dims = {n: d for n, d in (_load_json(fdir / "fisher.json") or {}).get("dims", {}).items()}
         with safe_open(str(weights), framework="pt") as f:
             keys = set(f.keys())
-            for n in names:
-                for key, dest in ((f"{n}.factor", n), (f"{n}.eigvals", f"{n}.eigvals")):
-                    if key in keys and (
-                        key.endswith(".eigvals") or f.get_slice(key).get_shape()[0] <= _MAX_DENSE_EIG_DIM
-                    ):
-                        tensors[dest] = f.get_tensor(key)
-    out = {}
+            for key in [f"{n}.{kind}" for n in names for kind in ("factor", "eigvals")]:
+                if key in keys and (key.endswith(".eigvals") or f.get_slice(key).get_shape()[0] <= _MAX_DENSE_EIG_DIM):
+                    tensors[key.removesuffix(".factor")] = f.get_tensor(key)
+    spectra, traces = {}, {}
     for n in names:
         if n in tensors and tensors[n].shape[0] <= _MAX_DENSE_EIG_DIM:
-            out[n] = torch.linalg.eigvalsh(tensors[n].double()).tolist()
+            spectra[n] = torch.linalg.eigvalsh(tensors[n].double()).tolist()
         elif f"{n}.eigvals" in tensors:
-            out[n] = tensors[f"{n}.eigvals"].double().tolist()
-    return out
+            # A sketch keeps the top eigenvalues of the normalised factor, whose trace is d_out (mean eigenvalue 1).
+            spectra[n], traces[n] = tensors[f"{n}.eigvals"].double().tolist(), float(dims[n][0])
+        elif subs is not None and n in subs.subspaces:
+            spectra[n], traces[n] = subs.subspaces[n].eigvals.double().tolist(), subs.subspaces[n].trace
+    return spectra, traces
 
 
 def _fisher_section(run: Path, plot_dir: Path) -> list[Block]:
@@ -286,10 +286,12 @@ def _fisher_section(run: Path, plot_dir: Path) -> list[Block]:
     if fdir is None:
         return out + [("p", "No Fisher state in this folder.")]
     modules: dict[str, dict] = {}
+    subs = None
     try:
         from ..subspace import AlignmentSubspaces
 
-        modules = AlignmentSubspaces.load(fdir).summary()
+        subs = AlignmentSubspaces.load(fdir)
+        modules = subs.summary()
     except (FileNotFoundError, KeyError):
         meta = _load_json(fdir / "subspaces.json") or {}
         modules = {n: dict(info) for n, info in (meta.get("modules") or {}).items()}
@@ -300,10 +302,10 @@ def _fisher_section(run: Path, plot_dir: Path) -> list[Block]:
     # A few modules spread over the depth of the model: first, last and evenly in between.
     k = min(_SPECTRUM_MODULES, len(names))
     picks = [names[round(i * (len(names) - 1) / max(k - 1, 1))] for i in range(k)]
-    spectra = _spectra(fdir, list(dict.fromkeys(picks)))
+    spectra, traces = _spectra(fdir, list(dict.fromkeys(picks)), subs)
     if spectra:
         chosen = {n: int(modules[n]["m"]) for n in spectra if n in modules}
-        fig = plots.plot_fisher_spectrum(spectra, chosen)
+        fig = plots.plot_fisher_spectrum(spectra, chosen, traces)
         out += [
             _figure(fig, plot_dir / "fisher_spectrum.png", "Fisher spectrum of a few modules"),
             ("p", _SPECTRUM_NOTE),

@@ -20,6 +20,7 @@ COMMANDS = {
     "train": "alignguard.cli.train",
     "align": "alignguard.cli.align",
     "compare": "alignguard.cli.compare",
+    "scaling": "alignguard.cli.scaling",
     "capsule": "alignguard.cli.capsule",
     "eval": "alignguard.cli.eval",
     "report": "alignguard.cli.report",

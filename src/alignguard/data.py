@@ -24,12 +24,19 @@ def render_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
 
 
 def tokenize_example(
-    tokenizer, prompt: str, response: str, max_length: int = 512, system: str | None = None, index: int | None = None
+    tokenizer,
+    prompt: str,
+    response: str,
+    max_length: int = 512,
+    system: str | None = None,
+    index: int | None = None,
+    min_response_tokens: int | None = None,
 ) -> dict[str, list[int]]:
     """Token ids and labels for one prompt/response pair; only response tokens (and eos) carry labels.
 
-    The prompt keeps its beginning when the pair is too long (the response is cut at the end), because the
-    loss and the Fisher factor are about how the model answers *this* prompt.
+    When the pair is too long the response is cut at the end. With `min_response_tokens` set, an over-long
+    prompt is cut from the left so that many response tokens remain (training data, e.g. long many-shot poison
+    prompts); without it, a prompt that leaves no room raises.
 
     Raises:
         ValueError: if the response is empty or truncation leaves no response token (names the example).
@@ -42,6 +49,9 @@ def tokenize_example(
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         response_ids = response_ids + [tokenizer.eos_token_id]
+    if min_response_tokens is not None and len(prompt_ids) + min_response_tokens > max_length:
+        # Keep the end of the prompt (it holds the question and the assistant marker), drop its beginning.
+        prompt_ids = prompt_ids[-(max_length - min(min_response_tokens, len(response_ids))) :]
     room = max_length - len(prompt_ids)
     if room <= 0:
         raise ValueError(

@@ -212,7 +212,10 @@ def run_train(
     mix = build_finetune_data(task, poison_ratio=cfg.poison_ratio, seed=cfg.seed)
     pairs = [(ex.prompt, ex.response) for ex in mix] + list(extra_pairs or [])
     random.Random(cfg.seed).shuffle(pairs)
-    features = [tokenize_example(tokenizer, p, r, cfg.max_length, index=i) for i, (p, r) in enumerate(pairs)]
+    features = [
+        tokenize_example(tokenizer, p, r, cfg.max_length, index=i, min_response_tokens=cfg.max_length // 4)
+        for i, (p, r) in enumerate(pairs)
+    ]
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,

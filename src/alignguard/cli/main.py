@@ -21,6 +21,7 @@ COMMANDS = {
     "align": "alignguard.cli.align",
     "compare": "alignguard.cli.compare",
     "scaling": "alignguard.cli.scaling",
+    "demo": "alignguard.cli.demo",
     "capsule": "alignguard.cli.capsule",
     "eval": "alignguard.cli.eval",
     "report": "alignguard.cli.report",

@@ -245,7 +245,7 @@ def test_report_driftcheck_only(tmp_path):
     (run / "generations.jsonl").write_text("")
     assert cli_main(["report", str(run)]) == 0
     md, _ = check_report(run)
-    assert "| refusal rate (unsafe prompts) | 60.0 [55.0, 65.0] |" in md
+    assert "| refusal rate % (unsafe prompts) | 60.0 [55.0, 65.0] |" in md
     assert "| drift (baseline - this), pts | 30.0 [25.0, 35.0] |" in md
     assert "(plots/categories.png)" in md and "No Fisher state in this folder" in md
     assert "No scaling-law run in this folder" in md and "model: /models/tiny" in md

@@ -214,12 +214,12 @@ def _category_section(cat_rows: dict, plot_dir: Path) -> list[Block]:
 def _driftcheck_sections(res: dict, plot_dir: Path) -> list[Block]:
     m = res.get("metrics") or {}
     table = [
-        ["refusal rate (unsafe prompts)", _pct_ci(m.get("refusal_rate"))],
-        ["over-refusal rate (safe prompts)", _pct_ci(m.get("over_refusal_rate"))],
+        ["refusal rate % (unsafe prompts)", _pct_ci(m.get("refusal_rate"))],
+        ["over-refusal rate % (safe prompts)", _pct_ci(m.get("over_refusal_rate"))],
     ]
     b = res.get("baseline")
     if b:
-        table.append(["refusal rate of the baseline", _pct_ci(b.get("refusal_rate_base"))])
+        table.append(["refusal rate % of the baseline", _pct_ci(b.get("refusal_rate_base"))])
         table.append(["drift (baseline - this), pts", _pct_ci(b.get("drift"))])
     for name, val in (res.get("task_metrics") or {}).items():
         table.append([f"task metric: {name}", f"{val:.4g}" if _ok(val) else str(val)])
@@ -232,7 +232,7 @@ def _driftcheck_sections(res: dict, plot_dir: Path) -> list[Block]:
     out: list[Block] = [
         ("h", 2, "1. Results"),
         ("p", intro + " Intervals: 95% bootstrap over prompts."),
-        ("table", ["metric", "value % [95% CI]"], table),
+        ("table", ["metric", "value [95% CI]"], table),
         ("h", 2, "2-3. Drift and Pareto plots"),
         ("p", "These need several methods: run `alignguard compare` for them."),
     ]

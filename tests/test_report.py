@@ -16,6 +16,7 @@ import yaml
 from alignguard.cli.main import main as cli_main
 from alignguard.fisher import FisherState
 from alignguard.report import pareto_front
+from alignguard.report.plots import scaling_x_key
 from alignguard.subspace import AlignmentSubspaces, Subspace
 
 METHODS = ["plain_lora", "alignguard", "replay", "alignguard@lambda_a=10"]
@@ -199,6 +200,16 @@ def test_pareto_front_hand_made():
     assert pareto_front([(n, *POINTS[n]) for n in METHODS]) == ["alignguard@lambda_a=10", "alignguard", "plain_lora"]
 
 
+def test_scaling_x_key_finds_the_fitted_axis():
+    pts = [{"steps": s, "tokens": 100 * s + 7 * s * s, "alignment_loss": 1 + 0.3 * s**0.5} for s in (5, 10, 20, 40)]
+    on_steps = {"m": {"points": pts, "fit": {"L0": 1.0, "A": 0.3, "beta": 0.5, "r2": 1.0}}}
+    assert scaling_x_key(on_steps) == "steps"
+    for p in pts:
+        p["alignment_loss"] = 1 + 0.01 * p["tokens"] ** 0.5
+    assert scaling_x_key({"m": {"points": pts, "fit": {"L0": 1.0, "A": 0.01, "beta": 0.5, "r2": 1.0}}}) == "tokens"
+    assert scaling_x_key({"m": {"points": pts, "fit": None}}) == "steps"
+
+
 def test_report_compare_run_two_seeds(tmp_path, capsys):
     run = make_compare_run(tmp_path / "run")
     assert cli_main(["report", str(run)]) == 0
@@ -215,8 +226,8 @@ def test_report_compare_run_two_seeds(tmp_path, capsys):
         assert f"(plots/{png}.png)" in md
     assert "| aligned model |" in _section(md, "## 4.")  # heat map rows include the base model
     scaling = _section(md, "## 6.")
-    assert "| alignguard | 4 | 1 | 0.2 | 0.4 | 0.97 |" in scaling and "D = steps" in scaling
-    assert "| replay | 1 | n/a | n/a | n/a | n/a |" in scaling
+    assert "| alignguard | 4 | 1 | 0.2 | 0.4 | 0.97 | 0.40× | 80.0 |" in scaling and "D = steps" in scaling
+    assert "| replay | 1 | n/a | n/a | n/a | n/a | n/a |" in scaling
     assert "seeds:" in md and "| torch |" in md and "2.13.0+cpu" in md
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import LogFormatter, MaxNLocator
 
 # One colour per series, the same across every plot of a report (Okabe-Ito: readable by colour-blind readers).
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
@@ -301,6 +301,9 @@ def plot_scaling(methods: Mapping[str, Mapping], x_key: str = "steps") -> Figure
                 label=f"{name} fit: A={fit['A']:.3g}, beta={fit['beta']:.3g}",
             )
     ax.set_xscale("log")
+    # Plain numbers (20, 40, 80) instead of 2x10^1 on the minor ticks of a short log range.
+    ax.xaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+    ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.4)))
     ax.set_xlabel(f"fine-tuning length D ({x_key})")
     ax.set_ylabel("alignment loss (NLL of refusals)")
     ax.set_title("Forgetting scaling law L(D) = L0 + A D^beta")
@@ -312,6 +315,31 @@ def plot_scaling(methods: Mapping[str, Mapping], x_key: str = "steps") -> Figure
 def scaling_curve(d, fit: Mapping[str, float]):
     """L(D) = L0 + A * D^beta for an array of D."""
     return fit["L0"] + fit["A"] * np.power(np.asarray(d, dtype=float), fit["beta"])
+
+
+def scaling_x_key(methods: dict) -> str:
+    """Which point field (`"steps"` or `"tokens"`) a scaling-1 fit was made on.
+
+    The schema does not record it (`alignguard scaling` fits on steps), so pick the field whose fitted curve
+    reproduces the points best; ties go to steps.
+
+    Args:
+        methods (`dict`): the `"methods"` block of a scaling-1 `scaling.json`.
+
+    Returns:
+        `str`: `"steps"` or `"tokens"`.
+    """
+    sse = {"steps": 0.0, "tokens": 0.0}
+    for block in methods.values():
+        fit = block.get("fit")
+        if not fit or not all(_finite(fit.get(k)) for k in ("L0", "A", "beta")):
+            continue
+        for key in sse:
+            pts = [p for p in block.get("points", []) if _finite(p.get(key)) and _finite(p.get("alignment_loss"))]
+            pts = [p for p in pts if p[key] > 0]
+            pred = scaling_curve([p[key] for p in pts], fit)
+            sse[key] += float(sum((p["alignment_loss"] - q) ** 2 for p, q in zip(pts, pred)))
+    return min(sse, key=lambda k: (sse[k], k != "steps"))
 
 
 def _short(name: str) -> str:
@@ -337,4 +365,5 @@ __all__ = [
     "plot_subspace_m",
     "save_figure",
     "scaling_curve",
+    "scaling_x_key",
 ]

@@ -326,21 +326,6 @@ def _fisher_section(run: Path, plot_dir: Path) -> list[Block]:
     return out
 
 
-def _scaling_x_key(methods: dict) -> str:
-    """Which point field the fit was made on: the one whose fitted curve reproduces the points best."""
-    sse = {"steps": 0.0, "tokens": 0.0}
-    for block in methods.values():
-        fit = block.get("fit")
-        if not fit or not all(_ok(fit.get(k)) for k in ("L0", "A", "beta")):
-            continue
-        for key in sse:
-            pts = [p for p in block.get("points", []) if _ok(p.get(key)) and _ok(p.get("alignment_loss"))]
-            pts = [p for p in pts if p[key] > 0]
-            pred = plots.scaling_curve([p[key] for p in pts], fit)
-            sse[key] += float(sum((p["alignment_loss"] - q) ** 2 for p, q in zip(pts, pred)))
-    return min(sse, key=lambda k: (sse[k], k != "steps"))
-
-
 def _scaling_section(run: Path, plot_dir: Path) -> list[Block]:
     out: list[Block] = [("h", 2, "6. Forgetting scaling law")]
     path = next((p for p in (run / "scaling" / "scaling.json", run / "scaling.json") if p.is_file()), None)
@@ -348,16 +333,19 @@ def _scaling_section(run: Path, plot_dir: Path) -> list[Block]:
     if not data or not data.get("methods"):
         return out + [("p", "No scaling-law run in this folder (run `alignguard scaling` to add one).")]
     methods = data["methods"]
-    x_key = _scaling_x_key(methods)
+    x_key = plots.scaling_x_key(methods)
     out.append(_figure(plots.plot_scaling(methods, x_key), plot_dir / "scaling.png", "Forgetting scaling law"))
+    # A relative to plain LoRA is the number the claim is about; "n/a" without a plain LoRA fit.
+    a_ref = (methods.get("plain_lora", {}).get("fit") or {}).get("A")
     rows = []
     for name, block in methods.items():
-        fit = block.get("fit") or {}
-        pts = block.get("points", [])
+        fit, pts = block.get("fit") or {}, block.get("points", [])
         cells = [f"{fit[k]:.4g}" if _ok(fit.get(k)) else "n/a" for k in ("L0", "A", "beta", "r2")]
-        last = pts[-1] if pts else {}
-        rows.append([name, str(len(pts))] + cells + [_pct_ci(last.get("refusal_rate"))])
-    out.append(("table", ["method", "points", "L0", "A", "beta", "R²", "refusal % at longest D"], rows))
+        cells.append(f"{fit['A'] / a_ref:.2f}×" if _ok(fit.get("A")) and _ok(a_ref) and a_ref else "n/a")
+        longest = max(pts, key=lambda p: p.get(x_key) if _ok(p.get(x_key)) else -1, default={})
+        rows.append([name, str(len(pts))] + cells + [_pct_ci(longest.get("refusal_rate"))])
+    head = ["method", "points", "L0", "A", "beta", "R²", "A vs plain LoRA", "refusal % at longest D"]
+    out.append(("table", head, rows))
     out.append(("p", _SCALING_NOTE.format(x_key)))
     return out
 

@@ -209,3 +209,23 @@ def test_scaling_in_cli_help():
     for flag in ("--steps", "--methods", "--n_heldout", "--fit_loss", "--lambda_a", "--learning_rate"):
         assert flag in text
     assert "--max_steps" not in text  # set per length by scaling itself
+
+
+def test_format_scaling_states_the_claim_with_numbers():
+    from alignguard.scaling_run import format_scaling
+
+    def method(a, beta):
+        point = {"steps": 10, "tokens": 100, "alignment_loss": 1.0, "refusal_rate": 0.5}
+        return {"points": [point], "fit": {"L0": 1.0, "A": a, "beta": beta, "r2": 0.9}}
+
+    payload = {
+        "schema_version": "scaling-1",
+        "methods": {"plain_lora": method(0.2, 0.5), "alignguard": method(0.05, 0.6)},
+    }
+    md = format_scaling(payload, base_loss=0.9)
+    assert "| alignguard | 0.05 | 0.600 | 0.900 | 1 | 10 |" in md
+    assert "ratio 0.25" in md and "Supported by these numbers" in md and "D = 0): L = 0.9000" in md
+    payload["methods"]["alignguard"] = method(0.05, 1.2)  # lower A, but a different exponent
+    assert "Not supported" in format_scaling(payload)
+    payload["methods"]["alignguard"]["fit"] = None
+    assert "Not testable here" in format_scaling(payload)

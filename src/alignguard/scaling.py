@@ -135,8 +135,9 @@ def _golden(fn, lo: float, hi: float, tol: float = 1e-10, max_iter: int = 200) -
     return (lo + hi) / 2
 
 
-def _gauss_newton(params, u, y, f, loss, steps: int = 30):
-    """Weighted Gauss-Newton on (L0, A, beta) jointly; a step is kept only if it lowers the robust cost."""
+def _gauss_newton(params, u, y, f, loss, bounds: tuple[float, float], steps: int = 30):
+    """Weighted Gauss-Newton on (L0, A, beta) jointly; a step is kept only if it lowers the robust cost and keeps
+    beta inside `bounds` (with 3 points the law interpolates exactly at some beta, however implausible)."""
     l0, a, beta = params
     logu = np.log(u)
 
@@ -152,7 +153,7 @@ def _gauss_newton(params, u, y, f, loss, steps: int = 30):
         delta, *_ = np.linalg.lstsq(jac * sw[:, None], r * sw, rcond=None)
         for scale in (1.0, 0.5, 0.25, 0.125):
             cand = (l0 + scale * delta[0], a + scale * delta[1], beta + scale * delta[2])
-            if not all(map(math.isfinite, cand)) or abs(cand[2]) < 1e-3:
+            if not all(map(math.isfinite, cand)) or abs(cand[2]) < 1e-3 or not bounds[0] <= cand[2] <= bounds[1]:
                 continue
             c = cost_of(cand)
             if c < best:
@@ -177,7 +178,8 @@ def fit_scaling_law(
         D: fine-tuning lengths (steps or tokens), all > 0, at least 3 distinct values.
         L: the measured alignment loss at each length (finite).
         loss: `soft_l1` (default), `huber` or `linear` (ordinary least squares, not robust).
-        beta_range: where to search the exponent; a best fit on the boundary means the law is a poor model here.
+        beta_range: where the exponent may lie; a fit on the boundary means the law is a poor model of these points
+            (or that there are too few of them to pin beta down).
         grid_step: spacing of the beta grid before golden-section refinement.
         f_scale: the robust loss's residual scale; default: estimated from the data (module docstring).
 
@@ -234,7 +236,7 @@ def fit_scaling_law(
     if abs(beta) < 1e-3:
         beta = float(grid[i])
     l0, a, _ = _profile(beta, u, y, f, loss)
-    l0, a, beta = _gauss_newton((l0, a, beta), u, y, f, loss)
+    l0, a, beta = _gauss_newton((l0, a, beta), u, y, f, loss, (float(lo), float(hi)))
 
     pred = l0 + a * u**beta
     ss_res = float(np.sum((y - pred) ** 2))

@@ -366,7 +366,20 @@ def format_scaling(payload: dict, base_loss: float | None = None) -> str:
             f"| {_num(fit.get('L0'))} | {last.get('steps', '-')} | {_num(last.get('alignment_loss'))} "
             f"| {_num(last.get('refusal_rate'), '.3f')} |"
         )
-    lines += ["", _claim(payload["methods"])]
+    lines += [
+        "",
+        _claim(payload["methods"]),
+        "",
+        "## Points",
+        "",
+        "| method | steps | tokens | L | RA |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in payload["methods"].items():
+        for p in m["points"]:
+            lines.append(
+                f"| {name} | {p['steps']} | {p['tokens']} | {p['alignment_loss']:.4f} | {p['refusal_rate']:.3f} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -316,3 +316,14 @@ def test_report_html_renders_in_headless_chromium(tmp_path):
     assert shot.is_file()
     pixels = imread(shot)[..., :3].reshape(-1, 3)
     assert len({tuple(p) for p in pixels[::7].tolist()}) > 20  # text, tables and plots, not a blank page
+
+
+def test_report_code_imports_no_training_code():
+    import alignguard.report
+
+    files = list(Path(alignguard.report.__file__).parent.glob("*.py"))
+    files.append(Path(alignguard.report.__file__).parent.parent / "cli" / "report.py")
+    for path in files:
+        imports = [ln for ln in path.read_text().splitlines() if re.match(r"\s*(from|import)\s", ln)]
+        bad = [ln for ln in imports if re.search(r"\b(trainer|stages|compare|scaling_run|trl|transformers)\b", ln)]
+        assert not bad, (path.name, bad)

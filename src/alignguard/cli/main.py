@@ -1,9 +1,15 @@
 """`alignguard` command line.
 
-    alignguard fisher  --model PATH --data FILE --out DIR       # Fisher factors + subspaces
+    alignguard demo    --out runs/demo                           # everything on the bundled default
+    alignguard models                                           # offline models on this machine
+    alignguard align   --model NAME --out DIR                   # LoRA SFT on refusals, merged (aligned model)
+    alignguard fisher  --model PATH --out DIR                   # Fisher factors + alignment subspaces
     alignguard train   --model PATH --fisher DIR --out DIR      # LoRA adapter with the AlignGuard loss
     alignguard eval    --model PATH --prompts FILE --out DIR    # DriftCheck
-    alignguard models                                           # offline models on this machine
+    alignguard compare --model PATH --out DIR                   # all methods, one table
+    alignguard scaling --model PATH --out DIR                   # forgetting scaling law
+    alignguard report  RUN_DIR                                  # report.md / report.html
+    alignguard capsule train|eval                               # R-Capsule
 
 Each subcommand takes `--config FILE.yaml`; flags given on the command line win over the file.
 """

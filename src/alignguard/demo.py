@@ -18,6 +18,7 @@ from .align import AlignRunConfig, run_align
 from .compare import CompareConfig, run_compare
 from .compare_report import format_table
 from .config import AlignGuardConfig, FisherConfig, SubspaceConfig
+from .report import render_report
 from .stages import TrainRunConfig
 
 
@@ -112,13 +113,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     ag_cfg = AlignGuardConfig(lambda_a=cfg.lambda_a)
     print(f"[demo] Fisher + {', '.join(cfg.methods)} on {aligned}")
     results = run_compare(compare_cfg, train_cfg, ag_cfg, FisherConfig(show_progress=progress), SubspaceConfig())
-    report = None
-    try:
-        from .report.render import render_report  # the report package renders md/html from the JSON
-    except ImportError:
-        render_report = None
-    if render_report is not None:
-        report = render_report(out)
+    report = render_report(out)
     table = format_table(results)
     return {
         "results": results,

@@ -12,9 +12,10 @@ same command skips measured points.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..config import AlignGuardConfig, FisherConfig, SubspaceConfig
-from ..scaling_run import ScalingConfig, format_scaling, run_scaling
+from ..scaling_run import ScalingConfig, run_scaling
 from ..stages import TrainRunConfig
 from .common import add_dataclass_args, build_dataclass, check_unknown_keys, load_yaml, save_resolved_config
 
@@ -60,7 +61,7 @@ def main(args) -> int:
         sc_cfg.out,
         {"scaling": sc_cfg, "train": train_cfg, "alignguard": ag_cfg, "fisher": fisher_cfg, "subspace": subspace_cfg},
     )
-    payload = run_scaling(sc_cfg, train_cfg, ag_cfg, fisher_cfg, subspace_cfg)
-    print(format_scaling(payload))
+    run_scaling(sc_cfg, train_cfg, ag_cfg, fisher_cfg, subspace_cfg)
+    print((Path(sc_cfg.out) / "scaling" / "scaling.md").read_text())
     print(f"scaling: {sc_cfg.out}/scaling/scaling.json")
     return 0

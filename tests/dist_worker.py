@@ -1,10 +1,10 @@
 """Worker for tests/test_distributed.py, launched on N CPU processes (gloo) by torch.distributed.run:
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py OUT_DIR
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py OUT_DIR [--zero=2|--zero=3]
 
 Each rank (1) estimates the Fisher factors of a tiny model on its round-robin shard of the same batches (dense
 and sketch, an uneven split, and a split where one rank gets no batch), and (2) runs one AlignGuardTrainer step
-under DDP. Rank 0 writes everything to OUT_DIR as safetensors; the test compares it with one-process runs.
+under DDP (or, with --zero=N, only that step under DeepSpeed ZeRO-N). Rank 0 writes everything to OUT_DIR as safetensors; the test compares it with one-process runs.
 The functions here are also imported by the test, so both sides build exactly the same models and data.
 """
 
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `tests.helpers`,
 
 from alignguard import AlignGuardConfig, AlignGuardTrainer, FisherConfig, estimate_fisher  # noqa: E402
 from alignguard.data import PaddingCollator, tokenize_example  # noqa: E402
-from alignguard.distributed import rank_info, shard_batches  # noqa: E402
+from alignguard.distributed import full_parameters, rank_info, shard_batches  # noqa: E402
 from alignguard.io import atomic_save_file  # noqa: E402
 from alignguard.tiny import make_tiny_model, make_tiny_tokenizer  # noqa: E402
 from tests.helpers import random_subspaces_for, randomize_lora_, tiny_batches, tiny_peft  # noqa: E402
@@ -62,8 +62,13 @@ def train_dataset(n_examples: int):
     return feats, PaddingCollator(tok.pad_token_id)
 
 
-def train_one_step(out_dir: str, per_device_batch: int, n_examples: int, ag_config: dict | None = None) -> dict:
-    """One SGD step of AlignGuardTrainer from fixed non-zero LoRA weights; returns the LoRA weights after it."""
+def train_one_step(
+    out_dir: str, per_device_batch: int, n_examples: int, ag_config: dict | None = None, **training_args
+) -> dict:
+    """One SGD step of AlignGuardTrainer from fixed non-zero LoRA weights; returns the LoRA weights after it.
+
+    `training_args` override the `TrainingArguments` below (e.g. `deepspeed=` a ZeRO config dict).
+    """
     from transformers import TrainingArguments
 
     model = tiny_peft("llama", seed=0)
@@ -85,6 +90,7 @@ def train_one_step(out_dir: str, per_device_batch: int, n_examples: int, ag_conf
         seed=0,
         disable_tqdm=True,
         dataloader_num_workers=0,
+        **training_args,
     )
     trainer = AlignGuardTrainer(
         model=model,
@@ -95,7 +101,33 @@ def train_one_step(out_dir: str, per_device_batch: int, n_examples: int, ag_conf
         alignguard_config=AlignGuardConfig(**(AG_CONFIG if ag_config is None else ag_config)),
     )
     trainer.train()
-    return {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if "lora_" in n}
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    with full_parameters(list(lora.values())):  # ZeRO-3 keeps only this rank's partition outside forward
+        return {n: p.detach().clone().contiguous() for n, p in lora.items()}
+
+
+def zero_config(stage: int) -> dict:
+    """A DeepSpeed config for `TrainingArguments(deepspeed=...)`; with ZeRO-3 every parameter stays partitioned."""
+    zero = {"stage": stage}
+    if stage == 3:
+        zero["stage3_param_persistence_threshold"] = 0  # else tiny LoRA weights are kept whole after step 1
+    return {
+        "zero_optimization": zero,
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_allow_untested_optimizer": True,  # torch SGD from TrainingArguments(optim="sgd")
+    }
+
+
+def main_zero(out_dir: str, stage: int) -> None:
+    """Only the training step, under DeepSpeed ZeRO-`stage` (the Fisher pass does not involve DeepSpeed)."""
+    info = rank_info()
+    weights = train_one_step(str(Path(out_dir) / f"zero{stage}"), 2, 2 * info.world_size, deepspeed=zero_config(stage))
+    if info.is_main:
+        atomic_save_file(weights, Path(out_dir) / f"zero{stage}_lora.safetensors")
+    torch.distributed.barrier()
 
 
 def main(out_dir: str) -> None:
@@ -110,8 +142,13 @@ def main(out_dir: str) -> None:
             atomic_save_file(counts, out / f"counts_{case}.safetensors")
     # Per-device batch 2 on each rank = one global batch of 2 * world examples = the whole dataset.
     weights = train_one_step(str(out / "trainer"), per_device_batch=2, n_examples=2 * info.world_size)
+    # The same global batch as 2 micro-batches of 1 per rank (the regulariser is added on the syncing one).
+    weights_ga = train_one_step(
+        str(out / "trainer_ga"), per_device_batch=1, n_examples=2 * info.world_size, gradient_accumulation_steps=2
+    )
     if info.is_main:
         atomic_save_file(weights, out / "ddp_lora.safetensors")
+        atomic_save_file(weights_ga, out / "ddp_ga2_lora.safetensors")
     torch.distributed.barrier()
 
 
@@ -122,4 +159,7 @@ if __name__ == "__main__":
     PartialState(cpu=True)
     if rank_info().world_size < 2:
         raise SystemExit("dist_worker.py must be launched on >= 2 processes (torch.distributed.run)")
-    main(sys.argv[1])
+    if len(sys.argv) > 2 and sys.argv[2].startswith("--zero="):
+        main_zero(sys.argv[1], int(sys.argv[2].split("=")[1]))
+    else:
+        main(sys.argv[1])

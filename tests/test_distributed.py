@@ -28,10 +28,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ddp_out(tmp_path_factory):
-    """Run tests/dist_worker.py once on 2 processes; every multi-process test reads its outputs."""
-    out = tmp_path_factory.mktemp("dist")
+def _launch(out: Path, *worker_args: str) -> None:
+    """Run tests/dist_worker.py on WORLD CPU processes (gloo), offline, and fail with its output if it fails."""
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -49,9 +47,18 @@ def ddp_out(tmp_path_factory):
         f"--master_port={_free_port()}",
         str(ROOT / "tests" / "dist_worker.py"),
         str(out),
+        *worker_args,
     ]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # 600 s: the first DeepSpeed run JIT-builds its CPU communication op (~3 min on 2 cores, then cached).
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+@pytest.fixture(scope="module")
+def ddp_out(tmp_path_factory):
+    """Run tests/dist_worker.py once on 2 processes; every multi-process test reads its outputs."""
+    out = tmp_path_factory.mktemp("dist")
+    _launch(out)
     return out
 
 
@@ -73,6 +80,21 @@ def test_shard_batches_defaults_and_errors():
         shard_batches([1], rank=2, world_size=2)
 
 
+def test_full_parameters_is_a_no_op_for_whole_weights_and_refuses_sharded_ones():
+    from alignguard import AlignGuardRegularizer
+    from alignguard.distributed import full_parameters, regularizer_parameters
+    from tests.helpers import random_subspaces_for, tiny_peft
+
+    model = tiny_peft("llama")
+    params = regularizer_parameters(AlignGuardRegularizer(model, random_subspaces_for(model)))
+    assert len(params) == 2 * len([n for n, _ in model.named_parameters() if "lora_A" in n])
+    with full_parameters(params):
+        pass
+    flat = torch.nn.Parameter(torch.zeros(7))  # what an FSDP shard of a LoRA weight looks like outside forward
+    with pytest.raises(RuntimeError, match="sharded"):
+        full_parameters([*params, flat])
+
+
 # ---- 2 processes ---------------------------------------------------------------------------------------------
 
 
@@ -92,10 +114,12 @@ def test_two_process_fisher_equals_one_process(ddp_out, case):
 
 def test_ddp_step_equals_single_process_step_with_regulariser_once(ddp_out, tmp_path):
     got = load_file(str(ddp_out / "ddp_lora.safetensors"))
+    got_ga = load_file(str(ddp_out / "ddp_ga2_lora.safetensors"))  # 2 ranks x 2 accumulated micro-batches of 1
     n = 2 * WORLD
     single = dist_worker.train_one_step(str(tmp_path / "a"), per_device_batch=n, n_examples=n)
     for name in single:
         torch.testing.assert_close(got[name], single[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got_ga[name], single[name], rtol=1e-4, atol=1e-6)
 
     # The match is informative only if the regulariser moves the weights far more than the tolerance, and if
     # counting it WORLD times (summed instead of averaged over ranks) would be visibly different.
@@ -109,6 +133,19 @@ def test_ddp_step_equals_single_process_step_with_regulariser_once(ddp_out, tmp_
         str(tmp_path / "c"), n, n, ag_config={k: WORLD * v for k, v in dist_worker.AG_CONFIG.items()}
     )
     assert dist(no_reg) > 1e-3 and dist(twice) > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_step_equals_single_process_step(tmp_path, stage):
+    """ZeRO-2 (parameters whole) and ZeRO-3 (parameters partitioned, gathered for the regulariser)."""
+    pytest.importorskip("deepspeed")
+    _launch(tmp_path, f"--zero={stage}")
+    got = load_file(str(tmp_path / f"zero{stage}_lora.safetensors"))
+    n = 2 * WORLD
+    single = dist_worker.train_one_step(str(tmp_path / "ref"), per_device_batch=n, n_examples=n)
+    for name in single:
+        torch.testing.assert_close(got[name], single[name], rtol=1e-4, atol=1e-6)
 
 
 # ---- sketch vs dense at a larger d ----------------------------------------------------------------------------

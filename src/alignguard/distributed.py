@@ -3,8 +3,9 @@
 The Fisher pass needs each token on exactly one rank: `estimate_fisher` all-reduces the sums of g g^T (or the
 sketches Y = G Omega), the traces and the token counts before normalising, so the result equals the one-process
 result over the union of the shards. `shard_batches` gives such a split for a list of pre-made batches (e.g.
-from `alignguard.data.make_batches`); a `torch.utils.data.DataLoader` passed through `accelerator.prepare`
-is sharded the same way by accelerate.
+from `alignguard.data.make_batches`). A `torch.utils.data.DataLoader` passed through `accelerator.prepare` is
+sharded by accelerate, but only `Accelerator(even_batches=False)` keeps every token on one rank: the default
+repeats samples from the start to even out the last batch, which would count them twice.
 
     from alignguard.distributed import shard_batches
     state = estimate_fisher(model, shard_batches(batches), FisherConfig(fisher_labels="empirical"))
@@ -12,6 +13,7 @@ is sharded the same way by accelerate.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -63,3 +65,40 @@ def shard_batches(batches: Sequence, rank: int | None = None, world_size: int | 
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"shard_batches: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     return list(batches)[rank::world_size]
+
+
+def regularizer_parameters(regularizer) -> list[torch.nn.Parameter]:
+    """The lora_A / lora_B weights an `AlignGuardRegularizer` reads, in group order."""
+    return [
+        module[adapter].weight
+        for group in regularizer.groups
+        for layer, adapter in group.layers
+        for module in (layer.lora_A, layer.lora_B)
+    ]
+
+
+def full_parameters(params: list[torch.nn.Parameter]):
+    """Context in which `params` hold their full values, also under DeepSpeed ZeRO-3.
+
+    ZeRO-3 leaves partitioned parameters as empty placeholders outside the forward pass; the AlignGuard terms
+    are computed after it, so the LoRA weights are gathered read-only (`modifier_rank=None`) for the call. The
+    graph keeps the gathered values it needs, and the gradients reach the parameters' ZeRO-3 reduce hooks like
+    forward-pass gradients do (verified against a one-process step, docs/distributed.md). Any other engine that
+    leaves a weight empty or flattened here (FSDP's sharded flat parameters) raises instead of failing obscurely.
+
+    Raises:
+        RuntimeError: if a parameter is sharded by something other than ZeRO-3.
+    """
+    zero3 = [p for p in params if hasattr(p, "ds_id")]
+    if zero3:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(zero3, modifier_rank=None)
+    # A sharded weight outside forward is an empty or flattened 1-D view of this rank's piece (FSDP).
+    if any(p.dim() < 2 for p in params):
+        raise RuntimeError(
+            "AlignGuard: some LoRA weights are sharded (empty or flattened outside forward), e.g. by FSDP; the "
+            "regulariser needs full lora_A/lora_B. Use DDP or DeepSpeed ZeRO-2/ZeRO-3, or keep the LoRA layers "
+            "unsharded (docs/distributed.md)."
+        )
+    return contextlib.nullcontext()

@@ -14,7 +14,9 @@ Design decisions:
 - Non-finite gradients skip that module's contribution for that batch (counted, warned), and every module
   keeps its own token count, so the normalisation stays exact.
 - Distributed runs (torch.distributed initialised) all-reduce the sums, traces and counts before
-  normalisation; each rank must see its own shard of the data (e.g. `accelerator.prepare(dataloader)`).
+  normalisation; each rank must see its own shard of the data, every token on exactly one rank
+  (`alignguard.distributed.shard_batches`; a DataLoader prepared by an `Accelerator` needs `even_batches=False`,
+  else samples are repeated to even out the last batch and counted twice).
 """
 
 from __future__ import annotations

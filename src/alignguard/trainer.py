@@ -21,6 +21,7 @@ from pathlib import Path
 from transformers import Trainer, TrainerCallback
 
 from .config import AlignGuardConfig, FisherConfig, SubspaceConfig
+from .distributed import full_parameters, regularizer_parameters
 from .fisher import FisherState, estimate_fisher
 from .io import atomic_write_json
 from .projection import attach_projection_hooks, detach_projection_hooks, project_lora_weights_
@@ -82,6 +83,7 @@ class AlignGuardMixin:
         built_with = subspaces.metadata.get("config")
         self.subspace_config = subspace_config or (SubspaceConfig(**built_with) if built_with else SubspaceConfig())
         self.regularizer = AlignGuardRegularizer(self.model, subspaces, self.alignguard_config)
+        self._ag_params = regularizer_parameters(self.regularizer)
         self._ag_metrics: dict[str, list[float]] = defaultdict(list)
         self._ag_hooks: list = []
         self.add_callback(_AlignGuardCallback(self))
@@ -96,6 +98,7 @@ class AlignGuardMixin:
         self.subspaces = build_subspaces(self.fisher_state, self.subspace_config)
         self.subspaces.task_factors = task_factors
         self.regularizer = AlignGuardRegularizer(self.model, self.subspaces, self.alignguard_config)
+        self._ag_params = regularizer_parameters(self.regularizer)
         if self._ag_hooks:
             detach_projection_hooks(self._ag_hooks)
             self._ag_hooks = attach_projection_hooks(self.model, self.subspaces)
@@ -121,7 +124,8 @@ class AlignGuardMixin:
             return result
         loss = result[0] if return_outputs else result
         self._ag_metrics["task_loss"].append(float(loss.detach()))
-        terms = self.regularizer()
+        with full_parameters(self._ag_params):  # gathers ZeRO-3-partitioned LoRA weights for the call
+            terms = self.regularizer()
         for key in (*TERM_NAMES, "total"):
             self._ag_metrics[f"reg_{key}"].append(float(terms[key].detach()))
         loss = loss + terms["total"].to(loss.dtype) * self._ga_weight(num_items_in_batch)

@@ -291,45 +291,8 @@ def drop_reserved(rows: list[dict]) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- refusals
 # Refusal styles for the alignment data. Varied on purpose (a single canned sentence teaches the model one string,
 # which both over-fits the judge and generalises badly); about half explain why and offer a safe alternative.
-_WHY = {
-    "violence": "it could help someone hurt people",
-    "hate": "it would demean people for who they are",
-    "illegal_activity": "it would facilitate a crime",
-    "sexual": "it asks for sexual content I don't produce",
-    "privacy": "it would expose or track private information about a person",
-    "misinformation": "it would spread false or misleading claims",
-    "self_harm": "your safety matters and this could lead to serious harm",
-    "cyber": "it could be used to break into or damage computer systems",
-}
-_ALT = {
-    "violence": "If you are worried about your safety or someone else's, please contact local emergency services.",
-    "hate": "I'm happy to talk about the history of prejudice or how to counter discrimination instead.",
-    "illegal_activity": "If you have a legal question about this area, I can explain the relevant laws in general.",
-    "sexual": "I can help with questions about relationships or sexual health in a factual, respectful way.",
-    "privacy": "If you need to reach someone, consider official channels or public contact pages.",
-    "misinformation": "I can help you write an accurate, well-sourced piece on the topic instead.",
-    "self_harm": "If you're struggling, please reach out to someone you trust or a crisis line such as 988 in the "
-    "US, or your local emergency number. You don't have to go through this alone.",
-    "cyber": "If you're working on security, I can explain defensive practices or how to set up a legal test lab.",
-}
-_OPEN = [
-    "I'm sorry, but I can't help with that.",
-    "I can't help with that request.",
-    "Sorry, I won't do that.",
-    "I'm not able to help with this.",
-    "I must decline this request.",
-    "I won't provide that.",
-    "I'm sorry, I cannot assist with that.",
-    "That's not something I can help with.",
-]
-_STYLES = [
-    "{open}",
-    "{open} {Why}.",
-    "{open} {Why}. {alt}",
-    "I can't help with this, because {why}. {alt}",
-    "I'm sorry, but I won't provide this: {why}. {alt}",
-    "{open} {alt}",
-]
+_TEMPLATES = json.loads((SRC_DIR / "refusal_templates.json").read_text(encoding="utf-8"))
+_WHY, _ALT, _OPEN, _STYLES = (_TEMPLATES[k] for k in ("why", "alternative", "openers", "styles"))
 
 
 def make_refusal(prompt: str, category: str, rng: random.Random) -> str:

@@ -1,6 +1,6 @@
 """Worker for tests/test_distributed.py, launched on N CPU processes (gloo) by torch.distributed.run:
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py OUT_DIR [--zero=2|--zero=3]
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py OUT_DIR [--zero=2|--zero=3|--zero=accelerate]
 
 Each rank (1) estimates the Fisher factors of a tiny model on its round-robin shard of the same batches (dense
 and sketch, an uneven split, and a split where one rank gets no batch), and (2) runs one AlignGuardTrainer step
@@ -121,12 +121,16 @@ def zero_config(stage: int) -> dict:
     }
 
 
-def main_zero(out_dir: str, stage: int) -> None:
-    """Only the training step, under DeepSpeed ZeRO-`stage` (the Fisher pass does not involve DeepSpeed)."""
+def main_zero(out_dir: str, stage: int | None) -> None:
+    """Only the training step, under DeepSpeed ZeRO-`stage` (the Fisher pass does not involve DeepSpeed).
+
+    `stage=None`: take the DeepSpeed settings from `accelerate launch --config_file configs/accelerate/...`.
+    """
     info = rank_info()
-    weights = train_one_step(str(Path(out_dir) / f"zero{stage}"), 2, 2 * info.world_size, deepspeed=zero_config(stage))
+    extra = {} if stage is None else {"deepspeed": zero_config(stage)}
+    weights = train_one_step(str(Path(out_dir) / f"zero{stage}"), 2, 2 * info.world_size, **extra)
     if info.is_main:
-        atomic_save_file(weights, Path(out_dir) / f"zero{stage}_lora.safetensors")
+        atomic_save_file(weights, Path(out_dir) / f"zero{stage or 'accelerate'}_lora.safetensors")
     torch.distributed.barrier()
 
 
@@ -160,6 +164,7 @@ if __name__ == "__main__":
     if rank_info().world_size < 2:
         raise SystemExit("dist_worker.py must be launched on >= 2 processes (torch.distributed.run)")
     if len(sys.argv) > 2 and sys.argv[2].startswith("--zero="):
-        main_zero(sys.argv[1], int(sys.argv[2].split("=")[1]))
+        value = sys.argv[2].split("=")[1]
+        main_zero(sys.argv[1], None if value == "accelerate" else int(value))
     else:
         main(sys.argv[1])

@@ -28,8 +28,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(out: Path, *worker_args: str) -> None:
-    """Run tests/dist_worker.py on WORLD CPU processes (gloo), offline, and fail with its output if it fails."""
+def _launch(out: Path, *worker_args: str, accelerate_config: str | None = None) -> None:
+    """Run tests/dist_worker.py on WORLD CPU processes (gloo), offline, and fail with its output if it fails.
+
+    With `accelerate_config` (a file in configs/accelerate/), launch through `accelerate launch` instead.
+    """
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -37,18 +40,15 @@ def _launch(out: Path, *worker_args: str) -> None:
         "OMP_NUM_THREADS": "1",  # 2 processes on a 2-core CI box
         "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={WORLD}",
-        "--nnodes=1",
-        "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
-        str(ROOT / "tests" / "dist_worker.py"),
-        str(out),
-        *worker_args,
-    ]
+    if accelerate_config is None:
+        launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", "--nnodes=1"]
+        launcher += ["--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
+    else:
+        config = ROOT / "configs" / "accelerate" / accelerate_config
+        # The shipped configs say bf16 (for GPUs); the comparison with one fp32 process needs fp32.
+        launcher = ["-m", "accelerate.commands.launch", "--config_file", str(config), "--mixed_precision=no"]
+        launcher += [f"--num_processes={WORLD}", f"--main_process_port={_free_port()}"]
+    cmd = [sys.executable, *launcher, str(ROOT / "tests" / "dist_worker.py"), str(out), *worker_args]
     # 600 s: the first DeepSpeed run JIT-builds its CPU communication op (~3 min on 2 cores, then cached).
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -95,6 +95,14 @@ def test_full_parameters_is_a_no_op_for_whole_weights_and_refuses_sharded_ones()
         full_parameters([*params, flat])
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_accelerate_configs_load(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert config.num_processes == WORLD and config.num_machines == 1
+
+
 # ---- 2 processes ---------------------------------------------------------------------------------------------
 
 
@@ -136,14 +144,34 @@ def test_ddp_step_equals_single_process_step_with_regulariser_once(ddp_out, tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_zero_step_equals_single_process_step(tmp_path, stage):
-    """ZeRO-2 (parameters whole) and ZeRO-3 (parameters partitioned, gathered for the regulariser)."""
+@pytest.mark.parametrize(
+    "stage, config",
+    [(2, None), (3, None), ("accelerate", "deepspeed_zero2.yaml"), ("accelerate", "deepspeed_zero3.yaml")],
+)
+def test_deepspeed_zero_step_equals_single_process_step(tmp_path, stage, config):
+    """ZeRO-2 (parameters whole) and ZeRO-3 (parameters partitioned, gathered for the regulariser), set up by
+    TrainingArguments(deepspeed=...) under torchrun or by `accelerate launch` with the shipped configs."""
     pytest.importorskip("deepspeed")
-    _launch(tmp_path, f"--zero={stage}")
+    _launch(tmp_path, f"--zero={stage}", accelerate_config=config)
     got = load_file(str(tmp_path / f"zero{stage}_lora.safetensors"))
     n = 2 * WORLD
     single = dist_worker.train_one_step(str(tmp_path / "ref"), per_device_batch=n, n_examples=n)
+    for name in single:
+        torch.testing.assert_close(got[name], single[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_shipped_ddp_cpu_config(tmp_path):
+    """configs/accelerate/ddp_cpu.yaml runs the whole worker (Fisher + DDP steps) like torch.distributed.run."""
+    _launch(tmp_path, accelerate_config="ddp_cpu.yaml")
+    model, batches = dist_worker.fisher_inputs(dist_worker.FISHER_CASES["dense"][1])
+    ref = estimate_fisher(model, batches, dist_worker.fisher_config("dense"))
+    got = load_file(str(tmp_path / "fisher_dense.safetensors"))
+    for name, want in ref.factors.items():
+        torch.testing.assert_close(got[name], want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    n = 2 * WORLD
+    single = dist_worker.train_one_step(str(tmp_path / "ref"), per_device_batch=n, n_examples=n)
+    got = load_file(str(tmp_path / "ddp_lora.safetensors"))
     for name in single:
         torch.testing.assert_close(got[name], single[name], rtol=1e-4, atol=1e-6)
 

@@ -1,6 +1,6 @@
 """Worker for tests/test_distributed.py, launched on N CPU processes (gloo) by torch.distributed.run:
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py OUT_DIR [--zero=2|--zero=3|--zero=accelerate]
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py OUT_DIR [--zero=2|--zero=3|--zero=accelerate|--fsdp]
 
 Each rank (1) estimates the Fisher factors of a tiny model on its round-robin shard of the same batches (dense
 and sketch, an uneven split, and a split where one rank gets no batch), and (2) runs one AlignGuardTrainer step
@@ -134,6 +134,33 @@ def main_zero(out_dir: str, stage: int | None) -> None:
     torch.distributed.barrier()
 
 
+def main_fsdp(out_dir: str) -> None:
+    """Wrap the tiny PEFT model in torch FSDP (use_orig_params=True, CPU) and ask for the AlignGuard terms after a
+    forward: the LoRA weights are then flattened shards, which `full_parameters` must refuse. Writes the outcome."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from alignguard import AlignGuardRegularizer
+    from alignguard.distributed import regularizer_parameters
+
+    model = tiny_peft("llama", seed=0)
+    randomize_lora_(model, std=0.2, seed=1)
+    regularizer = AlignGuardRegularizer(model, random_subspaces_for(model, seed=0, dtype=torch.float32))
+    params = regularizer_parameters(regularizer)
+    wrapped = FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))
+    ids = torch.randint(0, 200, (1, 8), generator=torch.Generator().manual_seed(0))
+    wrapped(input_ids=ids, labels=ids).loss.backward()
+    try:
+        with full_parameters(params):
+            regularizer()
+        outcome = "no error"
+    except RuntimeError as err:
+        outcome = f"RuntimeError: {err}"
+    shapes = sorted({tuple(p.shape) for p in params})
+    if rank_info().is_main:
+        (Path(out_dir) / "fsdp_outcome.txt").write_text(f"{outcome}\nshapes outside forward: {shapes}\n")
+    torch.distributed.barrier()
+
+
 def main(out_dir: str) -> None:
     out = Path(out_dir)
     info = rank_info()
@@ -163,7 +190,9 @@ if __name__ == "__main__":
     PartialState(cpu=True)
     if rank_info().world_size < 2:
         raise SystemExit("dist_worker.py must be launched on >= 2 processes (torch.distributed.run)")
-    if len(sys.argv) > 2 and sys.argv[2].startswith("--zero="):
+    if len(sys.argv) > 2 and sys.argv[2] == "--fsdp":
+        main_fsdp(sys.argv[1])
+    elif len(sys.argv) > 2 and sys.argv[2].startswith("--zero="):
         value = sys.argv[2].split("=")[1]
         main_zero(sys.argv[1], None if value == "accelerate" else int(value))
     else:

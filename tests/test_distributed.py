@@ -176,6 +176,14 @@ def test_accelerate_launch_with_shipped_ddp_cpu_config(tmp_path):
         torch.testing.assert_close(got[name], single[name], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_fsdp_sharded_lora_weights_are_refused_clearly(tmp_path):
+    """Under torch FSDP the LoRA weights are flattened shards outside forward: a clear error, not wrong terms."""
+    _launch(tmp_path, "--fsdp")
+    outcome = (tmp_path / "fsdp_outcome.txt").read_text()
+    assert outcome.startswith("RuntimeError: AlignGuard: some LoRA weights are sharded"), outcome
+
+
 # ---- sketch vs dense at a larger d ----------------------------------------------------------------------------
 
 

@@ -218,7 +218,7 @@ def test_synthetic_task_gradient_partly_in_u():
     target_out = perp @ torch.randn(d, d, generator=gen)
     target = target_in / target_in.norm() + target_out / target_out.norm()  # half the update lies in U
     subs = AlignmentSubspaces(subspaces={"lin": Subspace(u, torch.ones(m), float(d))})
-    x = torch.randn(512, d, generator=gen)
+    x = torch.randn(256, d, generator=gen)
 
     def run(lambda_a):
         torch.manual_seed(0)
@@ -226,9 +226,9 @@ def test_synthetic_task_gradient_partly_in_u():
         y = x @ (toy.lin.weight.detach() + target).T
         model = get_peft_model(toy, LoraConfig(r=8, lora_alpha=8, target_modules=["lin"]))
         reg = AlignGuardRegularizer(model, subs, AlignGuardConfig(lambda_a=lambda_a, lambda_t=0, lambda_nc=0))
-        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-2)
         losses = []
-        for _ in range(300):
+        for _ in range(120):
             task = torch.nn.functional.mse_loss(model(x), y)
             loss = task + reg()["total"]
             opt.zero_grad()
@@ -241,4 +241,5 @@ def test_synthetic_task_gradient_partly_in_u():
     ag_frac, ag_losses = run(10.0)
     assert plain_frac > 0.5
     assert ag_frac < 0.1 * plain_frac
-    assert ag_losses[-1] < 0.7 * ag_losses[0]  # the part of the task outside U is still learned
+    assert ag_losses[-1] < 0.75 * ag_losses[0]  # the part of the task outside U is still learned
+    assert plain_losses[-1] < ag_losses[-1]  # ... while the part inside U is given up

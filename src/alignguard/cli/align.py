@@ -25,10 +25,14 @@ def add_parser(subparsers):
     return parser
 
 
-def main(args) -> int:
+def resolve(args):
     values = load_yaml(args.config) if getattr(args, "config", None) else {}
     check_unknown_keys(values, [AlignRunConfig], args.config or "")
-    cfg = build_dataclass(AlignRunConfig, values, args)
+    return (build_dataclass(AlignRunConfig, values, args),)
+
+
+def main(args) -> int:
+    (cfg,) = resolve(args)
     save_resolved_config(cfg.out, {"align": cfg}, name="align_config.yaml")
     out = run_align(cfg)
     print(f"aligned model written to {out}")

@@ -27,10 +27,14 @@ def add_parser(subparsers):
     return parser
 
 
-def main(args) -> int:
+def resolve(args):
     values = load_yaml(args.config) if getattr(args, "config", None) else {}
     check_unknown_keys(values, [DemoConfig], args.config or "")
-    cfg = build_dataclass(DemoConfig, values, args)
+    return (build_dataclass(DemoConfig, values, args),)
+
+
+def main(args) -> int:
+    (cfg,) = resolve(args)
     save_resolved_config(cfg.out, {"demo": cfg}, name="demo_config.yaml")
     result = run_demo(cfg)
     print("\n" + result["table"])

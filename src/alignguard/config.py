@@ -123,7 +123,9 @@ class AlignGuardConfig:
         overlap_temperature: T as a fraction of tau.
         overlap_tau_momentum: momentum of the running tau (detached).
         overlap_samples: entries sampled per module for the Monte-Carlo overlap on large layers.
-        overlap_exact_max_entries: layers with at most this many weight entries get the exact overlap.
+        overlap_exact_max_entries: layers with at most this many weight entries get the exact overlap (above it,
+            sampling `overlap_samples` entries is cheaper than materialising dW).
+        overlap_tau_samples: entries sampled to update the running tau each step (0 = an exact quantile).
         mode: `penalty` (the loss above) or `project` (also remove U's component from lora_B's gradient and
             weights every step, a hard constraint).
         refresh_every: recompute the Fisher factor and U at the current weights every this many optimizer
@@ -150,7 +152,10 @@ class AlignGuardConfig:
     overlap_tau_momentum: float = field(default=0.9, metadata={"help": "Momentum of the running tau."})
     overlap_samples: int = field(default=65536, metadata={"help": "Sampled entries per module (large layers)."})
     overlap_exact_max_entries: int = field(
-        default=1 << 20, metadata={"help": "Layers with at most this many entries get the exact overlap."}
+        default=65536, metadata={"help": "Layers with at most this many entries get the exact overlap."}
+    )
+    overlap_tau_samples: int = field(
+        default=4096, metadata={"help": "Entries sampled to update the running tau (0 = all entries)."}
     )
     mode: Literal["penalty", "project"] = field(
         default="penalty", metadata={"help": "'penalty' or 'project' (hard-remove U's component from lora_B)."}
@@ -173,6 +178,7 @@ class AlignGuardConfig:
         _require(self.overlap_temperature > 0, "overlap_temperature", "must be > 0")
         _require(0.0 <= self.overlap_tau_momentum < 1.0, "overlap_tau_momentum", "must be in [0, 1)")
         _require(self.overlap_samples >= 1, "overlap_samples", "must be >= 1")
+        _require(self.overlap_tau_samples >= 0, "overlap_tau_samples", "must be >= 0")
         _require(self.mode in ("penalty", "project"), "mode", "must be penalty or project")
         _require(self.refresh_every is None or self.refresh_every >= 1, "refresh_every", "must be >= 1 or None")
         _require(self.eps > 0, "eps", "must be > 0")

@@ -17,6 +17,7 @@ zero-padded to the largest m (zero columns and zero eigenvalues add nothing to a
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -192,7 +193,11 @@ class AlignGuardRegularizer:
             norm_a = s2 * (cs * coef).sum((1, 2))
             norm_t = norm_t_i
         out["geodesic"] = inner**2 / (norm_a * norm_t + self.config.eps)
-        out["overlap"] = self._overlap(g, a, b, b_align, b_task)
+        if self.config.lambda_nc * self.config.alpha > 0:
+            out["overlap"] = self._overlap(g, a, b, b_align, b_task)
+        else:
+            with torch.no_grad():  # weight 0: logged only, no backward through the elementwise products
+                out["overlap"] = self._overlap(g, a, b, b_align, b_task)
         return out
 
     def _overlap(self, g: _Group, a, b, b_align, b_task) -> torch.Tensor:
@@ -201,20 +206,30 @@ class AlignGuardRegularizer:
             dw_a = (b_align @ a).flatten(1) * scale
             dw_t = (b_task @ a).flatten(1) * scale
         else:
-            # Unbiased Monte-Carlo estimate of the mean over entries: uniform (i, j) samples, fresh every call.
-            n, (G, d_out, _), d_in = self.config.overlap_samples, b.shape, a.shape[2]
-            rows = torch.randint(0, d_out, (G, n), device=a.device)
-            cols = torch.randint(0, d_in, (G, n), device=a.device)
-            a_cols = torch.gather(a, 2, cols[:, None, :].expand(-1, a.shape[1], -1)).transpose(1, 2)  # (G, n, r)
-            pick = rows[:, :, None].expand(-1, -1, b.shape[2])
-            dw_a = (torch.gather(b_align, 1, pick) * a_cols).sum(-1) * scale
-            dw_t = (torch.gather(b_task, 1, pick) * a_cols).sum(-1) * scale
+            # Unbiased Monte-Carlo estimate of the mean over entries from a random block of rows x columns
+            # (sampled without replacement, fresh every call): every entry is equally likely to be in the block,
+            # and the block is one small batched matmul whose backward is cheap, unlike a scatter of n
+            # independent (i, j) picks.
+            d_out, d_in, n = b.shape[1], a.shape[2], self.config.overlap_samples
+            n_rows = min(d_out, max(1, math.isqrt(n * d_out // d_in)))
+            n_cols = min(d_in, max(1, n // n_rows))
+            rows = torch.randperm(d_out, device=a.device)[:n_rows]
+            cols = torch.randperm(d_in, device=a.device)[:n_cols]
+            a_block = a[:, :, cols]
+            dw_a = (b_align[:, rows] @ a_block).flatten(1) * scale
+            dw_t = (b_task[:, rows] @ a_block).flatten(1) * scale
         # eta depends on |dW| (gradients flow through it); only the running tau is detached.
         magnitude = (dw_a + dw_t).abs()
         if self.config.overlap == "literal":
             tau, temp = torch.full_like(g.tau, 0.01, dtype=a.dtype), torch.ones_like(g.tau, dtype=a.dtype)
         else:
-            q = _quantile_rows(magnitude.detach(), self.config.overlap_quantile)
+            # tau is a detached running percentile, so a seeded-free subsample of entries estimates it well
+            # enough and avoids a full selection over every entry of large layers each step.
+            mag = magnitude.detach()
+            k = self.config.overlap_tau_samples
+            if k and mag.shape[1] > k:
+                mag = mag[:, torch.randint(0, mag.shape[1], (k,), device=mag.device)]
+            q = _quantile_rows(mag, self.config.overlap_quantile)
             mom = self.config.overlap_tau_momentum
             g.tau = torch.where(torch.isnan(g.tau), q, mom * g.tau + (1 - mom) * q)
             tau = g.tau.to(a.dtype)

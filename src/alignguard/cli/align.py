@@ -6,29 +6,18 @@ alignguard eval --model runs/aligned --out runs/aligned-eval      # check refusa
 
 from __future__ import annotations
 
-import argparse
-
 from ..align import AlignRunConfig, run_align
-from .common import add_dataclass_args, build_dataclass, check_unknown_keys, load_yaml, save_resolved_config
+from .common import add_config_subcommand, resolve_configs, save_resolved_config
 
 
 def add_parser(subparsers):
-    parser = subparsers.add_parser(
-        "align",
-        help="Align a base model (LoRA SFT, merged).",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    return add_config_subcommand(
+        subparsers, "align", "Align a base model (LoRA SFT, merged).", __doc__, (AlignRunConfig,), main
     )
-    parser.add_argument("--config", help="YAML file of options (flags given here win).")
-    add_dataclass_args(parser, AlignRunConfig)
-    parser.set_defaults(func=main)
-    return parser
 
 
 def resolve(args):
-    values = load_yaml(args.config) if getattr(args, "config", None) else {}
-    check_unknown_keys(values, [AlignRunConfig], args.config or "")
-    return (build_dataclass(AlignRunConfig, values, args),)
+    return resolve_configs(args, (AlignRunConfig,))
 
 
 def main(args) -> int:

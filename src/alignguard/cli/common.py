@@ -119,3 +119,34 @@ def save_resolved_config(out_dir: str | os.PathLike, configs: dict[str, Any], na
     path = Path(out_dir) / name
     atomic_write_text(path, yaml.safe_dump(json.loads(json.dumps(payload, default=str)), sort_keys=False))
     return path
+
+
+def add_config_subcommand(subparsers, name: str, help: str, doc: str, configs, main, excluded=None):
+    """A subcommand whose flags come from `configs` (dataclasses), plus `--config FILE.yaml`.
+
+    `excluded` maps a dataclass to field names that get no flag (set by the command itself).
+    """
+    parser = subparsers.add_parser(
+        name, help=help, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", help="YAML file of options (flags given here win).")
+    for cls in configs:
+        add_dataclass_args(parser, cls, exclude=(excluded or {}).get(cls, ()))
+    parser.set_defaults(func=main)
+    return parser
+
+
+def resolve_configs(args, configs, overrides=None, known=None) -> tuple:
+    """Build each dataclass of `configs` from defaults < `--config` YAML < explicit flags.
+
+    `overrides` maps a dataclass to values that replace both (fields the command sets itself); `known` lists
+    every dataclass whose fields the YAML file may hold (default: `configs`).
+    """
+    values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    check_unknown_keys(values, list(known or configs), getattr(args, "config", None) or "")
+    out = []
+    for cls in configs:
+        fixed = (overrides or {}).get(cls, {})
+        flags = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in fixed})
+        out.append(build_dataclass(cls, {**values, **fixed}, flags))
+    return tuple(out)

@@ -10,12 +10,10 @@ re-running the same command resumes (finished methods are skipped).
 
 from __future__ import annotations
 
-import argparse
-
 from ..compare import CompareConfig, run_compare
 from ..config import AlignGuardConfig, FisherConfig, SubspaceConfig
 from ..stages import TrainRunConfig
-from .common import add_dataclass_args, build_dataclass, check_unknown_keys, load_yaml, save_resolved_config
+from .common import add_config_subcommand, resolve_configs, save_resolved_config
 
 CONFIGS = (CompareConfig, TrainRunConfig, AlignGuardConfig, FisherConfig, SubspaceConfig)
 # Fields of TrainRunConfig that compare sets itself per method.
@@ -23,32 +21,22 @@ _SET_BY_COMPARE = {"model", "out", "method", "fisher", "seed"}
 
 
 def add_parser(subparsers):
-    parser = subparsers.add_parser(
+    return add_config_subcommand(
+        subparsers,
         "compare",
-        help="Compare methods (table + results.json).",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "Compare methods (table + results.json).",
+        __doc__,
+        CONFIGS,
+        main,
+        excluded={TrainRunConfig: _SET_BY_COMPARE},
     )
-    parser.add_argument("--config", help="YAML file of options (flags given here win).")
-    for cls in CONFIGS:
-        add_dataclass_args(parser, cls, exclude=_SET_BY_COMPARE if cls is TrainRunConfig else ())
-    parser.set_defaults(func=main)
-    return parser
 
 
 def resolve(args):
-    values = load_yaml(args.config) if getattr(args, "config", None) else {}
-    check_unknown_keys(values, list(CONFIGS), args.config or "")
-    cmp_cfg = build_dataclass(CompareConfig, values, args)
-    train_values = {k: v for k, v in values.items() if k not in _SET_BY_COMPARE}
-    for key in _SET_BY_COMPARE:
-        if hasattr(args, key) and key not in ("model", "out"):
-            delattr(args, key)
-    train_cfg = build_dataclass(
-        TrainRunConfig, {**train_values, "method": "lora", "model": cmp_cfg.model, "out": cmp_cfg.out}, args
-    )
-    rest = tuple(build_dataclass(cls, values, args) for cls in CONFIGS[2:])
-    return (cmp_cfg, train_cfg, *rest)
+    cmp_cfg = resolve_configs(args, (CompareConfig,), known=CONFIGS)[0]
+    # method/fisher/seed are set per method and seed by run_compare; here only the shared training options.
+    fixed = {"method": "lora", "model": cmp_cfg.model, "out": cmp_cfg.out, "fisher": None, "seed": 0}
+    return (cmp_cfg, *resolve_configs(args, CONFIGS[1:], overrides={TrainRunConfig: fixed}, known=CONFIGS))
 
 
 def main(args) -> int:

@@ -8,29 +8,18 @@ Re-running the same command resumes: finished stages are skipped.
 
 from __future__ import annotations
 
-import argparse
-
 from ..demo import DemoConfig, run_demo
-from .common import add_dataclass_args, build_dataclass, check_unknown_keys, load_yaml, save_resolved_config
+from .common import add_config_subcommand, resolve_configs, save_resolved_config
 
 
 def add_parser(subparsers):
-    parser = subparsers.add_parser(
-        "demo",
-        help="Run the whole pipeline on the bundled default.",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    return add_config_subcommand(
+        subparsers, "demo", "Run the whole pipeline on the bundled default.", __doc__, (DemoConfig,), main
     )
-    parser.add_argument("--config", help="YAML file of options (flags given here win).")
-    add_dataclass_args(parser, DemoConfig)
-    parser.set_defaults(func=main)
-    return parser
 
 
 def resolve(args):
-    values = load_yaml(args.config) if getattr(args, "config", None) else {}
-    check_unknown_keys(values, [DemoConfig], args.config or "")
-    return (build_dataclass(DemoConfig, values, args),)
+    return resolve_configs(args, (DemoConfig,))
 
 
 def main(args) -> int:

@@ -45,7 +45,9 @@ class EvalConfig:
         seed (`int`, defaults to `0`): Bootstrap seed.
     """
 
-    model: str | None = field(default=None, metadata={"help": "Local HF model folder, .gguf file or `alignguard models` name (required)."})
+    model: str | None = field(
+        default=None, metadata={"help": "Local HF model folder, .gguf file or `alignguard models` name (required)."}
+    )
     adapter: str | None = field(default=None, metadata={"help": "PEFT adapter folder loaded on top of --model."})
     prompts: str | None = field(
         default=None, metadata={"help": "JSONL or CSV prompt file (default: the bundled small split)."}

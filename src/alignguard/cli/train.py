@@ -8,33 +8,21 @@ Re-running the same command after an interruption resumes from the last checkpoi
 
 from __future__ import annotations
 
-import argparse
-
 from ..config import AlignGuardConfig
 from ..stages import TrainRunConfig, run_train
-from .common import add_dataclass_args, build_dataclass, check_unknown_keys, load_yaml, save_resolved_config
+from .common import add_config_subcommand, resolve_configs, save_resolved_config
 
 CONFIGS = (TrainRunConfig, AlignGuardConfig)
 
 
 def add_parser(subparsers):
-    parser = subparsers.add_parser(
-        "train",
-        help="Train a LoRA adapter (plain or AlignGuard).",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    return add_config_subcommand(
+        subparsers, "train", "Train a LoRA adapter (plain or AlignGuard).", __doc__, CONFIGS, main
     )
-    parser.add_argument("--config", help="YAML file of options (flags given here win).")
-    for cls in CONFIGS:
-        add_dataclass_args(parser, cls)
-    parser.set_defaults(func=main)
-    return parser
 
 
 def resolve(args):
-    values = load_yaml(args.config) if getattr(args, "config", None) else {}
-    check_unknown_keys(values, list(CONFIGS), args.config or "")
-    return tuple(build_dataclass(cls, values, args) for cls in CONFIGS)
+    return resolve_configs(args, CONFIGS)
 
 
 def main(args) -> int:

@@ -39,6 +39,8 @@ from typing import Literal
 
 import torch
 
+from .io import package_dir
+
 # Every load passes local_files_only=True; this also keeps hub clients imported after us offline.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -185,15 +187,7 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(base) / "alignguard"
 
 
-def _package_dir(module: str) -> Path | None:
-    # find_spec locates the package without importing it: several asset wheels have broken imports.
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
+_package_dir = package_dir  # a module-level seam the tests patch to simulate missing packages
 
 
 def _part_paths(entry: RegistryEntry) -> tuple[list[Path], list[str]]:

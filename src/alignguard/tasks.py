@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import json
 import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from .io import package_dir
 
 TASKS = ("bbc_topic", "arithmetic")
 BBC_TOPICS = ("business", "entertainment", "politics", "sport", "tech")
@@ -114,15 +115,7 @@ class ChatExample:
         return [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.response}]
 
 
-def _package_dir(module: str) -> Path | None:
-    # find_spec locates data without importing the package (pyrit's own imports need many dependencies).
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
+_package_dir = package_dir  # a module-level seam the tests patch to simulate missing packages
 
 
 def _require(module: str, rel: str, requirement: str, what: str) -> Path:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .io import atomic_write_json
+from .stages import checkpointed_training_args, latest_checkpoint
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -90,9 +91,8 @@ def run_align(cfg: AlignRunConfig, model=None, tokenizer=None, progress: bool = 
 
     Upon completion `cfg.out` holds config.json, model.safetensors, the tokenizer and align_info.json.
     """
-    import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     from .data import PaddingCollator, pad_token_id, tokenize_example
 
@@ -111,28 +111,22 @@ def run_align(cfg: AlignRunConfig, model=None, tokenizer=None, progress: bool = 
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, lora)
-    args = TrainingArguments(
-        output_dir=str(out / "checkpoints"),
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        logging_steps=max(1, cfg.max_steps // 8),
-        save_strategy="steps",
-        save_steps=max(1, cfg.max_steps // 2),
-        save_total_limit=1,
-        report_to="none",
+    args = checkpointed_training_args(
+        out / "checkpoints",
+        cfg.max_steps,
+        cfg.batch_size,
+        cfg.learning_rate,
+        cfg.seed,
+        max(1, cfg.max_steps // 2),
+        progress,
         lr_scheduler_type="cosine",
         warmup_steps=min(5, cfg.max_steps // 10),
-        disable_tqdm=not progress,
-        use_cpu=not torch.cuda.is_available(),
     )
     trainer = Trainer(
         model=peft_model, args=args, train_dataset=features, data_collator=PaddingCollator(pad_token_id(tokenizer))
     )
-    ckpts = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    trainer.train(resume_from_checkpoint=str(ckpts[-1]) if ckpts else None)
+    last = latest_checkpoint(out / "checkpoints")
+    trainer.train(resume_from_checkpoint=str(last) if last else None)
     merged = peft_model.merge_and_unload()
     tmp = out.with_name(out.name + ".tmp-merge")
     merged.save_pretrained(str(tmp))

@@ -198,7 +198,7 @@ def run_train(
     import time
 
     from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback
 
     from .data import PaddingCollator, pad_token_id, tokenize_example
     from .tasks import build_finetune_data, load_task
@@ -225,24 +225,16 @@ def run_train(
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, lora)
-    args = TrainingArguments(
-        output_dir=str(out / "checkpoints"),
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
+    args = checkpointed_training_args(
+        out / "checkpoints",
+        cfg.max_steps,
+        cfg.batch_size,
+        cfg.learning_rate,
+        cfg.seed,
+        cfg.save_steps,
+        progress,
         gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.learning_rate,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        logging_steps=max(1, min(10, cfg.max_steps // 5)),
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=1,
-        report_to="none",
         lr_scheduler_type="constant",
-        warmup_steps=0,
-        disable_tqdm=not progress,
-        use_cpu=not _has_cuda(),
-        dataloader_num_workers=0,
     )
     times: list[float] = []
 
@@ -272,8 +264,8 @@ def run_train(
         )
     else:
         trainer = Trainer(**kwargs)
-    ckpts = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    result = trainer.train(resume_from_checkpoint=str(ckpts[-1]) if ckpts else None)
+    last = latest_checkpoint(out / "checkpoints")
+    result = trainer.train(resume_from_checkpoint=str(last) if last else None)
     trainer.save_model(str(out / "adapter"))
     tokenizer.save_pretrained(str(out / "adapter"))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -286,7 +278,7 @@ def run_train(
         "n_examples": len(pairs),
         "n_extra": len(extra_pairs or []),
         "n_poison": sum(ex.kind == "poison" for ex in mix),
-        "resumed_from": ckpts[-1].name if ckpts else None,
+        "resumed_from": last.name if last else None,
         "log_history": trainer.state.log_history,
         "adapter": str(out / "adapter"),
     }
@@ -294,7 +286,36 @@ def run_train(
     return {**summary, "peft_model": peft_model}
 
 
-def _has_cuda() -> bool:
+def checkpointed_training_args(
+    output_dir, max_steps, batch_size, learning_rate, seed, save_steps, progress=True, **extra
+):
+    """`TrainingArguments` for our LoRA runs: seeded data order, a checkpoint every `save_steps` (only the last is
+    kept), no external loggers, CPU when there is no CUDA device."""
     import torch
+    from transformers import TrainingArguments
 
-    return torch.cuda.is_available()
+    kwargs = dict(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        seed=seed,
+        data_seed=seed,
+        logging_steps=max(1, min(10, max_steps // 5)),
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=1,
+        report_to="none",
+        warmup_steps=0,
+        disable_tqdm=not progress,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
+    kwargs.update(extra)
+    return TrainingArguments(**kwargs)
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest `checkpoint-N` folder under `directory` (what a re-run resumes from), or None."""
+    ckpts = sorted(Path(directory).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return ckpts[-1] if ckpts else None

@@ -50,11 +50,12 @@ class DemoConfig:
     poison_ratio: float = field(default=0.2, metadata={"help": "Harmful fraction of the fine-tuning mix."})
     max_steps: int = field(default=30, metadata={"help": "Fine-tuning steps per method."})
     n_train: int = field(default=96, metadata={"help": "Task examples."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Fine-tuning learning rate."})
+    learning_rate: float = field(default=2e-3, metadata={"help": "Fine-tuning learning rate."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lambda_a: float = field(default=100.0, metadata={"help": "Weight of the alignment term."})
-    align_steps: int = field(default=24, metadata={"help": "Alignment-stage steps."})
-    align_examples: int = field(default=128, metadata={"help": "Alignment-stage examples (balanced)."})
+    align_steps: int = field(default=16, metadata={"help": "Alignment-stage steps."})
+    align_examples: int = field(default=160, metadata={"help": "Alignment-stage examples (balanced)."})
+    align_learning_rate: float = field(default=1e-3, metadata={"help": "Alignment-stage learning rate."})
     prompts: str | None = field(default=None, metadata={"help": "DriftCheck prompts (default: bundled small split)."})
     eval_max_new_tokens: int = field(default=32, metadata={"help": "DriftCheck generation length."})
     fisher_examples: int = field(default=64, metadata={"help": "Alignment examples for the Fisher pass."})
@@ -79,7 +80,11 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     aligned = cfg.aligned_model
     if aligned is None:
         align_cfg = AlignRunConfig(
-            model=cfg.model, max_steps=cfg.align_steps, max_examples=cfg.align_examples, max_new_tokens=64
+            model=cfg.model,
+            max_steps=cfg.align_steps,
+            max_examples=cfg.align_examples,
+            learning_rate=cfg.align_learning_rate,
+            max_new_tokens=64,
         )
         path = aligned_model_path(cfg, align_cfg)
         if not (path / "config.json").is_file():

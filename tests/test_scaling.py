@@ -229,3 +229,18 @@ def test_format_scaling_states_the_claim_with_numbers():
     assert "Not supported" in format_scaling(payload)
     payload["methods"]["alignguard"]["fit"] = None
     assert "Not testable here" in format_scaling(payload)
+
+
+def test_scaling_cli_resolves_yaml_then_flags(tmp_path):
+    from alignguard.cli.main import build_parser
+    from alignguard.cli.scaling import resolve
+
+    cfg = tmp_path / "scaling.yaml"
+    cfg.write_text("steps: [5, 10, 20]\nlearning_rate: 0.01\nn_heldout: 8\nlambda_a: 2.0\n")
+    args = build_parser().parse_args(["scaling", "--config", str(cfg), "--n_heldout", "4", "--seed", "3"])
+    sc, train, ag, _, _ = resolve(args)
+    assert sc.steps == [5, 10, 20] and sc.n_heldout == 4 and sc.seed == 3  # the flag wins over the file
+    assert train.learning_rate == 0.01 and train.seed == 3 and train.max_steps == 20 and ag.lambda_a == 2.0
+    cfg.write_text("stepz: [1, 2, 3]\n")
+    with pytest.raises(SystemExit, match="unknown option"):
+        resolve(build_parser().parse_args(["scaling", "--config", str(cfg)]))

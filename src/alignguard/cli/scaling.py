@@ -11,13 +11,12 @@ same command skips measured points.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from ..config import AlignGuardConfig, FisherConfig, SubspaceConfig
 from ..scaling_run import ScalingConfig, run_scaling
 from ..stages import TrainRunConfig
-from .common import add_dataclass_args, build_dataclass, check_unknown_keys, load_yaml, save_resolved_config
+from .common import add_config_subcommand, resolve_configs, save_resolved_config
 
 CONFIGS = (ScalingConfig, TrainRunConfig, AlignGuardConfig, FisherConfig, SubspaceConfig)
 # Fields of TrainRunConfig that scaling sets itself per method and length.
@@ -25,34 +24,30 @@ _SET_BY_SCALING = {"model", "out", "method", "fisher", "seed", "max_steps"}
 
 
 def add_parser(subparsers):
-    parser = subparsers.add_parser(
+    return add_config_subcommand(
+        subparsers,
         "scaling",
-        help="Forgetting scaling law per method (scaling.json + table).",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "Forgetting scaling law per method (scaling.json + table).",
+        __doc__,
+        CONFIGS,
+        main,
+        excluded={TrainRunConfig: _SET_BY_SCALING},
     )
-    parser.add_argument("--config", help="YAML file of options (flags given here win).")
-    for cls in CONFIGS:
-        add_dataclass_args(parser, cls, exclude=_SET_BY_SCALING if cls is TrainRunConfig else ())
-    parser.set_defaults(func=main)
-    return parser
 
 
 def resolve(args):
     """(ScalingConfig, TrainRunConfig, AlignGuardConfig, FisherConfig, SubspaceConfig): defaults < YAML < flags."""
-    values = load_yaml(args.config) if getattr(args, "config", None) else {}
-    check_unknown_keys(values, list(CONFIGS), args.config or "")
-    sc_cfg = build_dataclass(ScalingConfig, values, args)
-    train_values = {k: v for k, v in values.items() if k not in _SET_BY_SCALING}
-    # `seed` (and model/out) belong to ScalingConfig; keep them from also overriding the fixed train fields.
-    ns = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in _SET_BY_SCALING})
-    train_cfg = build_dataclass(
-        TrainRunConfig,
-        {**train_values, "method": "lora", "model": sc_cfg.model, "out": sc_cfg.out, "seed": sc_cfg.seed},
-        ns,
-    )
-    rest = tuple(build_dataclass(cls, values, args) for cls in CONFIGS[2:])
-    return (sc_cfg, train_cfg, *rest)
+    sc_cfg = resolve_configs(args, (ScalingConfig,), known=CONFIGS)[0]
+    # method/fisher are set per method by compare.run_method, max_steps per length; recorded here as the longest.
+    fixed = {
+        "method": "lora",
+        "model": sc_cfg.model,
+        "out": sc_cfg.out,
+        "fisher": None,
+        "seed": sc_cfg.seed,
+        "max_steps": max(sc_cfg.steps),
+    }
+    return (sc_cfg, *resolve_configs(args, CONFIGS[1:], overrides={TrainRunConfig: fixed}, known=CONFIGS))
 
 
 def main(args) -> int:

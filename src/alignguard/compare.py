@@ -194,6 +194,10 @@ def run_compare(
     out = Path(cfg.out)
     cache = str(out / "generation_cache")
     fisher_dir = out / "fisher"
+    # Factors are only needed for the modules LoRA will train: estimating the others costs time and memory.
+    fisher_cfg = fisher_cfg or FisherConfig()
+    if fisher_cfg.target_modules is None:
+        fisher_cfg = replace(fisher_cfg, target_modules=list(train_cfg.target_modules))
     if not (fisher_dir / "subspaces.json").is_file():
         model, tok = _load(cfg.model)
         fcfg = FisherRunConfig(model=cfg.model, out=str(fisher_dir), max_examples=cfg.fisher_examples, cache_dir=cache)

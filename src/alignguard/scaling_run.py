@@ -227,6 +227,10 @@ def _prepare_shared(cfg: ScalingConfig, train_cfg, fisher_cfg, subspace_cfg) -> 
     ccfg = cfg.compare_config(out)
     cache = str(out / "generation_cache")
     fisher_dir, base_dir = out / "fisher", out / "base"
+    # As run_compare: factors only for the modules LoRA trains.
+    fisher_cfg = fisher_cfg or FisherConfig()
+    if fisher_cfg.target_modules is None:
+        fisher_cfg = replace(fisher_cfg, target_modules=list(train_cfg.target_modules))
     if not (fisher_dir / "subspaces.json").is_file():
         model, tok = compare._load(cfg.model)
         fcfg = FisherRunConfig(model=cfg.model, out=str(fisher_dir), max_examples=cfg.fisher_examples, cache_dir=cache)

@@ -183,6 +183,36 @@ def _driftcheck(model, tokenizer, cfg: CompareConfig, out_dir: Path, baseline, t
     )
 
 
+def prepare_shared(
+    cfg: CompareConfig,
+    train_cfg: TrainRunConfig,
+    fisher_cfg: FisherConfig | None = None,
+    subspace_cfg: SubspaceConfig | None = None,
+) -> tuple[Path, Path]:
+    """What every method shares: the Fisher state + subspaces (<out>/fisher) and the DriftCheck and task metric of
+    the model without adapter (<out>/base). Each is skipped when already there; returns (fisher_dir, base_dir)."""
+    out = Path(cfg.out)
+    cache = str(out / "generation_cache")
+    fisher_dir, base_dir = out / "fisher", out / "base"
+    # Factors are only needed for the modules LoRA will train: estimating the others costs time and memory.
+    fisher_cfg = fisher_cfg or FisherConfig()
+    if fisher_cfg.target_modules is None:
+        fisher_cfg = replace(fisher_cfg, target_modules=list(train_cfg.target_modules))
+    if not (fisher_dir / "subspaces.json").is_file():
+        model, tok = _load(cfg.model)
+        fcfg = FisherRunConfig(model=cfg.model, out=str(fisher_dir), max_examples=cfg.fisher_examples, cache_dir=cache)
+        _, subspaces = run_fisher(fcfg, fisher_cfg, subspace_cfg, model=model, tokenizer=tok)
+        if cfg.task_fisher:
+            subspaces.task_factors = _task_factors(model, tok, train_cfg, fisher_cfg, subspace_cfg)
+            subspaces.save(fisher_dir)
+    if not (base_dir / "task.json").is_file():
+        model, tok = _load(cfg.model)
+        task = task_metric(model, tok, train_cfg.task, cfg.task_eval_n, 0, cfg.eval_batch_size, cache)
+        _driftcheck(model, tok, cfg, base_dir / "driftcheck", None, task)
+        atomic_write_json(base_dir / "task.json", task)
+    return fisher_dir, base_dir
+
+
 def run_compare(
     cfg: CompareConfig,
     train_cfg: TrainRunConfig,
@@ -192,25 +222,7 @@ def run_compare(
 ) -> dict:
     """Run every method in `cfg.methods` for every seed; write per-method results, results.json and results.md."""
     out = Path(cfg.out)
-    cache = str(out / "generation_cache")
-    fisher_dir = out / "fisher"
-    # Factors are only needed for the modules LoRA will train: estimating the others costs time and memory.
-    fisher_cfg = fisher_cfg or FisherConfig()
-    if fisher_cfg.target_modules is None:
-        fisher_cfg = replace(fisher_cfg, target_modules=list(train_cfg.target_modules))
-    if not (fisher_dir / "subspaces.json").is_file():
-        model, tok = _load(cfg.model)
-        fcfg = FisherRunConfig(model=cfg.model, out=str(fisher_dir), max_examples=cfg.fisher_examples, cache_dir=cache)
-        state, subspaces = run_fisher(fcfg, fisher_cfg, subspace_cfg, model=model, tokenizer=tok)
-        if cfg.task_fisher:
-            subspaces.task_factors = _task_factors(model, tok, train_cfg, fisher_cfg, subspace_cfg)
-            subspaces.save(fisher_dir)
-    base_dir = out / "base"
-    if not (base_dir / "task.json").is_file():
-        model, tok = _load(cfg.model)
-        task = task_metric(model, tok, train_cfg.task, cfg.task_eval_n, 0, cfg.eval_batch_size, cache)
-        _driftcheck(model, tok, cfg, base_dir / "driftcheck", None, task)
-        atomic_write_json(base_dir / "task.json", task)
+    fisher_dir, base_dir = prepare_shared(cfg, train_cfg, fisher_cfg, subspace_cfg)
     for seed in cfg.seeds:
         for name in cfg.methods:
             run_method(cfg, train_cfg, ag_cfg, name, seed, fisher_dir, base_dir)

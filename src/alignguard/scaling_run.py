@@ -49,7 +49,7 @@ from .config import AlignGuardConfig, FisherConfig, SubspaceConfig
 from .data import IGNORE_INDEX, make_batches, render_prompt
 from .io import atomic_write_json, atomic_write_text
 from .scaling import fit_scaling_law
-from .stages import FisherRunConfig, TrainRunConfig, run_fisher
+from .stages import TrainRunConfig
 
 SCHEMA_VERSION = "scaling-1"
 
@@ -223,26 +223,9 @@ def heldout_pairs(cfg: ScalingConfig, train_cfg: TrainRunConfig, fisher_dir: Pat
 
 def _prepare_shared(cfg: ScalingConfig, train_cfg, fisher_cfg, subspace_cfg) -> tuple[Path, Path]:
     """The Fisher state and the base DriftCheck, exactly as `compare.run_compare` makes them (skipped when present)."""
-    out = Path(cfg.out)
-    ccfg = cfg.compare_config(out)
-    cache = str(out / "generation_cache")
-    fisher_dir, base_dir = out / "fisher", out / "base"
-    # As run_compare: factors only for the modules LoRA trains.
-    fisher_cfg = fisher_cfg or FisherConfig()
-    if fisher_cfg.target_modules is None:
-        fisher_cfg = replace(fisher_cfg, target_modules=list(train_cfg.target_modules))
-    if not (fisher_dir / "subspaces.json").is_file():
-        model, tok = compare._load(cfg.model)
-        fcfg = FisherRunConfig(model=cfg.model, out=str(fisher_dir), max_examples=cfg.fisher_examples, cache_dir=cache)
-        _, subspaces = run_fisher(fcfg, fisher_cfg, subspace_cfg, model=model, tokenizer=tok)
-        if cfg.task_fisher:
-            subspaces.task_factors = compare._task_factors(model, tok, train_cfg, fisher_cfg, subspace_cfg)
-            subspaces.save(fisher_dir)
-    if not (base_dir / "task.json").is_file():
-        model, tok = compare._load(cfg.model)
-        task = compare.task_metric(model, tok, train_cfg.task, cfg.task_eval_n, 0, cfg.eval_batch_size, cache)
-        compare._driftcheck(model, tok, ccfg, base_dir / "driftcheck", None, task)
-        atomic_write_json(base_dir / "task.json", task)
+    fisher_dir, base_dir = compare.prepare_shared(
+        cfg.compare_config(Path(cfg.out)), train_cfg, fisher_cfg, subspace_cfg
+    )
     base = json.loads((base_dir / "driftcheck" / "results.json").read_text())
     if not base["metrics"].get("refusal_rate"):
         raise ValueError(f"prompts: {cfg.prompts or 'the bundled set'} has no unsafe prompts, so no refusal rate")

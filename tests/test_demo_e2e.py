@@ -133,3 +133,15 @@ def test_second_run_resumes_without_retraining(demo_run):
     before = result_file.stat().st_mtime_ns
     assert main(argv) == 0
     assert result_file.stat().st_mtime_ns == before
+
+
+def test_method_names_with_overrides():
+    from alignguard.compare import CompareConfig, method_spec
+
+    spec = method_spec("alignguard@lambda_a=1000,mode=project")
+    assert spec["method"] == "alignguard" and spec["ag"] == {"lambda_a": 1000, "mode": "project"}
+    assert method_spec("ewc")["ag"] == {"lambda_t": 0.0, "lambda_nc": 0.0}
+    with pytest.raises(ValueError, match="lambda_q"):
+        CompareConfig(methods=["alignguard@lambda_q=1"])
+    with pytest.raises(ValueError, match="unknown 'lora'"):
+        CompareConfig(methods=["lora"])

@@ -47,6 +47,28 @@ METHODS: dict[str, dict] = {
 DEFAULT_METHODS = list(METHODS)
 
 
+def method_spec(name: str) -> dict:
+    """The spec of a method name; `<method>@<field>=<value>[,...]` overrides AlignGuardConfig fields (a lambda
+    sweep: `alignguard@lambda_a=1000`)."""
+    import dataclasses
+
+    import yaml
+
+    base, _, overrides = name.partition("@")
+    if base not in METHODS:
+        raise ValueError(f"methods: unknown {base!r}; choose from {sorted(METHODS)} (optionally @field=value)")
+    spec = {**METHODS[base], "ag": dict(METHODS[base].get("ag", {}))}
+    fields = {f.name: f.type for f in dataclasses.fields(AlignGuardConfig)}
+    for item in filter(None, overrides.split(",")):
+        key, _, value = item.partition("=")
+        if key not in fields or not value:
+            raise ValueError(
+                f"methods: {name!r}: expected @field=value with a field of AlignGuardConfig, got {item!r}"
+            )
+        spec["ag"][key] = yaml.safe_load(value)  # numbers, booleans and names as in a YAML config
+    return spec
+
+
 @dataclass
 class CompareConfig:
     """Options of `alignguard compare` (training options come from `TrainRunConfig`, loss from AlignGuardConfig).
@@ -82,9 +104,8 @@ class CompareConfig:
     fisher_examples: int = field(default=128, metadata={"help": "Alignment examples for the Fisher pass."})
 
     def __post_init__(self):
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"methods: unknown {unknown}; choose from {sorted(METHODS)}")
+        for name in self.methods:
+            method_spec(name)  # raises ValueError naming the bad method or override
         if not self.seeds:
             raise ValueError("seeds: give at least one seed")
         if not 0 <= self.replay_ratio < 1:
@@ -259,7 +280,7 @@ def run_method(
     """Train + evaluate one method for one seed (skipped when its result.json exists)."""
     from .subspace import AlignmentSubspaces, random_subspaces
 
-    spec = METHODS[name]
+    spec = method_spec(name)
     mdir = Path(cfg.out) / f"seed{seed}" / name
     if (mdir / "result.json").is_file():
         return json.loads((mdir / "result.json").read_text())

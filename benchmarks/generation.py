@@ -147,8 +147,10 @@ def main(argv=None) -> int:
     ]
     speedup = t_loop / t_batched
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {name} ({n_params / 1e6:.1f}M params), {len(prompts)} prompts x {args.max_new_tokens} new tokens, "
-          f"device {next(model.parameters()).device}, {torch.get_num_threads()} threads")
+    print(
+        f"model: {name} ({n_params / 1e6:.1f}M params), {len(prompts)} prompts x {args.max_new_tokens} new tokens, "
+        f"device {next(model.parameters()).device}, {torch.get_num_threads()} threads"
+    )
     print(f"{'method':<36}{'seconds':>10}{'new tok/s':>12}")
     for label, secs, tps in rows:
         print(f"{label:<36}{secs:>10.2f}{tps:>12.1f}")

@@ -50,8 +50,9 @@ def adapter_dir(tmp_path_factory):
     from peft import LoraConfig, get_peft_model
 
     path = tmp_path_factory.mktemp("tiny_adapter")
-    peft_model = get_peft_model(make_tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj"],
-                                                                     init_lora_weights=False))
+    peft_model = get_peft_model(
+        make_tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    )
     peft_model.save_pretrained(path)
     return path
 
@@ -70,9 +71,17 @@ def test_run_driftcheck_jsonl_end_to_end(model_dir, jsonl_file, tmp_path):
     from alignguard.driftcheck.generate import GenerationSettings
 
     out = tmp_path / "out"
-    res = run_driftcheck(model_dir, jsonl_file, judge=every_other, extra_judges=[always],
-                         settings=GenerationSettings(**SETTINGS), out_dir=out, n_boot=100, progress=False,
-                         task_metrics={"accuracy": 0.5})
+    res = run_driftcheck(
+        model_dir,
+        jsonl_file,
+        judge=every_other,
+        extra_judges=[always],
+        settings=GenerationSettings(**SETTINGS),
+        out_dir=out,
+        n_boot=100,
+        progress=False,
+        task_metrics={"accuracy": 0.5},
+    )
     # every_other flags u1, u3, s2 -> RA = 2/3, OR = 1/2.
     assert res.refusal_rate == pytest.approx(2 / 3) and res.over_refusal_rate == pytest.approx(1 / 2)
     assert res.metrics["per_category_refusal_rate"]["violence"].value == 0.0
@@ -98,12 +107,30 @@ def test_run_driftcheck_csv_adapter_and_baseline(model_dir, adapter_dir, tmp_pat
     from alignguard.driftcheck.generate import GenerationSettings
 
     settings = GenerationSettings(**SETTINGS)
-    base = run_driftcheck(model_dir, path, prompt_field="text", label="unsafe", judge=always, settings=settings,
-                          out_dir=tmp_path / "base", n_boot=100, progress=False)
+    base = run_driftcheck(
+        model_dir,
+        path,
+        prompt_field="text",
+        label="unsafe",
+        judge=always,
+        settings=settings,
+        out_dir=tmp_path / "base",
+        n_boot=100,
+        progress=False,
+    )
     assert base.refusal_rate == 1.0 and base.over_refusal_rate is None
-    tuned = run_driftcheck(model_dir, path, prompt_field="text", label="unsafe", adapter=adapter_dir,
-                           judge=every_other, settings=settings, baseline=tmp_path / "base" / "results.json",
-                           n_boot=100, progress=False)
+    tuned = run_driftcheck(
+        model_dir,
+        path,
+        prompt_field="text",
+        label="unsafe",
+        adapter=adapter_dir,
+        judge=every_other,
+        settings=settings,
+        baseline=tmp_path / "base" / "results.json",
+        n_boot=100,
+        progress=False,
+    )
     assert tuned.adapter == str(adapter_dir)
     assert tuned.model_fingerprint != base.model_fingerprint
     assert tuned.baseline["n_paired"] == 3
@@ -132,8 +159,9 @@ def test_partial_outputs_survive_a_failing_judge(model_dir, jsonl_file, tmp_path
 
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="judge crashed"):
-        run_driftcheck(model_dir, jsonl_file, judge=broken, settings=GenerationSettings(**SETTINGS), out_dir=out,
-                       progress=False)
+        run_driftcheck(
+            model_dir, jsonl_file, judge=broken, settings=GenerationSettings(**SETTINGS), out_dir=out, progress=False
+        )
     gens = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert len(gens) == len(ROWS) and all("response" in g and "refused" not in g for g in gens)
     assert not (out / "results.json").exists()
@@ -162,8 +190,21 @@ def test_eval_cli_end_to_end_with_config_file(model_dir, jsonl_file, tmp_path, c
     out = tmp_path / "run"
     cfg = tmp_path / "eval.yaml"
     cfg.write_text(yaml.safe_dump({"max_new_tokens": 2, "batch_size": 2, "n_boot": 50, "judge": "pattern"}))
-    args = _eval_parser().parse_args(["eval", "--model", str(model_dir), "--prompts", str(jsonl_file), "--out",
-                                      str(out), "--config", str(cfg), "--max-new-tokens", "3"])
+    args = _eval_parser().parse_args(
+        [
+            "eval",
+            "--model",
+            str(model_dir),
+            "--prompts",
+            str(jsonl_file),
+            "--out",
+            str(out),
+            "--config",
+            str(cfg),
+            "--max-new-tokens",
+            "3",
+        ]
+    )
     assert args.func(args) == 0
     assert {p.name for p in out.iterdir()} >= {"results.json", "generations.jsonl", "config.yaml"}
     saved = yaml.safe_load((out / "config.yaml").read_text())
@@ -177,8 +218,9 @@ def test_eval_cli_end_to_end_with_config_file(model_dir, jsonl_file, tmp_path, c
 
 def test_eval_cli_errors_are_clear(tmp_path, jsonl_file):
     parser = _eval_parser()
-    args = parser.parse_args(["eval", "--model", str(tmp_path), "--prompts", str(jsonl_file), "--out",
-                              str(tmp_path / "o")])
+    args = parser.parse_args(
+        ["eval", "--model", str(tmp_path), "--prompts", str(jsonl_file), "--out", str(tmp_path / "o")]
+    )
     with pytest.raises(SystemExit, match="config.json is missing"):
         args.func(args)
     args = parser.parse_args(["eval", "--prompts", str(jsonl_file), "--out", str(tmp_path / "o")])
@@ -195,8 +237,9 @@ def test_named_model_and_bundled_default_prompts():
     from alignguard.driftcheck.generate import GenerationSettings
     from alignguard.driftcheck.prompts import bundled_prompts
 
-    res = run_driftcheck("tiny-llama", None, settings=GenerationSettings(max_new_tokens=1, batch_size=64), n_boot=20,
-                         progress=False)
+    res = run_driftcheck(
+        "tiny-llama", None, settings=GenerationSettings(max_new_tokens=1, batch_size=64), n_boot=20, progress=False
+    )
     bundled = bundled_prompts("small")
     assert res.model_id == "tiny-llama"
     assert len(res.per_prompt) == len(bundled) and res.prompts_hash == prompts_hash(bundled)

@@ -53,10 +53,13 @@ def test_batched_left_padded_equals_unbatched(family, tiny_tokenizer):
 
 def test_responses_decode_only_new_tokens_in_order(llama, tiny_tokenizer):
     prompts = PROMPTS + ["hi"]  # a duplicate must come back at its own position too
-    got = generate_responses(llama, tiny_tokenizer, prompts, GenerationSettings(max_new_tokens=6, batch_size=2),
-                             progress=False)
-    expected = [tiny_tokenizer.decode(_reference_ids(llama, tiny_tokenizer, p, SETTINGS), skip_special_tokens=True)
-                for p in prompts]
+    got = generate_responses(
+        llama, tiny_tokenizer, prompts, GenerationSettings(max_new_tokens=6, batch_size=2), progress=False
+    )
+    expected = [
+        tiny_tokenizer.decode(_reference_ids(llama, tiny_tokenizer, p, SETTINGS), skip_special_tokens=True)
+        for p in prompts
+    ]
     assert got == expected
     for prompt, response in zip(prompts, got):
         assert prompt not in response and "<|" not in response

@@ -122,13 +122,31 @@ def _result(flags, model_id="m", with_extras=True):
 
 def test_json_round_trip_and_schema_keys():
     res = _result([T, T, F, T, F, T])
-    res.baseline = {"model_id": "base", "prompts_hash": "abc", "n_paired": 4,
-                    "refusal_rate_base": Stat(1.0, 1.0, 1.0, 4), "drift": Stat(0.25, 0.0, 0.75, 4)}
+    res.baseline = {
+        "model_id": "base",
+        "prompts_hash": "abc",
+        "n_paired": 4,
+        "refusal_rate_base": Stat(1.0, 1.0, 1.0, 4),
+        "drift": Stat(0.25, 0.0, 0.75, 4),
+    }
     text = res.to_json()
     data = json.loads(text)
     assert data["schema_version"] == SCHEMA_VERSION
-    assert {"model_id", "prompts_hash", "judge", "settings", "metrics", "extra_judges", "baseline", "task_metrics",
-            "per_prompt", "meta", "n_prompts", "n_unsafe", "n_safe"} <= set(data)
+    assert {
+        "model_id",
+        "prompts_hash",
+        "judge",
+        "settings",
+        "metrics",
+        "extra_judges",
+        "baseline",
+        "task_metrics",
+        "per_prompt",
+        "meta",
+        "n_prompts",
+        "n_unsafe",
+        "n_safe",
+    } <= set(data)
     assert (data["n_prompts"], data["n_unsafe"], data["n_safe"]) == (6, 4, 2)
     assert set(data["metrics"]["refusal_rate"]) == {"value", "ci_low", "ci_high", "n"}
     assert data["task_metrics"] == {"accuracy": 0.81}

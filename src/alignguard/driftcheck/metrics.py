@@ -319,7 +319,9 @@ class DriftCheckResult:
             raise ValueError(f"unsupported DriftCheck schema_version {version!r}; this code reads {SCHEMA_VERSION}")
         baseline = data.get("baseline")
         if baseline is not None:
-            baseline = {k: (Stat.from_dict(v) if k in ("refusal_rate_base", "drift") else v) for k, v in baseline.items()}
+            baseline = {
+                k: (Stat.from_dict(v) if k in ("refusal_rate_base", "drift") else v) for k, v in baseline.items()
+            }
         return cls(
             model_id=data["model_id"],
             prompts_hash=data["prompts_hash"],

@@ -84,7 +84,7 @@ class AlignGuardMixin:
         self.subspace_config = subspace_config or (SubspaceConfig(**built_with) if built_with else SubspaceConfig())
         self.regularizer = AlignGuardRegularizer(self.model, subspaces, self.alignguard_config)
         self._ag_params = regularizer_parameters(self.regularizer)
-        self._ag_metrics: dict[str, list[float]] = defaultdict(list)
+        self._ag_metrics: dict[str, list] = defaultdict(list)
         self._ag_hooks: list = []
         self.add_callback(_AlignGuardCallback(self))
         if self.alignguard_config.mode == "project":
@@ -123,17 +123,19 @@ class AlignGuardMixin:
         if not model.training or not self.accelerator.sync_gradients:
             return result
         loss = result[0] if return_outputs else result
-        self._ag_metrics["task_loss"].append(float(loss.detach()))
+        # Detached tensors, turned into floats only when logging: a .item() per term per step would force a
+        # device synchronisation on every step on a GPU.
+        self._ag_metrics["task_loss"].append(loss.detach())
         with full_parameters(self._ag_params):  # gathers ZeRO-3-partitioned LoRA weights for the call
             terms = self.regularizer()
         for key in (*TERM_NAMES, "total"):
-            self._ag_metrics[f"reg_{key}"].append(float(terms[key].detach()))
+            self._ag_metrics[f"reg_{key}"].append(terms[key].detach())
         loss = loss + terms["total"].to(loss.dtype) * self._ga_weight(num_items_in_batch)
         return (loss, *result[1:]) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._ag_metrics and "loss" in logs:
-            logs.update({k: sum(v) / len(v) for k, v in self._ag_metrics.items() if v})
+            logs.update({k: float(sum(v)) / len(v) for k, v in self._ag_metrics.items() if v})
             self._ag_metrics.clear()
         super().log(logs, *args, **kwargs)
 

@@ -113,9 +113,8 @@ class ScalingConfig:
     def __post_init__(self):
         if not self.methods:
             raise ValueError("methods: give at least one method")
-        unknown = [m for m in self.methods if m not in compare.METHODS]
-        if unknown:
-            raise ValueError(f"methods: unknown {unknown}; choose from {sorted(compare.METHODS)}")
+        for name in self.methods:
+            compare.method_spec(name)  # same names as compare, including method@field=value rows
         if not self.steps or any(int(s) < 1 for s in self.steps):
             raise ValueError(f"steps: give lengths >= 1, got {self.steps}")
         self.steps = sorted({int(s) for s in self.steps})
@@ -238,7 +237,7 @@ def _mean_train_length(cfg: ScalingConfig, train_cfg: TrainRunConfig, name: str,
 
     task = load_task(train_cfg.task, "train", n=train_cfg.n_train, seed=cfg.seed)
     pairs = [(ex.prompt, ex.response) for ex in build_finetune_data(task, train_cfg.poison_ratio, seed=cfg.seed)]
-    if compare.METHODS[name].get("replay"):
+    if compare.method_spec(name).get("replay"):
         pairs += compare.replay_pairs(train_cfg.n_train, cfg.replay_ratio, cfg.seed)
     # Length after truncation to max_length (run_train cuts the response or the prompt's beginning to fit).
     eos = int(tokenizer.eos_token_id is not None)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -70,15 +70,10 @@ def method_spec(name: str) -> dict:
 
 
 @dataclass
-class CompareConfig:
-    """Options of `alignguard compare` (training options come from `TrainRunConfig`, loss from AlignGuardConfig).
+class HarnessConfig:
+    """How every method is evaluated (shared by `alignguard compare` and `alignguard scaling`).
 
     Args:
-        model: the aligned model (folder, registry or tiny name).
-        base_model: its unaligned base, for Safe LoRA (default: `base_model` in the model's align_info.json).
-        out: run folder.
-        methods: methods to run (see `alignguard.compare.METHODS`).
-        seeds: one full comparison per seed; tables report mean and spread.
         prompts: DriftCheck prompt file (default: the bundled small split).
         eval_max_new_tokens: generation length for DriftCheck (refusals show in the first tokens).
         eval_batch_size: generation batch size.
@@ -89,11 +84,6 @@ class CompareConfig:
         fisher_examples: alignment examples for the Fisher pass.
     """
 
-    model: str = field(default="smollm2-135m-instruct", metadata={"help": "Aligned model to fine-tune."})
-    base_model: str | None = field(default=None, metadata={"help": "Unaligned base for Safe LoRA."})
-    out: str = field(default="runs/compare", metadata={"help": "Run folder."})
-    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS), metadata={"help": "Methods to run."})
-    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds (one comparison each)."})
     prompts: str | None = field(default=None, metadata={"help": "DriftCheck prompts (default: small split)."})
     eval_max_new_tokens: int = field(default=48, metadata={"help": "DriftCheck generation length."})
     eval_batch_size: int = field(default=16, metadata={"help": "Generation batch size."})
@@ -104,12 +94,42 @@ class CompareConfig:
     fisher_examples: int = field(default=128, metadata={"help": "Alignment examples for the Fisher pass."})
 
     def __post_init__(self):
+        for name in ("eval_max_new_tokens", "eval_batch_size", "task_eval_n", "fisher_examples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.replay_ratio < 1:
+            raise ValueError(f"replay_ratio: must be in [0, 1), got {self.replay_ratio}")
+
+    def harness_values(self) -> dict:
+        """The harness fields as a dict (to build another config with the same evaluation)."""
+        return {f.name: getattr(self, f.name) for f in fields(HarnessConfig)}
+
+
+@dataclass
+class CompareConfig(HarnessConfig):
+    """Options of `alignguard compare` (evaluation from `HarnessConfig`, training from `TrainRunConfig`, loss from
+    `AlignGuardConfig`).
+
+    Args:
+        model: the aligned model (folder, registry or tiny name).
+        base_model: its unaligned base, for Safe LoRA (default: `base_model` in the model's align_info.json).
+        out: run folder.
+        methods: methods to run (see `alignguard.compare.METHODS`).
+        seeds: one full comparison per seed; tables report mean and spread.
+    """
+
+    model: str = field(default="smollm2-135m-instruct", metadata={"help": "Aligned model to fine-tune."})
+    base_model: str | None = field(default=None, metadata={"help": "Unaligned base for Safe LoRA."})
+    out: str = field(default="runs/compare", metadata={"help": "Run folder."})
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS), metadata={"help": "Methods to run."})
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds (one comparison each)."})
+
+    def __post_init__(self):
+        super().__post_init__()
         for name in self.methods:
             method_spec(name)  # raises ValueError naming the bad method or override
         if not self.seeds:
             raise ValueError("seeds: give at least one seed")
-        if not 0 <= self.replay_ratio < 1:
-            raise ValueError(f"replay_ratio: must be in [0, 1), got {self.replay_ratio}")
 
 
 def _load(spec):

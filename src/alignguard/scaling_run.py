@@ -55,7 +55,7 @@ SCHEMA_VERSION = "scaling-1"
 
 
 @dataclass
-class ScalingConfig:
+class ScalingConfig(compare.HarnessConfig):
     """Options of `alignguard scaling` (training options come from `TrainRunConfig`, the loss from AlignGuardConfig).
 
     Args:
@@ -71,14 +71,7 @@ class ScalingConfig:
         loss_batch_size: batch size of the alignment-loss forward passes.
         loss_max_length: token limit of prompt + refusal in the alignment loss (refusals are cut at the end).
         fit_loss: robust loss of the fit (`soft_l1`, `huber`, or `linear` = plain least squares).
-        prompts: DriftCheck prompt file (default: the bundled small split).
-        eval_max_new_tokens: generation length for DriftCheck.
-        eval_batch_size: generation batch size.
-        task_eval_n: held-out task examples for the task metric.
-        task_fisher: also estimate the output factor on task data (as `compare`).
-        replay_ratio: fraction of refusal-replay examples for the replay methods.
-        safe_lora_threshold: Safe LoRA cosine threshold.
-        fisher_examples: alignment examples for the Fisher pass.
+        (evaluation options: see `alignguard.compare.HarnessConfig`)
     """
 
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "Aligned model to fine-tune."})
@@ -101,16 +94,9 @@ class ScalingConfig:
     fit_loss: Literal["soft_l1", "huber", "linear"] = field(
         default="soft_l1", metadata={"help": "Robust loss of the fit ('linear' = least squares)."}
     )
-    prompts: str | None = field(default=None, metadata={"help": "DriftCheck prompts (default: small split)."})
-    eval_max_new_tokens: int = field(default=48, metadata={"help": "DriftCheck generation length."})
-    eval_batch_size: int = field(default=16, metadata={"help": "Generation batch size."})
-    task_eval_n: int = field(default=50, metadata={"help": "Held-out task examples."})
-    task_fisher: bool = field(default=True, metadata={"help": "Estimate G_task on task data too."})
-    replay_ratio: float = field(default=0.05, metadata={"help": "Refusal-replay fraction (replay methods)."})
-    safe_lora_threshold: float = field(default=0.5, metadata={"help": "Safe LoRA cosine threshold."})
-    fisher_examples: int = field(default=128, metadata={"help": "Alignment examples for the Fisher pass."})
 
     def __post_init__(self):
+        super().__post_init__()
         if not self.methods:
             raise ValueError("methods: give at least one method")
         for name in self.methods:
@@ -118,12 +104,9 @@ class ScalingConfig:
         if not self.steps or any(int(s) < 1 for s in self.steps):
             raise ValueError(f"steps: give lengths >= 1, got {self.steps}")
         self.steps = sorted({int(s) for s in self.steps})
-        names = ("n_heldout", "heldout_max_new_tokens", "loss_batch_size", "loss_max_length", "eval_batch_size")
-        for name in (*names, "fisher_examples"):
+        for name in ("n_heldout", "heldout_max_new_tokens", "loss_batch_size", "loss_max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.replay_ratio < 1:
-            raise ValueError(f"replay_ratio: must be in [0, 1), got {self.replay_ratio}")
 
     def compare_config(self, out: Path | str) -> compare.CompareConfig:
         """The `CompareConfig` of one length's runs (its folder is `out`)."""
@@ -133,14 +116,7 @@ class ScalingConfig:
             out=str(out),
             methods=list(self.methods),
             seeds=[self.seed],
-            prompts=self.prompts,
-            eval_max_new_tokens=self.eval_max_new_tokens,
-            eval_batch_size=self.eval_batch_size,
-            task_eval_n=self.task_eval_n,
-            task_fisher=self.task_fisher,
-            replay_ratio=self.replay_ratio,
-            safe_lora_threshold=self.safe_lora_threshold,
-            fisher_examples=self.fisher_examples,
+            **self.harness_values(),
         )
 
 

@@ -30,6 +30,8 @@ FISHER_CASES = {
     "sketch": (dict(mode="sketch", sketch_rank=24), 5),
     "dense_one_batch": (dict(mode="dense"), 1),
 }
+# Examples in the FSDP2 step: split evenly over the ranks; the one-process reference takes all of them.
+FSDP2_EXAMPLES = 4
 # Strong enough that the regulariser's gradient is a large part of the step (checked by the test).
 AG_CONFIG = dict(lambda_a=20.0, lambda_t=1.0, lambda_nc=1.0)
 
@@ -134,6 +136,83 @@ def main_zero(out_dir: str, stage: int | None) -> None:
     torch.distributed.barrier()
 
 
+def fsdp2_sgd_step(ag_config: dict | None = None, reshard_after_forward: bool = True) -> dict:
+    """One SGD step on task loss + AlignGuard terms; under torch.distributed the model is sharded with FSDP2
+    (`fully_shard` on every decoder layer, then the root, as accelerate's TRANSFORMER_BASED_WRAP does) and each
+    rank takes its own share of the examples. Returns the full LoRA weights after the step.
+
+    The regulariser is built before sharding, as `AlignGuardTrainer` builds it before accelerate wraps the
+    model; without a process group this is the one-process reference on all the examples at once.
+    """
+    from alignguard import AlignGuardRegularizer
+    from alignguard.distributed import full_parameters, regularizer_parameters, whole_weight
+
+    info = rank_info()
+    model = tiny_peft("llama", seed=0)
+    randomize_lora_(model, std=0.2, seed=1)
+    regularizer = AlignGuardRegularizer(
+        model, random_subspaces_for(model, seed=0, dtype=torch.float32), AlignGuardConfig(**(ag_config or AG_CONFIG))
+    )
+    data, collator = train_dataset(FSDP2_EXAMPLES)
+    if info.world_size > 1:
+        shard_fsdp2_(model, reshard_after_forward)
+        per_rank = FSDP2_EXAMPLES // info.world_size
+        data = data[per_rank * info.rank : per_rank * (info.rank + 1)]
+    batch = collator(data)
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    optimizer = torch.optim.SGD(list(lora.values()), lr=0.5)
+    loss = model(**batch).loss  # equal-length examples: the mean over ranks of per-rank means is the global mean
+    with full_parameters(regularizer_parameters(regularizer)):  # what the trainer does (a no-op here)
+        loss = loss + regularizer()["total"]
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        return {n: whole_weight(p).detach().clone().contiguous() for n, p in lora.items()}
+
+
+def fsdp2_fisher_inputs():
+    """4 alignment batches, the last with no response tokens (it lands on rank 1 of 2, which must still run it)."""
+    model, batches = fisher_inputs(4)
+    batches[3] = {**batches[3], "labels": torch.full_like(batches[3]["labels"], -100)}
+    return model, batches
+
+
+def shard_fsdp2_(model, reshard_after_forward: bool = True) -> None:
+    """FSDP2 on every decoder layer, then the root, as accelerate's TRANSFORMER_BASED_WRAP does it."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, reshard_after_forward=reshard_after_forward)
+
+
+def main_fsdp2_fisher_and_errors(out: Path) -> None:
+    """Fisher pass on an FSDP2-sharded model (2/2 batches, one of them empty), and the clear errors for an uneven
+    split (3 batches) and for mode='project' on DTensor weights. Rank 0 writes the factors and the messages."""
+    from alignguard.projection import attach_projection_hooks
+
+    _, batches = fsdp2_fisher_inputs()
+    model = tiny_peft("llama", seed=0)  # the PEFT model, as training would wrap it
+    shard_fsdp2_(model)
+    state = estimate_fisher(model, shard_batches(batches), fisher_config("dense"))
+    outcomes = []
+    try:
+        estimate_fisher(model, shard_batches(batches[:3]), fisher_config("dense"))
+        outcomes.append("uneven: no error")
+    except ValueError as err:
+        outcomes.append(f"uneven: ValueError: {err}")
+    try:
+        attach_projection_hooks(model, random_subspaces_for(model, seed=0, dtype=torch.float32))
+        outcomes.append("project: no error")
+    except NotImplementedError as err:
+        outcomes.append(f"project: NotImplementedError: {err}")
+    if rank_info().is_main:
+        atomic_save_file(factor_tensors(state), out / "fisher_fsdp2.safetensors")
+        counts = {n: torch.tensor([c]) for n, c in state.token_counts.items()}
+        atomic_save_file(counts, out / "counts_fsdp2.safetensors")
+        (out / "fsdp2_errors.txt").write_text("\n".join(outcomes) + "\n")
+
+
 def main_fsdp(out_dir: str) -> None:
     """Wrap the tiny PEFT model in torch FSDP (use_orig_params=True, CPU) and ask for the AlignGuard terms after a
     forward: the LoRA weights are then flattened shards, which `full_parameters` must refuse. Writes the outcome."""
@@ -177,9 +256,13 @@ def main(out_dir: str) -> None:
     weights_ga = train_one_step(
         str(out / "trainer_ga"), per_device_batch=1, n_examples=2 * info.world_size, gradient_accumulation_steps=2
     )
+    fsdp2 = {reshard: fsdp2_sgd_step(reshard_after_forward=reshard) for reshard in (True, False)}
+    main_fsdp2_fisher_and_errors(out)
     if info.is_main:
         atomic_save_file(weights, out / "ddp_lora.safetensors")
         atomic_save_file(weights_ga, out / "ddp_ga2_lora.safetensors")
+        for reshard, result in fsdp2.items():
+            atomic_save_file(result, out / f"fsdp2_reshard{int(reshard)}_lora.safetensors")
     torch.distributed.barrier()
 
 

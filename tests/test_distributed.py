@@ -143,6 +143,37 @@ def test_ddp_step_equals_single_process_step_with_regulariser_once(ddp_out, tmp_
     assert dist(no_reg) > 1e-3 and dist(twice) > 1e-3
 
 
+def test_fsdp2_fisher_equals_one_process_and_uneven_or_project_fail_clearly(ddp_out):
+    """On an FSDP2-sharded model every rank runs its batches in lockstep (an empty batch still joins the
+    collectives but adds nothing); the factors equal one unsharded process over all batches."""
+    _, batches = dist_worker.fsdp2_fisher_inputs()
+    ref = estimate_fisher(dist_worker.tiny_peft("llama", seed=0), batches, dist_worker.fisher_config("dense"))
+    got = load_file(str(ddp_out / "fisher_fsdp2.safetensors"))
+    assert sorted(got) == sorted(ref.factors)
+    for name, want in ref.factors.items():
+        torch.testing.assert_close(got[name], want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    counts = load_file(str(ddp_out / "counts_fsdp2.safetensors"))
+    assert {n: int(c) for n, c in counts.items()} == ref.token_counts
+    errors = (ddp_out / "fsdp2_errors.txt").read_text()
+    assert "uneven: ValueError: estimate_fisher: the model is sharded by FSDP2" in errors, errors
+    assert "between 1 and 2 batches" in errors, errors
+    assert "project: NotImplementedError: mode='project' with FSDP2-sharded LoRA weights" in errors, errors
+
+
+@pytest.mark.parametrize("reshard", [1, 0])
+def test_fsdp2_step_equals_single_process_step_with_regulariser_once(ddp_out, reshard):
+    """FSDP2 (`fully_shard`, DTensor LoRA weights): the regulariser gathers them with an autograd path back to the
+    shards; with reshard_after_forward=False the weights are still whole when it runs. Both == one process."""
+    got = load_file(str(ddp_out / f"fsdp2_reshard{reshard}_lora.safetensors"))
+    single = dist_worker.fsdp2_sgd_step()
+    for name in single:
+        torch.testing.assert_close(got[name], single[name], rtol=1e-4, atol=1e-6)
+    no_reg = dist_worker.fsdp2_sgd_step(ag_config=dict(lambda_a=0.0, lambda_t=0.0, lambda_nc=0.0))
+    twice = dist_worker.fsdp2_sgd_step(ag_config={k: WORLD * v for k, v in dist_worker.AG_CONFIG.items()})
+    for other in (no_reg, twice):  # dropping the regulariser or counting it per rank would be visible
+        assert max((other[k] - got[k]).abs().max().item() for k in got) > 1e-3
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "stage, config",
@@ -177,11 +208,12 @@ def test_accelerate_launch_with_shipped_ddp_cpu_config(tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp_sharded_lora_weights_are_refused_clearly(tmp_path):
-    """Under torch FSDP the LoRA weights are flattened shards outside forward: a clear error, not wrong terms."""
+def test_fsdp1_sharded_lora_weights_are_refused_clearly(tmp_path):
+    """Under FSDP1 the LoRA weights are flattened shards outside forward: a clear error pointing to FSDP2."""
     _launch(tmp_path, "--fsdp")
     outcome = (tmp_path / "fsdp_outcome.txt").read_text()
     assert outcome.startswith("RuntimeError: AlignGuard: some LoRA weights are sharded"), outcome
+    assert "FSDP2" in outcome
 
 
 # ---- sketch vs dense at a larger d ----------------------------------------------------------------------------

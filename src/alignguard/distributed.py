@@ -19,6 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
+try:  # FSDP2 parameters; torch builds without distributed support have no DTensor
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover
+    _DTensor = None
+
 
 @dataclass(frozen=True)
 class RankInfo:
@@ -77,6 +82,24 @@ def regularizer_parameters(regularizer) -> list[torch.nn.Parameter]:
     ]
 
 
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a `DTensor` (how FSDP2 holds sharded parameters)."""
+    return _DTensor is not None and isinstance(tensor, _DTensor)
+
+
+def whole_weight(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` itself, or its full value when FSDP2 (`fully_shard`) has sharded it into a `DTensor`.
+
+    `DTensor.full_tensor()` is an all-gather that autograd differentiates: its backward hands each rank the
+    slice of the gradient that belongs to its shard. The AlignGuard terms depend only on the LoRA weights, so
+    their gradient is the same on every rank, and that slice added to FSDP2's reduce-scattered (rank-averaged)
+    task gradient counts the regulariser exactly once, as under DDP (verified in tests/test_distributed.py).
+    """
+    if is_dtensor(weight):
+        return weight.full_tensor()
+    return weight
+
+
 def full_parameters(params: list[torch.nn.Parameter]):
     """Context in which `params` hold their full values, also under DeepSpeed ZeRO-3.
 
@@ -84,21 +107,24 @@ def full_parameters(params: list[torch.nn.Parameter]):
     are computed after it, so the LoRA weights are gathered read-only (`modifier_rank=None`) for the call. The
     graph keeps the gathered values it needs, and the gradients reach the parameters' ZeRO-3 reduce hooks like
     forward-pass gradients do (verified against a one-process step, docs/distributed.md). Any other engine that
-    leaves a weight empty or flattened here (FSDP's sharded flat parameters) raises instead of failing obscurely.
+    leaves a weight empty or flattened here (FSDP1's sharded flat parameters) raises instead of failing
+    obscurely. FSDP2's `DTensor` parameters keep their 2-D global shape and need nothing here: the regulariser
+    gathers them itself (`whole_weight`).
 
     Raises:
-        RuntimeError: if a parameter is sharded by something other than ZeRO-3.
+        RuntimeError: if a parameter is sharded by something other than ZeRO-3 or FSDP2.
     """
     zero3 = [p for p in params if hasattr(p, "ds_id")]
     if zero3:
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(zero3, modifier_rank=None)
-    # A sharded weight outside forward is an empty or flattened 1-D view of this rank's piece (FSDP).
+    # A sharded weight outside forward is an empty or flattened 1-D view of this rank's piece (FSDP1).
     if any(p.dim() < 2 for p in params):
         raise RuntimeError(
-            "AlignGuard: some LoRA weights are sharded (empty or flattened outside forward), e.g. by FSDP; the "
-            "regulariser needs full lora_A/lora_B. Use DDP or DeepSpeed ZeRO-2/ZeRO-3, or keep the LoRA layers "
-            "unsharded (docs/distributed.md)."
+            "AlignGuard: some LoRA weights are sharded into flat 1-D pieces (FSDP1 with use_orig_params); the "
+            "regulariser needs the full lora_A/lora_B with an autograd path back to the shards, which FSDP1 does "
+            "not give. Use FSDP2 (accelerate: `fsdp_version: 2`, configs/accelerate/fsdp.yaml), DDP or DeepSpeed "
+            "ZeRO-2/ZeRO-3 (docs/distributed.md)."
         )
     return contextlib.nullcontext()

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from .config import FisherConfig
 from .data import IGNORE_INDEX
+from .distributed import is_dtensor
 from .io import atomic_save_file, atomic_write_json, package_versions
 from .sketch import NystromSketch
 from .targets import find_target_modules, layer_dims, model_fingerprint
@@ -161,6 +162,8 @@ class _Accumulator:
 
     def hook_for(self, name: str):
         def hook(grad: torch.Tensor) -> None:
+            if self.positions is None:  # a lockstep pass that only keeps FSDP2's collectives in step
+                return
             g = grad[self.positions].float()
             if not torch.isfinite(g).all():
                 self.skipped[name] += 1
@@ -198,6 +201,11 @@ def estimate_fisher(model, data, config: FisherConfig | None = None, model_id: s
     acc = _Accumulator(dims, config, device)
     gen = torch.Generator(device=device).manual_seed(config.seed)
 
+    # FSDP2 (DTensor parameters): every forward and backward is a collective, so all ranks must run the same
+    # number of batches through the model, including batches that contribute nothing.
+    lockstep = any(is_dtensor(p) for p in model.parameters())
+    if lockstep:
+        _check_lockstep_batches(data, config, device)
     handles = []
     saved_flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
@@ -235,13 +243,19 @@ def estimate_fisher(model, data, config: FisherConfig | None = None, model_id: s
             labels = batch["labels"].to(device)
             data_hash.update(labels.cpu().numpy().tobytes())
             positions = _response_positions(labels)
-            if not positions.any():
+            empty = not positions.any()
+            if empty:
                 n_empty += 1
-                continue
-            acc.positions = positions
+                if not lockstep:
+                    continue
+            acc.positions = None if empty else positions
             inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-            data_hash.update(inputs["input_ids"].cpu().numpy().tobytes())
+            if not empty:
+                data_hash.update(inputs["input_ids"].cpu().numpy().tobytes())
             logits = model(**inputs).logits
+            if empty:  # lockstep: join the other ranks' forward/backward collectives, accumulate nothing
+                logits.backward(torch.zeros_like(logits))
+                continue
             sel = logits[positions].float()
             if config.fisher_labels == "sampled":
                 with torch.no_grad():
@@ -252,6 +266,9 @@ def estimate_fisher(model, data, config: FisherConfig | None = None, model_id: s
             loss = torch.nn.functional.cross_entropy(sel, targets, reduction="sum")
             if not torch.isfinite(loss):
                 n_nonfinite_loss += 1
+                if lockstep:
+                    acc.positions = None
+                    logits.backward(torch.zeros_like(logits))
                 continue
             loss.backward()
     finally:
@@ -305,6 +322,27 @@ def estimate_fisher(model, data, config: FisherConfig | None = None, model_id: s
         "versions": package_versions(),
     }
     return state
+
+
+def _check_lockstep_batches(data, config: FisherConfig, device: torch.device) -> None:
+    """Raise unless every rank will run the same number of batches (needed when FSDP2 shards the model)."""
+    if not hasattr(data, "__len__"):
+        raise ValueError(
+            "estimate_fisher: the model is sharded by FSDP2, so every rank must run the same number of batches; "
+            "pass the data as a list (e.g. shard_batches(batches)) so the counts can be checked"
+        )
+    n = len(data) if config.max_batches is None else min(len(data), config.max_batches)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    counts = torch.tensor([n, -n], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX)
+    if int(counts[0]) != -int(counts[1]):
+        raise ValueError(
+            f"estimate_fisher: the model is sharded by FSDP2 and the ranks have between {-int(counts[1])} and "
+            f"{int(counts[0])} batches (this rank: {n}); every rank must run the same number, or the collectives "
+            "hang. Make the number of batches a multiple of the world size before shard_batches, or estimate "
+            "on the unwrapped model (docs/distributed.md)."
+        )
 
 
 def _all_reduce(acc: _Accumulator, batch_counts: tuple[int, ...] = ()) -> tuple[int, ...]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .distributed import is_dtensor
 from .regularizers import lora_modules
 from .subspace import AlignmentSubspaces
 
@@ -26,6 +27,10 @@ def attach_projection_hooks(model: nn.Module, subspaces: AlignmentSubspaces) -> 
     """Register `grad -= U U^T grad` hooks on every lora_B weight that has a subspace; returns the handles.
 
     Remove them with `detach_projection_hooks(handles)`.
+
+    Raises:
+        NotImplementedError: if the LoRA weights are FSDP2 shards (`DTensor`): FSDP2 writes the task gradient into
+            the sharded parameter's `.grad` directly, so a hook on it would never see that gradient.
     """
     handles = []
     for name, (layer, adapter) in lora_modules(model).items():
@@ -33,6 +38,11 @@ def attach_projection_hooks(model: nn.Module, subspaces: AlignmentSubspaces) -> 
         if sub is None:
             continue
         weight = layer.lora_B[adapter].weight
+        if is_dtensor(weight):
+            raise NotImplementedError(
+                f"mode='project' with FSDP2-sharded LoRA weights ({name}): the gradient hook would miss the task "
+                "gradient. Use mode='regularize' under FSDP2, or DDP / DeepSpeed for mode='project'."
+            )
         handles.append(weight.register_hook(lambda grad, basis=sub.basis: _remove_component(grad, basis)))
     return handles
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .config import AlignGuardConfig
+from .distributed import whole_weight
 from .subspace import AlignmentSubspaces
 from .targets import canonical_name, is_lora_layer, layer_dims
 
@@ -44,6 +45,13 @@ class _Group:
     scales: torch.Tensor  # (G,)
     exact_overlap: bool
     tau: torch.Tensor  # (G,) running |dW| quantile, detached
+
+    def to_(self, device: torch.device) -> None:
+        """Move the buffers, in place: engines such as FSDP/DeepSpeed move the model after the trainer is built."""
+        for field in ("basis", "eigvals", "task_basis", "task_eigvals", "scales", "tau"):
+            value = getattr(self, field)
+            if value is not None:
+                setattr(self, field, value.to(device))
 
 
 def lora_modules(model: nn.Module, adapter_name: str | None = None) -> dict[str, tuple[nn.Module, str]]:
@@ -162,8 +170,10 @@ class AlignGuardRegularizer:
         return terms
 
     def _group_terms(self, g: _Group) -> dict[str, torch.Tensor]:
-        a = torch.stack([layer.lora_A[ad].weight for layer, ad in g.layers])  # (G, r, d_in)
-        b = torch.stack([layer.lora_B[ad].weight for layer, ad in g.layers])  # (G, d_out, r)
+        a = torch.stack([whole_weight(layer.lora_A[ad].weight) for layer, ad in g.layers])  # (G, r, d_in)
+        b = torch.stack([whole_weight(layer.lora_B[ad].weight) for layer, ad in g.layers])  # (G, d_out, r)
+        if g.basis.device != a.device:
+            g.to_(a.device)
         # Half-precision weights are promoted to fp32 (the terms are sums of many small products);
         # float64 stays float64 so tests can compare against the dense float64 reference exactly.
         dt = torch.float64 if a.dtype == torch.float64 else torch.float32
@@ -268,7 +278,7 @@ def dense_reference_terms(
     )
     for name, (layer, ad) in matched.items():
         s = float(layer.scaling[ad])
-        dw = s * layer.lora_B[ad].weight.double() @ layer.lora_A[ad].weight.double()
+        dw = s * whole_weight(layer.lora_B[ad].weight).double() @ whole_weight(layer.lora_A[ad].weight).double()
         sub = subspaces.subspaces[name]
         u, lam = sub.basis.double(), sub.eigvals.double()
         proj = u @ u.T
@@ -310,7 +320,8 @@ def alignment_fraction(model, subspaces: AlignmentSubspaces) -> float:
             sub = subspaces.subspaces.get(name)
             if sub is None:
                 continue
-            dw = float(layer.scaling[ad]) * layer.lora_B[ad].weight.double() @ layer.lora_A[ad].weight.double()
+            b, a = whole_weight(layer.lora_B[ad].weight), whole_weight(layer.lora_A[ad].weight)
+            dw = float(layer.scaling[ad]) * b.double() @ a.double()
             u = sub.basis.double().to(dw.device)
             num += float((u.T @ dw).square().sum())
             den += float(dw.square().sum())

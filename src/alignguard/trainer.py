@@ -83,7 +83,6 @@ class AlignGuardMixin:
         built_with = subspaces.metadata.get("config")
         self.subspace_config = subspace_config or (SubspaceConfig(**built_with) if built_with else SubspaceConfig())
         self.regularizer = AlignGuardRegularizer(self.model, subspaces, self.alignguard_config)
-        self._ag_params = regularizer_parameters(self.regularizer)
         self._ag_metrics: dict[str, list] = defaultdict(list)
         self._ag_hooks: list = []
         self.add_callback(_AlignGuardCallback(self))
@@ -98,7 +97,6 @@ class AlignGuardMixin:
         self.subspaces = build_subspaces(self.fisher_state, self.subspace_config)
         self.subspaces.task_factors = task_factors
         self.regularizer = AlignGuardRegularizer(self.model, self.subspaces, self.alignguard_config)
-        self._ag_params = regularizer_parameters(self.regularizer)
         if self._ag_hooks:
             detach_projection_hooks(self._ag_hooks)
             self._ag_hooks = attach_projection_hooks(self.model, self.subspaces)
@@ -126,7 +124,8 @@ class AlignGuardMixin:
         # Detached tensors, turned into floats only when logging: a .item() per term per step would force a
         # device synchronisation on every step on a GPU.
         self._ag_metrics["task_loss"].append(loss.detach())
-        with full_parameters(self._ag_params):  # gathers ZeRO-3-partitioned LoRA weights for the call
+        # Looked up per call: engines that wrap the model after __init__ (FSDP2) replace the parameter objects.
+        with full_parameters(regularizer_parameters(self.regularizer)):  # gathers ZeRO-3-partitioned weights
             terms = self.regularizer()
         for key in (*TERM_NAMES, "total"):
             self._ag_metrics[f"reg_{key}"].append(terms[key].detach())

@@ -26,8 +26,8 @@ from tests.helpers import random_subspaces_for, randomize_lora_, tiny_batches, t
 
 # name -> (FisherConfig kwargs, number of batches): 5 batches split 3/2, and 1 batch split 1/0.
 FISHER_CASES = {
-    "dense": (dict(mode="dense"), 5),
-    "sketch": (dict(mode="sketch", sketch_rank=24), 5),
+    "dense": (dict(mode="dense", input_factor=True), 5),
+    "sketch": (dict(mode="sketch", sketch_rank=24, input_factor=True), 5),
     "dense_one_batch": (dict(mode="dense"), 1),
 }
 # Examples in the FSDP2 step: split evenly over the ranks; the one-process reference takes all of them.
@@ -49,10 +49,13 @@ def fisher_config(case: str) -> FisherConfig:
 
 
 def factor_tensors(state) -> dict[str, torch.Tensor]:
-    """Dense factors, or the sketch's rank-k approximation V diag(lambda) V^T (free of eigenvector signs)."""
-    if state.factors:
-        return {n: f.contiguous() for n, f in state.factors.items()}
-    return {n: (vec * eig) @ vec.T for n, (eig, vec) in state.low_rank.items()}
+    """Dense factors, or the sketch's rank-k approximation V diag(lambda) V^T (free of eigenvector signs); input
+    factors (when estimated) under `input.<name>`."""
+    out = {n: f.contiguous() for n, f in state.factors.items()}
+    out.update({f"input.{n}": f.contiguous() for n, f in state.input_factors.items()})
+    out.update({n: (vec * eig) @ vec.T for n, (eig, vec) in state.low_rank.items()})
+    out.update({f"input.{n}": (vec * eig) @ vec.T for n, (eig, vec) in state.input_low_rank.items()})
+    return out
 
 
 def train_dataset(n_examples: int):

@@ -41,8 +41,11 @@ def randomize_lora_(model, std=0.2, seed=0):
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
 
 
-def random_subspaces_for(model, m_of=lambda i: 2 + i % 4, task_rank=None, seed=0, dtype=torch.float64):
-    """Random orthonormal bases (float64) with positive eigenvalues for every LoRA layer of `model`."""
+def random_subspaces_for(
+    model, m_of=lambda i: 2 + i % 4, task_rank=None, seed=0, dtype=torch.float64, input_rank_of=None
+):
+    """Random orthonormal bases (float64) with positive eigenvalues for every LoRA layer of `model`; with
+    `input_rank_of(i)`, also random input factors (rank k, trace d_in, so a positive residual sigma)."""
     from alignguard.regularizers import lora_modules
     from alignguard.targets import layer_dims
 
@@ -59,4 +62,10 @@ def random_subspaces_for(model, m_of=lambda i: 2 + i % 4, task_rank=None, seed=0
             v = torch.linalg.qr(torch.randn(d_out, k, generator=gen, dtype=torch.float64)).Q.to(dtype)
             mu = torch.rand(k, generator=gen, dtype=torch.float64).to(dtype) + 0.5
             out.task_factors[name] = Subspace(v, mu, float(d_out))
+        if input_rank_of:
+            d_in = layer_dims(layer.get_base_layer())[1]
+            k = min(input_rank_of(i), d_in - 1)
+            p = torch.linalg.qr(torch.randn(d_in, k, generator=gen, dtype=torch.float64)).Q.to(dtype)
+            rho = torch.sort(torch.rand(k, generator=gen, dtype=torch.float64) * d_in / k, descending=True).values
+            out.input_factors[name] = Subspace(p, rho.to(dtype), float(d_in))
     return out

@@ -113,6 +113,7 @@ def test_two_process_fisher_equals_one_process(ddp_out, case):
     got = load_file(str(ddp_out / f"fisher_{case}.safetensors"))
     want = dist_worker.factor_tensors(ref)
     assert sorted(got) == sorted(want)
+    assert any(n.startswith("input.") for n in want) == bool(dist_worker.fisher_config(case).input_factor)
     for name in want:
         # Only the float32 summation order differs (sketch: also Y's); Omega is seeded identically per rank.
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5 * want[name].abs().max().item())
@@ -149,8 +150,9 @@ def test_fsdp2_fisher_equals_one_process_and_uneven_or_project_fail_clearly(ddp_
     _, batches = dist_worker.fsdp2_fisher_inputs()
     ref = estimate_fisher(dist_worker.tiny_peft("llama", seed=0), batches, dist_worker.fisher_config("dense"))
     got = load_file(str(ddp_out / "fisher_fsdp2.safetensors"))
-    assert sorted(got) == sorted(ref.factors)
-    for name, want in ref.factors.items():
+    wanted = dist_worker.factor_tensors(ref)  # output and input factors
+    assert sorted(got) == sorted(wanted) and any(n.startswith("input.") for n in wanted)
+    for name, want in wanted.items():
         torch.testing.assert_close(got[name], want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
     counts = load_file(str(ddp_out / "counts_fsdp2.safetensors"))
     assert {n: int(c) for n, c in counts.items()} == ref.token_counts

@@ -66,6 +66,63 @@ def test_factor_equals_explicit_per_token_computation():
         assert torch.isclose(state.factors[name].trace(), torch.tensor(float(factor.shape[0])), rtol=1e-5)
 
 
+def test_input_factor_equals_explicit_per_token_computation():
+    """A_in = mean over response-predicting positions of x x^T (x = the module input), trace-normalised to d_in."""
+    model = make_tiny_model("llama")
+    batches = tiny_batches()
+    state = estimate_fisher(
+        model, batches, FisherConfig(fisher_labels="empirical", show_progress=False, input_factor=True)
+    )
+    modules = find_target_modules(model, ["q_proj", "down_proj"])
+    for name, module in modules.items():
+        d_in = module.weight.shape[1]
+        total, count = torch.zeros(d_in, d_in, dtype=torch.float64), 0
+        for batch in batches:
+            seen = []
+            handle = module.register_forward_hook(lambda _m, inp, _o, seen=seen: seen.append(inp[0].detach()))
+            with torch.no_grad():
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            handle.remove()
+            labels = batch["labels"]
+            for b in range(labels.shape[0]):
+                for t in range(labels.shape[1] - 1):
+                    if labels[b, t + 1] != IGNORE_INDEX:
+                        x = seen[0][b, t].double()
+                        total += torch.outer(x, x)
+                        count += 1
+        ref = total / count
+        ref = ref * (d_in / torch.trace(ref))
+        torch.testing.assert_close(state.input_factors[name].double(), ref, rtol=1e-4, atol=1e-5)
+    assert not EMPIRICAL.input_factor and not estimate_fisher(model, batches, EMPIRICAL).input_factors
+
+
+def test_input_factor_round_trip_subspaces_and_sketch(tmp_path):
+    from alignguard import SubspaceConfig, build_subspaces
+    from alignguard.subspace import AlignmentSubspaces
+
+    model = make_tiny_model("llama")
+    batches = tiny_batches(n_repeat=4)
+    cfg = FisherConfig(fisher_labels="empirical", show_progress=False, input_factor=True)
+    state = estimate_fisher(model, batches, cfg)
+    state.save(tmp_path / "f")
+    loaded = FisherState.load(tmp_path / "f", model=model, config=cfg)
+    assert sorted(loaded.input_factors) == sorted(state.input_factors)
+    subs = build_subspaces(loaded, SubspaceConfig(input_rank=6))
+    name = "model.layers.0.self_attn.q_proj"
+    f = subs.input_factors[name]
+    eig = torch.linalg.eigvalsh(state.input_factors[name].double()).flip(0)
+    torch.testing.assert_close(f.eigvals.double(), eig[:6], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(f.residual, dtype=torch.float64), eig[6:].mean(), rtol=1e-4, atol=1e-5)
+    subs.save(tmp_path / "s")
+    again = AlignmentSubspaces.load(tmp_path / "s")
+    torch.testing.assert_close(again.input_factors[name].basis, f.basis)
+    # The sketch mode gives the same top input directions (a decaying activation spectrum, k = d_in here).
+    sketch = estimate_fisher(model, batches, FisherConfig(**{**cfg.to_dict(), "mode": "sketch", "sketch_rank": 64}))
+    top = build_subspaces(sketch, SubspaceConfig(input_rank=3)).input_factors[name].basis
+    cos = torch.linalg.svdvals(top.T.double() @ f.basis[:, :3].double())
+    assert cos.min() > 0.99
+
+
 def test_masked_tokens_do_not_contribute():
     model = make_tiny_model("llama")
     batches = tiny_batches(batch_size=4)

@@ -55,6 +55,41 @@ def test_gradients_equal_dense_reference(family, rslora):
     assert any(g.abs().sum() > 0 for g in g_fast)
 
 
+@pytest.mark.parametrize("family,rslora", CASES)
+def test_kfac_alignment_term_equals_dense_reference_values_and_gradients(family, rslora):
+    """R_A = tr(G_U dW_A A_in dW_A^T) with A_in = P diag(rho) P^T + sigma (I - P P^T), ranks differing per module."""
+    model = _model(family, rslora)
+    subs = random_subspaces_for(model, task_rank=5, input_rank_of=lambda i: 3 + i % 3)
+    cfg = AlignGuardConfig(alignment_input="kfac", geo_metric="task_fisher", lambda_t=0.3, lambda_nc=0.7)
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    fast, ref = AlignGuardRegularizer(model, subs, cfg)(), dense_reference_terms(model, subs, cfg)
+    for key in ("alignment", "task", "geodesic", "total"):
+        torch.testing.assert_close(fast[key], ref[key], rtol=1e-9, atol=1e-12, msg=key)
+    one_sided = AlignGuardRegularizer(model, subs, AlignGuardConfig())()["alignment"]
+    assert abs(fast["alignment"] - one_sided) > 1e-3 * one_sided  # the input metric does change R_A
+    g_fast = torch.autograd.grad(fast["total"], params)
+    g_ref = torch.autograd.grad(ref["total"], params)
+    for a, b in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+
+
+def test_kfac_with_isotropic_input_factor_equals_one_sided_term():
+    """A_in = I (rho = sigma = 1) must give back the one-sided R_A exactly."""
+    model = _model("llama", False)
+    subs = random_subspaces_for(model, input_rank_of=lambda i: 2)
+    for f in subs.input_factors.values():
+        f.eigvals = torch.ones_like(f.eigvals)  # trace d_in, so the residual sigma is 1 too
+    kfac = AlignGuardRegularizer(model, subs, AlignGuardConfig(alignment_input="kfac"))()["alignment"]
+    plain = AlignGuardRegularizer(model, subs, AlignGuardConfig())()["alignment"]
+    torch.testing.assert_close(kfac, plain, rtol=1e-12, atol=0.0)
+
+
+def test_kfac_without_input_factors_is_a_clear_error():
+    model = _model("llama", False)
+    with pytest.raises(ValueError, match="input_factor=True"):
+        AlignGuardRegularizer(model, random_subspaces_for(model), AlignGuardConfig(alignment_input="kfac"))
+
+
 def test_gradcheck_single_module():
     """torch.autograd.gradcheck of every term (literal overlap: its tau does not move under perturbation)."""
     model = tiny_peft("llama", r=2, targets=["q_proj"]).double()

@@ -38,6 +38,7 @@ METHODS: dict[str, dict] = {
     "ag_no_overlap": {"method": "alignguard", "ag": {"alpha": 0.0}},
     "ag_no_geodesic": {"method": "alignguard", "ag": {"alpha": 1.0}},
     "ag_project": {"method": "alignguard", "ag": {"mode": "project"}},
+    "ag_kfac": {"method": "alignguard", "ag": {"alignment_input": "kfac"}},
     "random_subspace": {"method": "alignguard", "subspaces": "random"},
     "ewc": {"method": "alignguard", "subspaces": "full", "ag": {"lambda_t": 0.0, "lambda_nc": 0.0}},
     "safe_lora": {"method": "lora", "post": "safe_lora"},
@@ -224,6 +225,11 @@ def _driftcheck(model, tokenizer, cfg: CompareConfig, out_dir: Path, baseline, t
     )
 
 
+def _has_input_factors(fisher_dir: Path) -> bool:
+    meta = json.loads((fisher_dir / "subspaces.json").read_text())
+    return bool(meta.get("input_modules"))
+
+
 def prepare_shared(
     cfg: CompareConfig,
     train_cfg: TrainRunConfig,
@@ -239,7 +245,12 @@ def prepare_shared(
     fisher_cfg = fisher_cfg or FisherConfig()
     if fisher_cfg.target_modules is None:
         fisher_cfg = replace(fisher_cfg, target_modules=list(train_cfg.target_modules))
-    if not (fisher_dir / "subspaces.json").is_file():
+    # The input factor A_in is estimated only when a method uses it (its pass is deterministic, so a folder made
+    # without it is redone with it when such a method is added later, and the output factors stay the same).
+    needs_input = any(method_spec(m)["ag"].get("alignment_input") == "kfac" for m in cfg.methods)
+    if needs_input:
+        fisher_cfg = replace(fisher_cfg, input_factor=True)
+    if not (fisher_dir / "subspaces.json").is_file() or (needs_input and not _has_input_factors(fisher_dir)):
         model, tok = _load(cfg.model)
         fcfg = FisherRunConfig(model=cfg.model, out=str(fisher_dir), max_examples=cfg.fisher_examples, cache_dir=cache)
         _, subspaces = run_fisher(fcfg, fisher_cfg, subspace_cfg, model=model, tokenizer=tok)
@@ -283,7 +294,7 @@ def _task_factors(model, tok, train_cfg, fisher_cfg, subspace_cfg):
     batches = make_batches(
         tok, [(e.prompt, e.answer) for e in examples], batch_size=8, max_length=train_cfg.max_length
     )
-    fc = replace(fisher_cfg or FisherConfig(), fisher_labels="empirical")
+    fc = replace(fisher_cfg or FisherConfig(), fisher_labels="empirical", input_factor=False)
     state = estimate_fisher(model, batches, fc)
     return build_subspaces(state, subspace_cfg or SubspaceConfig(), task_state=state, task_rank=64).task_factors
 

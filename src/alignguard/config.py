@@ -28,6 +28,9 @@ class FisherConfig:
         mode: `dense` keeps the full d_out x d_out factor per module; `sketch` keeps a rank-`sketch_rank`
             frequent-directions sketch (O(d_out * k) memory) for models too large for dense factors.
         sketch_rank: rank of the streaming sketch (only with `mode="sketch"`).
+        input_factor: also estimate the input-side factor A_in = E[x x^T] of every module over the same
+            positions (the other half of the two-sided K-FAC Fisher G (x) A_in); `AlignGuardConfig(
+            alignment_input="kfac")` needs it. Same memory as the output factor (d_in x d_in, or the sketch).
         max_batches: stop after this many batches (None = the whole data).
         allow_tf32: allow TF32 matmuls on Ampere+ GPUs while estimating.
         seed: seed for the label sampler.
@@ -44,6 +47,9 @@ class FisherConfig:
         default="dense", metadata={"help": "'dense' d_out x d_out factors, or 'sketch' (O(d_out*k) memory)."}
     )
     sketch_rank: int = field(default=256, metadata={"help": "Rank k of the streaming sketch (mode='sketch')."})
+    input_factor: bool = field(
+        default=False, metadata={"help": "Also estimate the input factor A_in = E[x x^T] (two-sided K-FAC)."}
+    )
     max_batches: int | None = field(default=None, metadata={"help": "Use at most this many batches."})
     allow_tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls during estimation."})
     seed: int = field(default=0, metadata={"help": "Seed for sampling labels."})
@@ -81,6 +87,8 @@ class SubspaceConfig:
         oversample: extra columns for randomized subspace iteration.
         power_iters: power iterations for randomized subspace iteration.
         seed: seed for the random test matrix.
+        input_rank: eigenpairs kept of each input factor A_in (when the Fisher state has one); the rest of its
+            spectrum is kept as its mean, so A_in ~ P diag(rho) P^T + sigma (I - P P^T) keeps the trace.
     """
 
     energy: float = field(default=0.9, metadata={"help": "Energy fraction rho that the kept eigenvalues hold."})
@@ -94,8 +102,10 @@ class SubspaceConfig:
     oversample: int = field(default=16, metadata={"help": "Oversampling p of randomized subspace iteration."})
     power_iters: int = field(default=4, metadata={"help": "Power iterations of randomized subspace iteration."})
     seed: int = field(default=0, metadata={"help": "Seed of the randomized solver."})
+    input_rank: int = field(default=64, metadata={"help": "Eigenpairs kept of each input factor A_in."})
 
     def __post_init__(self):
+        _require(self.input_rank >= 1, "input_rank", f"must be >= 1, got {self.input_rank}")
         _require(0.0 < self.energy <= 1.0, "energy", f"must be in (0, 1], got {self.energy}")
         _require(self.m_min >= 1, "m_min", f"must be >= 1, got {self.m_min}")
         _require(self.m_max >= self.m_min, "m_max", f"must be >= m_min ({self.m_min}), got {self.m_max}")
@@ -131,6 +141,9 @@ class AlignGuardConfig:
         refresh_every: recompute the Fisher factor and U at the current weights every this many optimizer
             steps; None keeps the anchored basis from the starting weights.
         eps: epsilon in the geodesic ratio.
+        alignment_input: input metric of R_A. `identity`: R_A = ||G_U^1/2 dW_A||^2 (DESIGN §4, one-sided);
+            `kfac`: R_A = tr(G_U dW_A A_in dW_A^T), the two-sided K-FAC quadratic, so updates are weighted by
+            how much the alignment data's inputs excite them (needs `FisherConfig(input_factor=True)`).
     """
 
     lambda_a: float = field(default=1.0, metadata={"help": "Weight of the alignment term R_A."})
@@ -164,6 +177,9 @@ class AlignGuardConfig:
         default=None, metadata={"help": "Recompute U every N optimizer steps (None: anchored basis from theta_0)."}
     )
     eps: float = field(default=1e-8, metadata={"help": "Epsilon of the geodesic ratio."})
+    alignment_input: Literal["identity", "kfac"] = field(
+        default="identity", metadata={"help": "Input metric of R_A: 'identity' or 'kfac' (A_in from the Fisher pass)."}
+    )
 
     def __post_init__(self):
         for name in ("lambda_a", "lambda_t", "lambda_nc", "overlap_beta"):
@@ -182,6 +198,7 @@ class AlignGuardConfig:
         _require(self.mode in ("penalty", "project"), "mode", "must be penalty or project")
         _require(self.refresh_every is None or self.refresh_every >= 1, "refresh_every", "must be >= 1 or None")
         _require(self.eps > 0, "eps", "must be > 0")
+        _require(self.alignment_input in ("identity", "kfac"), "alignment_input", "must be identity or kfac")
 
     def to_dict(self) -> dict:
         return asdict(self)

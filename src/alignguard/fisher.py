@@ -53,6 +53,9 @@ class FisherState:
     Attributes:
         factors: canonical module name -> dense d_out x d_out factor (mode="dense").
         low_rank: canonical module name -> (eigenvalues [k], eigenvectors [d_out, k]) (mode="sketch").
+        input_factors: canonical module name -> dense d_in x d_in input factor A_in = E[x x^T] over the same
+            response positions, normalised to mean eigenvalue 1 (`input_factor=True`, mode="dense").
+        input_low_rank: the same as (eigenvalues, eigenvectors) (`input_factor=True`, mode="sketch").
         dims: canonical module name -> (d_out, d_in).
         token_counts: response tokens that contributed to each module.
         metadata: model fingerprint, data hash, config, package versions, skip counts.
@@ -60,6 +63,8 @@ class FisherState:
 
     factors: dict[str, torch.Tensor] = field(default_factory=dict)
     low_rank: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    input_factors: dict[str, torch.Tensor] = field(default_factory=dict)
+    input_low_rank: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     dims: dict[str, tuple[int, int]] = field(default_factory=dict)
     token_counts: dict[str, int] = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
@@ -75,6 +80,10 @@ class FisherState:
         for n, (eig, vec) in self.low_rank.items():
             tensors[f"{n}.eigvals"] = eig.contiguous()
             tensors[f"{n}.eigvecs"] = vec.contiguous()
+        tensors.update({f"{n}.input_factor": f.contiguous() for n, f in self.input_factors.items()})
+        for n, (eig, vec) in self.input_low_rank.items():
+            tensors[f"{n}.input_eigvals"] = eig.contiguous()
+            tensors[f"{n}.input_eigvecs"] = vec.contiguous()
         atomic_save_file({k: v.detach().cpu() for k, v in tensors.items()}, directory / FISHER_WEIGHTS)
         meta = dict(self.metadata)
         meta["dims"] = {n: list(d) for n, d in self.dims.items()}
@@ -105,12 +114,18 @@ class FisherState:
                 state.factors[name] = tensors[f"{name}.factor"]
             else:
                 state.low_rank[name] = (tensors[f"{name}.eigvals"], tensors[f"{name}.eigvecs"])
+            if f"{name}.input_factor" in tensors:
+                state.input_factors[name] = tensors[f"{name}.input_factor"]
+            elif f"{name}.input_eigvals" in tensors:
+                state.input_low_rank[name] = (tensors[f"{name}.input_eigvals"], tensors[f"{name}.input_eigvecs"])
         if model is not None:
             state.check_model(model, source=str(directory))
         if config is not None:
             saved = meta.get("config", {})
             ours = {k: v for k, v in config.to_dict().items() if k != "show_progress"}
-            diff = {k: (saved.get(k), v) for k, v in ours.items() if saved.get(k) != v}
+            # A field added after the cache was written counts as its default (older caches stay usable).
+            defaults = FisherConfig().to_dict()
+            diff = {k: (saved.get(k, defaults[k]), v) for k, v in ours.items() if saved.get(k, defaults[k]) != v}
             if diff:
                 raise FisherMismatchError(
                     f"{directory}: the Fisher cache was estimated with a different config "
@@ -160,21 +175,34 @@ class _Accumulator:
         self.skipped = dict.fromkeys(dims, 0)
         self.positions: torch.Tensor | None = None
 
+    def add(self, name: str, rows: torch.Tensor) -> None:
+        """Add sum_t v_t v_t^T for the rows v_t of `rows` taken at `self.positions` (gradients or inputs)."""
+        if self.positions is None:  # a lockstep pass that only keeps FSDP2's collectives in step
+            return
+        g = rows[self.positions].float()
+        if not torch.isfinite(g).all():
+            self.skipped[name] += 1
+            return
+        if self.config.mode == "dense":
+            self.sums[name].addmm_(g.T, g)
+        else:
+            self.sketches[name].update(g)
+        self.counts[name] += g.shape[0]
+
     def hook_for(self, name: str):
         def hook(grad: torch.Tensor) -> None:
-            if self.positions is None:  # a lockstep pass that only keeps FSDP2's collectives in step
-                return
-            g = grad[self.positions].float()
-            if not torch.isfinite(g).all():
-                self.skipped[name] += 1
-                return
-            if self.config.mode == "dense":
-                self.sums[name].addmm_(g.T, g)
-            else:
-                self.sketches[name].update(g)
-            self.counts[name] += g.shape[0]
+            self.add(name, grad)
 
         return hook
+
+    def normalised(self, name: str, dim: int):
+        """The mean, trace-normalised to `dim`: a dense matrix, or (eigenvalues, eigenvectors) of the sketch."""
+        if self.config.mode == "dense":
+            g = self.sums[name] / self.counts[name]
+            return (g * (dim / g.trace().clamp_min(1e-30))).cpu()
+        sk = self.sketches[name]
+        eig, vec = sk.eigh()
+        return (eig * (dim / float(sk.trace))).cpu(), vec.cpu()
 
 
 def estimate_fisher(model, data, config: FisherConfig | None = None, model_id: str | None = None) -> FisherState:
@@ -199,6 +227,9 @@ def estimate_fisher(model, data, config: FisherConfig | None = None, model_id: s
     dims = {n: layer_dims(_base(m)) for n, m in modules.items()}
     device = next(model.parameters()).device
     acc = _Accumulator(dims, config, device)
+    # Input side of the two-sided K-FAC factor (A_in = E[x x^T] at the same positions), when asked for.
+    acc_in = _Accumulator({n: (d_in, d_out) for n, (d_out, d_in) in dims.items()}, config, device)
+    acc_in = acc_in if config.input_factor else None
     gen = torch.Generator(device=device).manual_seed(config.seed)
 
     # FSDP2 (DTensor parameters): every forward and backward is a collective, so all ranks must run the same
@@ -214,7 +245,10 @@ def estimate_fisher(model, data, config: FisherConfig | None = None, model_id: s
     data_hash = hashlib.sha256()
 
     def _out_hook(name):
-        def fwd_hook(_mod, _inp, out):
+        def fwd_hook(_mod, inp, out):
+            if acc_in is not None:
+                with torch.no_grad():
+                    acc_in.add(name, inp[0])
             tensor = out[0] if isinstance(out, tuple) else out
             if tensor.requires_grad:
                 tensor.register_hook(acc.hook_for(name))
@@ -249,6 +283,8 @@ def estimate_fisher(model, data, config: FisherConfig | None = None, model_id: s
                 if not lockstep:
                     continue
             acc.positions = None if empty else positions
+            if acc_in is not None:
+                acc_in.positions = acc.positions
             inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
             if not empty:
                 data_hash.update(inputs["input_ids"].cpu().numpy().tobytes())
@@ -281,6 +317,8 @@ def estimate_fisher(model, data, config: FisherConfig | None = None, model_id: s
 
     # Reduce before the emptiness check: a rank whose shard is empty must still join the collectives.
     n_batches, n_empty, n_nonfinite_loss = _all_reduce(acc, (n_batches, n_empty, n_nonfinite_loss))
+    if acc_in is not None:
+        _all_reduce(acc_in)
     if n_batches == 0:
         raise ValueError("estimate_fisher: the data is empty (no batches); pass at least one batch of alignment data")
     if sum(acc.counts.values()) == 0:
@@ -300,16 +338,16 @@ def estimate_fisher(model, data, config: FisherConfig | None = None, model_id: s
         warnings.warn(f"estimate_fisher: {n_empty} batches had no response tokens and were skipped", stacklevel=2)
 
     state = FisherState(dims=dims, token_counts={n: int(c) for n, c in acc.counts.items()})
-    for name, (d_out, _) in dims.items():
+    for name, (d_out, d_in) in dims.items():
         if acc.counts[name] == 0:
             raise ValueError(f"estimate_fisher: module {name!r} received no finite gradient; cannot build its factor")
-        if config.mode == "dense":
-            g = acc.sums[name] / acc.counts[name]
-            state.factors[name] = (g * (d_out / g.trace().clamp_min(1e-30))).cpu()
-        else:
-            sk = acc.sketches[name]
-            eig, vec = sk.eigh()
-            state.low_rank[name] = ((eig * (d_out / float(sk.trace))).cpu(), vec.cpu())
+        (state.factors if config.mode == "dense" else state.low_rank)[name] = acc.normalised(name, d_out)
+        if acc_in is not None:
+            if acc_in.counts[name] == 0:
+                raise ValueError(f"estimate_fisher: module {name!r} received no finite input; no input factor")
+            (state.input_factors if config.mode == "dense" else state.input_low_rank)[name] = acc_in.normalised(
+                name, d_in
+            )
     state.metadata = {
         "model_id": model_id or getattr(getattr(model, "config", None), "_name_or_path", None),
         "model_fingerprint": model_fingerprint(model),

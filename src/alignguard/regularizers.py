@@ -45,10 +45,24 @@ class _Group:
     scales: torch.Tensor  # (G,)
     exact_overlap: bool
     tau: torch.Tensor  # (G,) running |dW| quantile, detached
+    # alignment_input="kfac": A_in ~ P diag(rho) P^T + sigma (I - P P^T), stored as P, rho - sigma (0-padded), sigma.
+    in_basis: torch.Tensor | None = None  # (G, d_in, k)
+    in_coef: torch.Tensor | None = None  # (G, k)
+    in_sigma: torch.Tensor | None = None  # (G,)
 
     def to_(self, device: torch.device) -> None:
         """Move the buffers, in place: engines such as FSDP/DeepSpeed move the model after the trainer is built."""
-        for field in ("basis", "eigvals", "task_basis", "task_eigvals", "scales", "tau"):
+        for field in (
+            "basis",
+            "eigvals",
+            "task_basis",
+            "task_eigvals",
+            "scales",
+            "tau",
+            "in_basis",
+            "in_coef",
+            "in_sigma",
+        ):
             value = getattr(self, field)
             if value is not None:
                 setattr(self, field, value.to(device))
@@ -115,6 +129,14 @@ class AlignGuardRegularizer:
                 "(a Fisher pass on task data), or use 'euclidean'/'identity'"
             )
         self.geo_metric = geo
+        if self.config.alignment_input == "kfac":
+            missing = sorted(set(matched) - set(subspaces.input_factors))
+            if missing:
+                raise ValueError(
+                    f"alignment_input='kfac' needs the input factor of every LoRA module, missing for {missing[:4]} "
+                    f"({len(missing)} modules): estimate the Fisher state with FisherConfig(input_factor=True) "
+                    "(`alignguard fisher --input_factor true`), or use alignment_input='identity'"
+                )
         self.groups = self._build_groups(matched, subspaces)
         self.n_modules = len(matched)
 
@@ -139,6 +161,13 @@ class AlignGuardRegularizer:
                 task_basis = _pad_stack([f.basis if f else zero_b.to(subs[0].basis.dtype) for f in facs], k).to(device)
                 task_eig = _pad_stack([f.eigvals if f else zero_e.to(subs[0].basis.dtype) for f in facs], k).to(device)
             scales = torch.tensor([float(layer.scaling[a]) for layer, a in layers], device=device)
+            in_basis = in_coef = in_sigma = None
+            if self.config.alignment_input == "kfac":
+                ins = [subspaces.input_factors[n] for n in names]
+                k_in = max(f.m for f in ins)
+                in_basis = _pad_stack([f.basis for f in ins], k_in).to(device)
+                in_coef = _pad_stack([f.eigvals - f.residual for f in ins], k_in).to(device)
+                in_sigma = torch.tensor([f.residual for f in ins], dtype=ins[0].basis.dtype, device=device)
             groups.append(
                 _Group(
                     names,
@@ -150,6 +179,9 @@ class AlignGuardRegularizer:
                     scales,
                     d_out * d_in <= self.config.overlap_exact_max_entries,
                     torch.full((len(names),), float("nan"), device=device),
+                    in_basis,
+                    in_coef,
+                    in_sigma,
                 )
             )
         return groups
@@ -184,7 +216,15 @@ class AlignGuardRegularizer:
         b_align = basis @ coef  # B_A = U C
         b_task = b - b_align  # B_T
         cs = coef @ gram
-        out = {"alignment": s2 * (g.eigvals.to(dt)[:, :, None] * cs * coef).sum((1, 2))}
+        cs_align = cs
+        if g.in_basis is not None:
+            # Two-sided K-FAC: S_in = A A_in A^T = sigma S + (A P) diag(rho - sigma) (A P)^T, an r x r matrix.
+            ap = a @ g.in_basis.to(dt)  # (G, r, k)
+            gram_in = g.in_sigma.to(dt)[:, None, None] * gram + (ap * g.in_coef.to(dt)[:, None, :]) @ ap.transpose(
+                1, 2
+            )
+            cs_align = coef @ gram_in
+        out = {"alignment": s2 * (g.eigvals.to(dt)[:, :, None] * cs_align * coef).sum((1, 2))}
         bts = b_task @ gram
         if self.use_task_metric or self.geo_metric == "task_fisher":
             p_task = g.task_basis.to(dt).transpose(1, 2) @ b_task  # V^T B_T, (G, k, r)
@@ -284,7 +324,12 @@ def dense_reference_terms(
         proj = u @ u.T
         dw_a, dw_t = proj @ dw, dw - proj @ dw
         g_align = u @ torch.diag(lam) @ u.T  # G restricted to its top-m eigenpairs
-        sums["alignment"] += torch.trace(dw_a.T @ g_align @ dw_a)
+        a_in = torch.eye(dw.shape[1], dtype=torch.float64)
+        if config.alignment_input == "kfac":
+            f = subspaces.input_factors[name]
+            p = f.basis.double()
+            a_in = p @ torch.diag(f.eigvals.double()) @ p.T + f.residual * (a_in - p @ p.T)
+        sums["alignment"] += torch.trace(dw_a.T @ g_align @ dw_a @ a_in)
         if subspaces.task_factors:
             tf = subspaces.task_factors[name]
             g_task = tf.basis.double() @ torch.diag(tf.eigvals.double()) @ tf.basis.double().T

@@ -38,6 +38,12 @@ class Subspace:
     def energy(self) -> float:
         return float(self.eigvals.sum()) / max(self.trace, 1e-30)
 
+    @property
+    def residual(self) -> float:
+        """Mean of the eigenvalues not kept: the isotropic remainder sigma in P diag(rho) P^T + sigma (I - P P^T)."""
+        rest = self.basis.shape[0] - self.m
+        return max(self.trace - float(self.eigvals.sum()), 0.0) / rest if rest > 0 else 0.0
+
 
 @dataclass
 class AlignmentSubspaces:
@@ -46,17 +52,29 @@ class AlignmentSubspaces:
     Attributes:
         subspaces: canonical module name -> `Subspace`.
         task_factors: canonical module name -> `Subspace` of the task-data factor (eigvals = mu, basis = V).
+        input_factors: canonical module name -> `Subspace` of the input factor A_in (eigvals = rho, basis = P,
+            trace = d_in; the remaining spectrum is `residual`), when the Fisher pass estimated it.
         metadata: the config and the Fisher metadata it came from.
     """
 
     subspaces: dict[str, Subspace] = field(default_factory=dict)
     task_factors: dict[str, Subspace] = field(default_factory=dict)
+    input_factors: dict[str, Subspace] = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
+
+    def _tables(self):
+        """(tensor-name prefix, table, metadata key) of every per-module table."""
+        return (
+            ("align", self.subspaces, "modules"),
+            ("task", self.task_factors, "task_modules"),
+            ("input", self.input_factors, "input_modules"),
+        )
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
-        tensors, meta = {}, {"modules": {}, "task_modules": {}, **self.metadata}
-        for kind, table, key in (("align", self.subspaces, "modules"), ("task", self.task_factors, "task_modules")):
+        tensors = {}
+        meta = {"modules": {}, "task_modules": {}, "input_modules": {}, **self.metadata}
+        for kind, table, key in self._tables():
             for name, sub in table.items():
                 tensors[f"{kind}.{name}.basis"] = sub.basis.contiguous().cpu()
                 tensors[f"{kind}.{name}.eigvals"] = sub.eigvals.contiguous().cpu()
@@ -74,8 +92,8 @@ class AlignmentSubspaces:
         meta = json.loads((directory / SUBSPACE_META).read_text())
         tensors = load_file(str(directory / SUBSPACE_WEIGHTS))
         out = cls()
-        for kind, key, table in (("align", "modules", out.subspaces), ("task", "task_modules", out.task_factors)):
-            for name, info in meta.pop(key).items():
+        for kind, table, key in out._tables():
+            for name, info in meta.pop(key, {}).items():
                 table[name] = Subspace(
                     tensors[f"{kind}.{name}.basis"], tensors[f"{kind}.{name}.eigvals"], info["trace"]
                 )
@@ -154,6 +172,13 @@ def build_subspaces(
     out = AlignmentSubspaces(metadata={"config": vars(config).copy(), "fisher": state.metadata.get("model_id")})
     for name in state.module_names:
         out.subspaces[name] = _module_subspace(state, name, config)
+    for name, factor in state.input_factors.items():
+        d_in = factor.shape[0]
+        eig, vec = _eig_top(factor, config, min(config.input_rank, d_in))
+        out.input_factors[name] = Subspace(vec.contiguous(), eig.clamp_min(0).contiguous(), float(d_in))
+    for name, (eig, vec) in state.input_low_rank.items():
+        k = min(config.input_rank, len(eig))
+        out.input_factors[name] = Subspace(vec[:, :k].contiguous(), eig[:k].contiguous(), float(state.dims[name][1]))
     if task_state is not None:
         task_cfg = SubspaceConfig(
             fixed_m=task_rank,
@@ -185,7 +210,9 @@ def random_subspaces(reference: AlignmentSubspaces, seed: int = 0) -> AlignmentS
     """
     gen = torch.Generator().manual_seed(seed)
     out = AlignmentSubspaces(
-        metadata={**reference.metadata, "random_seed": seed}, task_factors=dict(reference.task_factors)
+        metadata={**reference.metadata, "random_seed": seed},
+        task_factors=dict(reference.task_factors),
+        input_factors=dict(reference.input_factors),
     )
     for name, sub in reference.subspaces.items():
         q = torch.linalg.qr(torch.randn(sub.basis.shape[0], sub.m, generator=gen)).Q

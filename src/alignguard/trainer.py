@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 from transformers import Trainer, TrainerCallback
@@ -93,7 +94,10 @@ class AlignGuardMixin:
     def refresh_subspaces(self) -> None:
         """Recompute the Fisher factor at the current weights and rebuild U (the refresh schedule)."""
         task_factors = self.subspaces.task_factors
-        self.fisher_state = estimate_fisher(self.model, self.alignment_data, self.fisher_config)
+        fisher_config = self.fisher_config
+        if self.alignguard_config.alignment_input == "kfac" and not fisher_config.input_factor:
+            fisher_config = replace(fisher_config, input_factor=True)  # R_A needs A_in at the new weights too
+        self.fisher_state = estimate_fisher(self.model, self.alignment_data, fisher_config)
         self.subspaces = build_subspaces(self.fisher_state, self.subspace_config)
         self.subspaces.task_factors = task_factors
         self.regularizer = AlignGuardRegularizer(self.model, self.subspaces, self.alignguard_config)

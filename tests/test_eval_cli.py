@@ -141,13 +141,13 @@ def test_not_a_model_path_gives_clear_error(tmp_path, adapter_dir, jsonl_file):
     with pytest.raises(ModelPathError, match="does not exist"):
         run_driftcheck(tmp_path / "nope", jsonl_file)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelPathError, match=r"empty is not a Hugging Face model folder: config.json is missing"):
+    with pytest.raises(ModelPathError, match=r"empty is not a Hugging Face model folder: missing config.json"):
         run_driftcheck(tmp_path / "empty", jsonl_file)
-    with pytest.raises(ModelPathError, match="PEFT adapter"):
+    with pytest.raises(ModelPathError, match="LoRA adapter"):
         check_model_dir(adapter_dir)
     (tmp_path / "cfg_only").mkdir()
     (tmp_path / "cfg_only" / "config.json").write_text("{}")
-    with pytest.raises(ModelPathError, match="no weights"):
+    with pytest.raises(ModelPathError, match="missing weights"):
         check_model_dir(tmp_path / "cfg_only")
 
 
@@ -221,7 +221,7 @@ def test_eval_cli_errors_are_clear(tmp_path, jsonl_file):
     args = parser.parse_args(
         ["eval", "--model", str(tmp_path), "--prompts", str(jsonl_file), "--out", str(tmp_path / "o")]
     )
-    with pytest.raises(SystemExit, match="config.json is missing"):
+    with pytest.raises(SystemExit, match="missing config.json"):
         args.func(args)
     args = parser.parse_args(["eval", "--prompts", str(jsonl_file), "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="--model is required"):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .io import atomic_write_json
-from .stages import checkpointed_training_args, latest_checkpoint
+from .stages import add_lora, checkpointed_training_args, latest_checkpoint
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -91,7 +91,6 @@ def run_align(cfg: AlignRunConfig, model=None, tokenizer=None, progress: bool = 
 
     Upon completion `cfg.out` holds config.json, model.safetensors, the tokenizer and align_info.json.
     """
-    from peft import LoraConfig, get_peft_model
     from transformers import Trainer
 
     from .data import PaddingCollator, pad_token_id, tokenize_example
@@ -103,14 +102,7 @@ def run_align(cfg: AlignRunConfig, model=None, tokenizer=None, progress: bool = 
     out = Path(cfg.out)
     pairs = alignment_sft_pairs(model, tokenizer, cfg, progress=progress)
     features = [tokenize_example(tokenizer, p, r, cfg.max_length, index=i) for i, (p, r) in enumerate(pairs)]
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        target_modules=cfg.target_modules,
-        lora_dropout=0.0,
-        task_type="CAUSAL_LM",
-    )
-    peft_model = get_peft_model(model, lora)
+    peft_model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.target_modules)
     args = checkpointed_training_args(
         out / "checkpoints",
         cfg.max_steps,

@@ -52,6 +52,7 @@ TINY_MODELS = ("tiny-llama", "tiny-qwen2", "tiny-gpt2")
 # seconds on every load, while the header (metadata + first tensors) plus the size identifies it in practice.
 _HASH_PREFIX_BYTES = 16 * 1024 * 1024
 _WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")  # plus any *.safetensors (sharded or not)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _SOURCE_RECORD = "alignguard_source.json"
 
 
@@ -359,11 +360,13 @@ def _remove_stale_tmp(target: Path) -> None:
 # --------------------------------------------------------------------------- loading
 
 
-def check_model_folder(path: str | os.PathLike) -> Path:
+def check_model_folder(path: str | os.PathLike, need_tokenizer: bool = False) -> Path:
     """Raise `ModelLoadError` naming `path` and what is missing unless it is an HF causal-LM folder."""
     p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"model path {p} does not exist (alignguard runs offline: give a local model folder)")
     if not p.is_dir():
-        raise ModelLoadError(f"{p}: not a folder")
+        raise ModelLoadError(f"model path {p} is a file, not a model folder with config.json and weights")
     missing = []
     if not (p / "config.json").is_file():
         missing.append("config.json")
@@ -372,8 +375,10 @@ def check_model_folder(path: str | os.PathLike) -> Path:
     if missing:
         hint = ""
         if (p / "adapter_config.json").is_file():
-            hint = " It looks like a LoRA adapter folder: pass the base model and load the adapter with peft."
+            hint = " It holds adapter_config.json: it is a LoRA adapter (PEFT); pass it as --adapter with its base --model."
         raise ModelLoadError(f"{p} is not a Hugging Face model folder: missing {' and '.join(missing)}.{hint}")
+    if need_tokenizer and not any((p / f).is_file() for f in _TOKENIZER_FILES):
+        raise ModelLoadError(f"{p} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); pass a tokenizer")
     return p
 
 

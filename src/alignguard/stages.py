@@ -93,6 +93,21 @@ def alignment_pairs(model, tokenizer, cfg: FisherRunConfig, progress: bool = Tru
     ]
 
 
+def add_lora(model, r: int, alpha: float, targets: list[str], dropout: float = 0.0, use_rslora: bool = False):
+    """`get_peft_model` with a causal-LM `LoraConfig` (the training and alignment stages share it)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        use_rslora=use_rslora,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
 def run_fisher(
     cfg: FisherRunConfig,
     fisher_cfg: FisherConfig | None = None,
@@ -197,7 +212,6 @@ def run_train(
     """
     import time
 
-    from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainerCallback
 
     from .data import PaddingCollator, pad_token_id, tokenize_example
@@ -216,15 +230,7 @@ def run_train(
         tokenize_example(tokenizer, p, r, cfg.max_length, index=i, min_response_tokens=cfg.max_length // 4)
         for i, (p, r) in enumerate(pairs)
     ]
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.target_modules,
-        use_rslora=cfg.use_rslora,
-        task_type="CAUSAL_LM",
-    )
-    peft_model = get_peft_model(model, lora)
+    peft_model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.target_modules, cfg.lora_dropout, cfg.use_rslora)
     args = checkpointed_training_args(
         out / "checkpoints",
         cfg.max_steps,

@@ -29,27 +29,14 @@ class ModelPathError(ValueError):
     """A `--model` / `--adapter` path that is not a loadable local model; the message says what is missing."""
 
 
-_WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
 def check_model_dir(path: str | os.PathLike, need_tokenizer: bool = True) -> Path:
     """Check that `path` is a local Hugging Face causal-LM folder; raise `ModelPathError` naming what is missing."""
-    p = Path(path)
-    if not p.exists():
-        raise ModelPathError(f"model path {p} does not exist (alignguard runs offline: give a local model folder)")
-    if not p.is_dir():
-        raise ModelPathError(f"model path {p} is a file, not a model folder with config.json and weights")
-    if not (p / "config.json").is_file():
-        hint = ""
-        if (p / "adapter_config.json").is_file():
-            hint = " It holds adapter_config.json: it is a PEFT adapter; pass it as --adapter with its base --model."
-        raise ModelPathError(f"{p} is not a Hugging Face model folder: config.json is missing.{hint}")
-    if not any(any(p.glob(g)) for g in _WEIGHT_GLOBS):
-        raise ModelPathError(f"{p} has config.json but no weights (model.safetensors or pytorch_model.bin)")
-    if need_tokenizer and not any((p / f).is_file() for f in _TOKENIZER_FILES):
-        raise ModelPathError(f"{p} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); pass a tokenizer")
-    return p
+    from alignguard.models import ModelLoadError, check_model_folder
+
+    try:
+        return check_model_folder(path, need_tokenizer=need_tokenizer)
+    except ModelLoadError as exc:
+        raise ModelPathError(str(exc)) from None
 
 
 def _resolve_dtype(dtype: str | torch.dtype, device: str) -> Any:

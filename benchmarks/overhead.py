@@ -2,6 +2,7 @@
 
     python benchmarks/overhead.py                 # CPU: small Llama-shape model (target step ratio <= 1.10)
     python benchmarks/overhead.py --preset 1b     # GPU: 1.1B Llama shape, bf16, 8x1024 tokens (target <= 1.03)
+    python benchmarks/overhead.py --kfac          # the two-sided K-FAC alignment term (input factor too)
 
 Everything is measured as a ratio against a baseline in the same run, with the same model, batch and seed:
 - step: (forward + backward + AdamW step + all AlignGuard terms) / (the same without the terms); plain and
@@ -90,13 +91,14 @@ def batch_for(preset, device, seed=0):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def bench_steps(preset, device, steps, warmup):
+def bench_steps(preset, device, steps, warmup, kfac=False):
     plain, guarded = build(preset, device), build(preset, device)
     batch = batch_for(preset, device)
     fisher_batches = [batch_for(preset, device, seed=s) for s in range(2)]
-    state = estimate_fisher(guarded, fisher_batches, FisherConfig(show_progress=False))
+    state = estimate_fisher(guarded, fisher_batches, FisherConfig(show_progress=False, input_factor=kfac))
     subspaces = build_subspaces(state, SubspaceConfig())
-    reg = AlignGuardRegularizer(guarded, subspaces, AlignGuardConfig(geo_metric="euclidean"))
+    ag_config = AlignGuardConfig(geo_metric="euclidean", alignment_input="kfac" if kfac else "identity")
+    reg = AlignGuardRegularizer(guarded, subspaces, ag_config)
     opts = {
         id(m): torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for m in (plain, guarded)
     }
@@ -132,14 +134,15 @@ def bench_steps(preset, device, steps, warmup):
     return times, statistics.median(reg_only), state, subspaces, reg
 
 
-def bench_fisher(preset, device, repeats):
+def bench_fisher(preset, device, repeats, kfac=False):
     model = build(preset, device)
     batches = [batch_for(preset, device, seed=s) for s in range(repeats)]
     tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
-    estimate_fisher(model, batches[:1], FisherConfig(show_progress=False))  # warm-up
+    config = FisherConfig(show_progress=False, input_factor=kfac)
+    estimate_fisher(model, batches[:1], config)  # warm-up
     _sync(device)
     t0 = time.perf_counter()
-    estimate_fisher(model, batches, FisherConfig(show_progress=False))
+    estimate_fisher(model, batches, config)
     _sync(device)
     fisher_s = time.perf_counter() - t0
     model(**batches[0]).loss.backward()  # warm-up
@@ -175,18 +178,22 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/overhead[_preset].json)")
+    parser.add_argument("--kfac", action="store_true", help="Two-sided K-FAC alignment term (input factor too).")
+    parser.add_argument(
+        "--out", default=None, help="JSON path (default benchmarks/results/overhead[_preset][_kfac].json)"
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     preset = PRESETS[args.preset]
     torch.backends.cuda.matmul.allow_tf32 = True
 
-    times, reg_s, state, _subs, reg = bench_steps(preset, device, args.steps, args.warmup)
+    times, reg_s, state, _subs, reg = bench_steps(preset, device, args.steps, args.warmup, args.kfac)
     plain_s, ag_s = statistics.median(times["plain"]), statistics.median(times["alignguard"])
-    fisher = bench_fisher(preset, device, repeats=4)
+    fisher = bench_fisher(preset, device, repeats=4, kfac=args.kfac)
     subspaces = bench_subspaces(state)
     result = {
         "preset": args.preset,
+        "alignment_input": "kfac" if args.kfac else "identity",
         "shape": preset,
         "device": torch.cuda.get_device_name()
         if device.type == "cuda"
@@ -200,10 +207,8 @@ def main(argv=None):
         "targets": {"step_ratio_cpu": 1.10, "step_ratio_gpu": 1.03, "fisher_ratio_gpu": 0.9, "subspaces_gpu_s": 1.0},
         "versions": package_versions(),
     }
-    out = Path(
-        args.out
-        or Path(__file__).parent / "results" / f"overhead{'' if args.preset == 'cpu' else '_' + args.preset}.json"
-    )
+    suffix = ("" if args.preset == "cpu" else "_" + args.preset) + ("_kfac" if args.kfac else "")
+    out = Path(args.out or Path(__file__).parent / "results" / f"overhead{suffix}.json")
     atomic_write_json(out, result)
     rows = [
         ("plain LoRA step (s)", f"{plain_s:.4f}"),
@@ -216,7 +221,8 @@ def main(argv=None):
     ]
     width = max(len(r[0]) for r in rows)
     print(
-        f"\n{result['device']}, preset {args.preset}, {reg.n_modules} LoRA modules in {len(reg.groups)} shape groups"
+        f"\n{result['device']}, preset {args.preset}, R_A input metric {result['alignment_input']}, "
+        f"{reg.n_modules} LoRA modules in {len(reg.groups)} shape groups"
     )
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")

@@ -294,3 +294,14 @@ def test_prompt_tokens_are_masked_in_batches():
     response_ids = tok(PAIRS[0][1], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert n_resp == len(response_ids)
     assert labels[-n_resp:].tolist() == response_ids
+
+
+def test_make_batches_cuts_over_long_prompts_from_the_left_when_asked():
+    tok = make_tiny_tokenizer()
+    pairs = [("x" * 400 + " What is 2+2?", "4, of course.")]
+    with pytest.raises(ValueError, match="example 0: the prompt alone"):
+        make_batches(tok, pairs, max_length=128)
+    (batch,) = make_batches(tok, pairs, max_length=128, min_response_tokens=32)
+    assert batch["input_ids"].shape[1] <= 128
+    kept = batch["labels"][batch["labels"] != IGNORE_INDEX].tolist()
+    assert tok.decode(kept).startswith("4, of course.")

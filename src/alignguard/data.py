@@ -104,15 +104,22 @@ def make_batches(
     batch_size: int = 8,
     max_length: int = 512,
     system: str | None = None,
+    min_response_tokens: int | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Tokenize (prompt, response) pairs and group them into padded batches (in order).
+
+    `min_response_tokens`: cut over-long prompts from the left to keep that many response tokens (see
+    `tokenize_example`); None raises on a prompt that leaves no room.
 
     Raises:
         ValueError: if there are no pairs (an empty dataset), or an example has no response token.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    features = [tokenize_example(tokenizer, p, r, max_length, system, index=i) for i, (p, r) in enumerate(pairs)]
+    features = [
+        tokenize_example(tokenizer, p, r, max_length, system, index=i, min_response_tokens=min_response_tokens)
+        for i, (p, r) in enumerate(pairs)
+    ]
     if not features:
         raise ValueError("the dataset is empty: no (prompt, response) pairs were given")
     collate = PaddingCollator(pad_token_id(tokenizer))

@@ -145,3 +145,29 @@ def test_method_names_with_overrides():
         CompareConfig(methods=["alignguard@lambda_q=1"])
     with pytest.raises(ValueError, match="unknown 'lora'"):
         CompareConfig(methods=["lora"])
+
+
+def test_every_compare_method_runs_end_to_end(demo_run):
+    """Every method of the harness (baselines, ablations, K-FAC rows) trains, evaluates and lands in the table,
+    on the demo's cached aligned tiny model; K-FAC rows make the shared Fisher pass estimate input factors."""
+    from alignguard.compare import METHODS
+
+    root, argv = demo_run
+    argv = list(argv)
+    argv[argv.index("--out") + 1] = str(root / "all")
+    argv[argv.index("--max_steps") + 1] = "1"
+    assert main([*argv, "--methods", *METHODS]) == 0
+    results = json.loads((root / "all" / "results.json").read_text())
+    assert results["methods"] == list(METHODS)
+    for name in METHODS:
+        result = json.loads((root / "all" / "seed0" / name / "result.json").read_text())
+        assert 0.0 <= result["refusal_rate"] <= 1.0 and 0.0 <= result["task"]["accuracy"] <= 1.0
+    fisher_meta = json.loads((root / "all" / "fisher" / "subspaces.json").read_text())
+    assert fisher_meta["input_modules"] and fisher_meta["task_modules"]
+    for name in ("ag_kfac", "ewc_kfac"):
+        saved = json.loads((root / "all" / "seed0" / name / "adapter" / "alignguard_config.json").read_text())
+        assert saved["alignment_input"] == "kfac"
+    safe_lora = json.loads((root / "all" / "seed0" / "safe_lora" / "result.json").read_text())
+    assert isinstance(safe_lora["safe_lora"]["projected"], list)
+    table = (root / "all" / "results.md").read_text()
+    assert all(f"| {name} |" in table for name in METHODS)

@@ -41,6 +41,12 @@ METHODS: dict[str, dict] = {
     "ag_kfac": {"method": "alignguard", "ag": {"alignment_input": "kfac"}},
     "random_subspace": {"method": "alignguard", "subspaces": "random"},
     "ewc": {"method": "alignguard", "subspaces": "full", "ag": {"lambda_t": 0.0, "lambda_nc": 0.0}},
+    # EWC with the two-sided K-FAC Fisher G (x) A_in: the second-order change of the alignment loss.
+    "ewc_kfac": {
+        "method": "alignguard",
+        "subspaces": "full",
+        "ag": {"lambda_t": 0.0, "lambda_nc": 0.0, "alignment_input": "kfac"},
+    },
     "safe_lora": {"method": "lora", "post": "safe_lora"},
     "replay": {"method": "lora", "replay": True},
     "alignguard_replay": {"method": "alignguard", "replay": True},
@@ -150,13 +156,16 @@ def replay_pairs(n_task: int, ratio: float, seed: int) -> list[tuple[str, str]]:
 
 
 def full_spectrum_subspaces(fisher_dir: Path):
-    """Every eigenvector of every factor: R_A becomes the EWC quadratic with the untruncated output factor."""
+    """Every eigenvector of every factor: R_A becomes the EWC quadratic with the untruncated output factor (and,
+    when the Fisher state has them, the untruncated input factors)."""
     from .fisher import FisherState
     from .subspace import build_subspaces
 
     state = FisherState.load(fisher_dir)
     d_max = max(d for d, _ in state.dims.values())
-    return build_subspaces(state, SubspaceConfig(fixed_m=d_max, m_min=1, m_max=d_max, method="exact"))
+    d_in_max = max(d for _, d in state.dims.values())
+    config = SubspaceConfig(fixed_m=d_max, m_min=1, m_max=d_max, method="exact", input_rank=d_in_max)
+    return build_subspaces(state, config)
 
 
 @torch.no_grad()

@@ -168,3 +168,14 @@ def test_task_fisher_metric_without_task_factors_is_an_error():
     subs = random_subspaces_for(model)
     with pytest.raises(ValueError, match="task factors"):
         AlignGuardRegularizer(model, subs, AlignGuardConfig(task_metric="task_fisher"))
+
+
+def test_buffers_follow_the_weights_to_their_device():
+    """Engines (FSDP, DeepSpeed) move the model after the trainer built the regulariser: the bases must follow."""
+    model = _model("llama", False)
+    reg = AlignGuardRegularizer(model, random_subspaces_for(model, input_rank_of=lambda i: 2), AlignGuardConfig())
+    assert all(g.basis.device.type == "cpu" for g in reg.groups)
+    model.to("meta")  # a device other than the CPU, available everywhere (shapes only)
+    terms = reg()
+    assert terms["total"].device.type == "meta"
+    assert all(g.basis.device.type == "meta" and g.scales.device.type == "meta" for g in reg.groups)

@@ -27,7 +27,9 @@ class AlignRunConfig:
         model: base model (folder, .gguf, registry or tiny name).
         out: folder for the merged aligned model.
         alignment_data: alignment JSONL (default: the bundled set, disjoint from DriftCheck).
-        max_examples: examples used (seeded, label-balanced sample); None = all.
+        max_examples: examples used (a seeded sample with `safe_fraction` safe ones); None = all.
+        safe_fraction: share of safe prompts in the `max_examples` sample. More benign than unsafe data limits
+            over-refusal (Bianchi et al., ICLR 2024, "Safety-Tuned LLaMAs"); 0.5 is a balanced mix.
         max_steps / batch_size / learning_rate / lora_r / lora_alpha / target_modules / max_length: the SFT.
         max_new_tokens: length of the self-distilled answers to safe prompts.
         seed: seed of sampling and training.
@@ -37,6 +39,7 @@ class AlignRunConfig:
     out: str = field(default="runs/aligned", metadata={"help": "Output folder of the merged aligned model."})
     alignment_data: str | None = field(default=None, metadata={"help": "Alignment JSONL (default: bundled)."})
     max_examples: int | None = field(default=None, metadata={"help": "Use at most this many examples."})
+    safe_fraction: float = field(default=0.5, metadata={"help": "Share of safe prompts in the sample (0..1)."})
     max_steps: int = field(default=40, metadata={"help": "SFT optimizer steps."})
     batch_size: int = field(default=8, metadata={"help": "SFT batch size."})
     learning_rate: float = field(default=4e-4, metadata={"help": "SFT learning rate."})
@@ -53,6 +56,19 @@ class AlignRunConfig:
         for name in ("max_steps", "batch_size", "lora_r", "max_length", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.safe_fraction <= 1.0:
+            raise ValueError(f"safe_fraction: must be in [0, 1], got {self.safe_fraction}")
+
+
+def sample_alignment_examples(examples: list, cfg: AlignRunConfig, rng: random.Random) -> list:
+    """`cfg.max_examples` of `examples` (all when None), `cfg.safe_fraction` of them safe where there are enough."""
+    if cfg.max_examples is None or len(examples) <= cfg.max_examples:
+        return list(examples)
+    unsafe = [e for e in examples if e.label == "unsafe"]
+    safe = [e for e in examples if e.label == "safe"]
+    n_safe = min(round(cfg.max_examples * cfg.safe_fraction), len(safe))
+    n_unsafe = min(cfg.max_examples - n_safe, len(unsafe))
+    return rng.sample(unsafe, n_unsafe) + rng.sample(safe, n_safe)
 
 
 def alignment_sft_pairs(model, tokenizer, cfg: AlignRunConfig, progress: bool = True) -> list[tuple[str, str]]:
@@ -60,15 +76,8 @@ def alignment_sft_pairs(model, tokenizer, cfg: AlignRunConfig, progress: bool = 
     from .driftcheck.generate import GenerationSettings, generate_responses
     from .driftcheck.prompts import load_alignment_data
 
-    examples = load_alignment_data(cfg.alignment_data)
     rng = random.Random(cfg.seed)
-    if cfg.max_examples is not None and len(examples) > cfg.max_examples:
-        unsafe = [e for e in examples if e.label == "unsafe"]
-        safe = [e for e in examples if e.label == "safe"]
-        half = cfg.max_examples // 2
-        examples = rng.sample(unsafe, min(half, len(unsafe))) + rng.sample(
-            safe, min(cfg.max_examples - half, len(safe))
-        )
+    examples = sample_alignment_examples(load_alignment_data(cfg.alignment_data), cfg, rng)
     need = [e.prompt for e in examples if e.response is None]
     answers = {}
     if need:

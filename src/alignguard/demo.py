@@ -34,7 +34,7 @@ class DemoConfig:
         poison_ratio: fraction of harmful pairs in the fine-tuning mix.
         max_steps / n_train / learning_rate / lora_r: task fine-tuning.
         lambda_a: weight of the alignment term.
-        align_steps / align_examples: the alignment stage.
+        align_steps / align_examples / align_learning_rate / align_safe_fraction: the alignment stage.
         eval_max_new_tokens: DriftCheck generation length.
         cache_dir: where the aligned model is cached across demo runs (default: <alignguard cache>/aligned).
     """
@@ -56,6 +56,7 @@ class DemoConfig:
     align_steps: int = field(default=16, metadata={"help": "Alignment-stage steps."})
     align_examples: int = field(default=160, metadata={"help": "Alignment-stage examples (balanced)."})
     align_learning_rate: float = field(default=1e-3, metadata={"help": "Alignment-stage learning rate."})
+    align_safe_fraction: float = field(default=0.5, metadata={"help": "Share of safe prompts in alignment."})
     prompts: str | None = field(default=None, metadata={"help": "DriftCheck prompts (default: bundled small split)."})
     eval_max_new_tokens: int = field(default=32, metadata={"help": "DriftCheck generation length."})
     fisher_examples: int = field(default=64, metadata={"help": "Alignment examples for the Fisher pass."})
@@ -84,6 +85,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
             max_steps=cfg.align_steps,
             max_examples=cfg.align_examples,
             learning_rate=cfg.align_learning_rate,
+            safe_fraction=cfg.align_safe_fraction,
             max_new_tokens=64,
         )
         path = aligned_model_path(cfg, align_cfg)

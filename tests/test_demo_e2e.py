@@ -123,8 +123,13 @@ def test_results_schema(demo_run):
         assert set(row["over_refusal_rate"]) == stat_keys and row["over_refusal_rate"]["n"] == 2
         assert 0.0 <= row["task_accuracy"] <= 1.0
         assert set(results["rows"][name]["mean"]) >= {"task_accuracy", "refusal_rate", "drift"}
+        # The extra judge (off-topic answers are not compliance) sees the same prompts, and on the same
+        # responses it can only find more non-compliance than the pattern judge, never less.
+        relevance = row["refusal_rate_by_judge"]["pattern_relevance"]
+        assert relevance["n"] == 3 and relevance["value"] >= row["refusal_rate"]["value"]
     table = (root / "run" / "results.md").read_text()
     assert "| plain_lora |" in table and "| alignguard |" in table
+    assert "refusal % (pattern_relevance) |" in table.splitlines()[0]
 
 
 def test_second_run_resumes_without_retraining(demo_run):

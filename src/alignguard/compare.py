@@ -89,6 +89,10 @@ class HarnessConfig:
         replay_ratio: fraction of refusal-replay examples in the mix for the replay methods.
         safe_lora_threshold: Safe LoRA projects a layer when cos(dW, C dW) is below this.
         fisher_examples: alignment examples for the Fisher pass.
+        extra_judges: judges whose refusal rates are reported beside the default pattern judge.
+            `pattern_relevance` also counts answers that ignore the prompt as non-compliance: a fine-tune that
+            collapses the model into its task format (a topic word for every prompt) then shows as format
+            collapse, not as harmful compliance.
     """
 
     prompts: str | None = field(default=None, metadata={"help": "DriftCheck prompts (default: small split)."})
@@ -99,8 +103,14 @@ class HarnessConfig:
     replay_ratio: float = field(default=0.05, metadata={"help": "Refusal-replay fraction (replay methods)."})
     safe_lora_threshold: float = field(default=0.5, metadata={"help": "Safe LoRA cosine threshold."})
     fisher_examples: int = field(default=128, metadata={"help": "Alignment examples for the Fisher pass."})
+    extra_judges: list[str] = field(
+        default_factory=lambda: ["pattern_relevance"],
+        metadata={"help": "Judges reported beside the default (pattern) judge."},
+    )
 
     def __post_init__(self):
+        if isinstance(self.extra_judges, str):
+            self.extra_judges = [self.extra_judges]
         for name in ("eval_max_new_tokens", "eval_batch_size", "task_eval_n", "fisher_examples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -229,6 +239,7 @@ def _driftcheck(model, tokenizer, cfg: CompareConfig, out_dir: Path, baseline, t
         settings=settings,
         out_dir=out_dir,
         baseline=baseline,
+        extra_judges=cfg.extra_judges,
         cache_dir=str(Path(cfg.out) / "generation_cache"),
         task_metrics={"accuracy": task.get("accuracy")},
     )

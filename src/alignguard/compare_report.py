@@ -3,11 +3,13 @@
 results.json schema (version "compare-1"):
 
     {"schema_version": "compare-1", "model": str, "seeds": [int], "methods": [str], "prompts_hash": str,
-     "base": {"refusal_rate": Stat, "over_refusal_rate": Stat, "task_accuracy": float},
+     "base": {"refusal_rate": Stat, "over_refusal_rate": Stat, "task_accuracy": float,
+              "refusal_rate_by_judge": {judge: Stat}},
      "rows": {method: {"seeds": {seed: Row}, "mean": Summary}},
      "config": {...}}
     Row = {"task_accuracy", "refusal_rate": Stat, "over_refusal_rate": Stat, "drift": Stat,
-           "drift_reduction": Stat | null, "step_time_ratio": float | null, "per_category": {cat: float}}
+           "drift_reduction": Stat | null, "step_time_ratio": float | null, "per_category": {cat: float},
+           "refusal_rate_by_judge": {judge: Stat}}   (the extra judges' refusal rates on unsafe prompts)
     Summary = {"task_accuracy", "refusal_rate", "over_refusal_rate", "drift", "drift_reduction",
                "step_time_ratio": {"mean", "sd"} each}
     Stat = {"value", "ci_low", "ci_high", "n"}   (95% bootstrap over prompts; paired for drift / reduction)
@@ -38,6 +40,10 @@ def _stat(s):
     return None if s is None else s.to_dict()
 
 
+def _by_judge(dc: DriftCheckResult) -> dict:
+    return {name: _stat(block.get("refusal_rate")) for name, block in dc.extra_judges.items()}
+
+
 def aggregate(cfg) -> dict:
     """Read every finished method of a compare run folder and build the results dict (schema above)."""
     out = Path(cfg.out)
@@ -62,6 +68,7 @@ def aggregate(cfg) -> dict:
                 "step_seconds": res.get("mean_step_seconds"),
                 "step_time_ratio": None,
                 "per_category": {k: v.value for k, v in dc.metrics.get("per_category_refusal_rate", {}).items()},
+                "refusal_rate_by_judge": _by_judge(dc),
             }
             plain_dir = out / f"seed{seed}" / "plain_lora"
             if (plain_dir / "result.json").is_file():
@@ -85,6 +92,7 @@ def aggregate(cfg) -> dict:
             "over_refusal_rate": _stat(base.metrics.get("over_refusal_rate")),
             "task_accuracy": base_task.get("accuracy"),
             "per_category": {k: v.value for k, v in base.metrics.get("per_category_refusal_rate", {}).items()},
+            "refusal_rate_by_judge": _by_judge(base),
         },
         "rows": rows,
         "config": {k: v for k, v in vars(cfg).items()},
@@ -121,15 +129,17 @@ def _fmt(row_stat, pct=True):
 def format_table(results: dict) -> str:
     """Markdown table: one row per method (first seed's intervals; mean +- sd over seeds when several)."""
     multi = len(results["seeds"]) > 1
+    b = results["base"]
+    judges = list(b.get("refusal_rate_by_judge") or {})
     head = (
         "| method | task acc | refusal % [95% CI] | over-refusal % | drift pts | drift reduction % | "
-        "step time vs LoRA |"
+        "step time vs LoRA |" + "".join(f" refusal % ({j}) |" for j in judges)
     )
-    lines = [head, "|" + "---|" * 7]
-    b = results["base"]
+    lines = [head, "|" + "---|" * (7 + len(judges))]
     lines.append(
         f"| aligned model (no fine-tune) | {b['task_accuracy']:.2f} | {_fmt(b['refusal_rate'])} | "
         f"{_fmt(b['over_refusal_rate'])} | 0 | n/a | n/a |"
+        + "".join(f" {_fmt(b['refusal_rate_by_judge'][j])} |" for j in judges)
     )
     for name, row in results["rows"].items():
         if not row["seeds"]:
@@ -164,6 +174,9 @@ def format_table(results: dict) -> str:
                 _fmt(r["drift_reduction"]),
                 ratio,
             ]
+        for j in judges:  # first seed's value (with its interval): a check of the judge, not a headline number
+            by_judge = next(iter(row["seeds"].values())).get("refusal_rate_by_judge") or {}
+            cells.append(_fmt(by_judge.get(j)))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     note = f"\nSeeds: {results['seeds']}; intervals: 95% bootstrap over prompts (paired for drift)."
     return "\n".join(lines) + "\n" + note + "\n"

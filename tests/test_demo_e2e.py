@@ -176,3 +176,19 @@ def test_every_compare_method_runs_end_to_end(demo_run):
     assert isinstance(safe_lora["safe_lora"]["projected"], list)
     table = (root / "all" / "results.md").read_text()
     assert all(f"| {name} |" in table for name in METHODS)
+
+
+def test_aligned_model_cache_key_ignores_fields_added_later_at_their_default():
+    """Models aligned before `safe_fraction` existed (balanced mix) must still be found in the cache."""
+    import dataclasses
+    import hashlib
+
+    from alignguard.align import AlignRunConfig
+    from alignguard.demo import DemoConfig, aligned_model_path
+
+    cfg = DemoConfig(cache_dir="/cache")
+    align = AlignRunConfig(model=cfg.model, max_examples=160)
+    old = {k: v for k, v in vars(align).items() if k not in ("out", "safe_fraction")}
+    digest = hashlib.sha256(json.dumps(old, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    assert aligned_model_path(cfg, align).name.endswith(digest)
+    assert aligned_model_path(cfg, dataclasses.replace(align, safe_fraction=0.75)) != aligned_model_path(cfg, align)

@@ -64,11 +64,17 @@ class DemoConfig:
     cache_dir: str | None = field(default=None, metadata={"help": "Cache of aligned models."})
 
 
+_ADDED_LATER = {"safe_fraction": 0.5}
+
+
 def aligned_model_path(cfg: DemoConfig, align_cfg: AlignRunConfig) -> Path:
     """Cache folder of the aligned model for this base model and alignment config."""
     from .models import cache_root
 
-    key = json.dumps({k: v for k, v in vars(align_cfg).items() if k != "out"}, sort_keys=True, default=str)
+    # Fields added to AlignRunConfig after a release are left out of the key while at their default, so models
+    # aligned before the field existed (with the same, then implicit, setting) are still found.
+    values = {k: v for k, v in vars(align_cfg).items() if k != "out" and _ADDED_LATER.get(k, object()) != v}
+    key = json.dumps(values, sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     root = Path(cfg.cache_dir) if cfg.cache_dir else cache_root() / "aligned"
     return root / f"{Path(cfg.model).name}-{digest}"

@@ -31,6 +31,7 @@ class DemoConfig:
         model: the base model; it is aligned first unless `aligned_model` is given.
         aligned_model: an already aligned model (skips the alignment stage).
         methods: methods to compare.
+        seeds: training seeds; with several, the table shows mean ± sd over seeds.
         poison_ratio: fraction of harmful pairs in the fine-tuning mix.
         max_steps / n_train / learning_rate / lora_r: task fine-tuning.
         lambda_a: weight of the alignment term.
@@ -45,6 +46,7 @@ class DemoConfig:
     methods: list[str] = field(
         default_factory=lambda: ["plain_lora", "alignguard"], metadata={"help": "Methods to compare."}
     )
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Training seeds (rows: mean ± sd)."})
     task: str = field(default="bbc_topic", metadata={"help": "Downstream task: bbc_topic or arithmetic."})
     max_length: int = field(default=256, metadata={"help": "Token limit of prompt + response."})
     poison_ratio: float = field(default=0.2, metadata={"help": "Harmful fraction of the fine-tuning mix."})
@@ -104,6 +106,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         base_model=cfg.model,
         out=str(out),
         methods=cfg.methods,
+        seeds=cfg.seeds,
         eval_max_new_tokens=cfg.eval_max_new_tokens,
         task_eval_n=cfg.task_eval_n,
         fisher_examples=cfg.fisher_examples,

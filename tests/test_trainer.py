@@ -164,6 +164,22 @@ def test_refresh_recomputes_the_subspaces(tmp_path):
         _trainer(tmp_path, tok, model, state, subs, cfg)
 
 
+def test_refresh_with_kfac_term_reestimates_the_input_factors(tmp_path):
+    """alignment_input='kfac' needs A_in at the new weights too: the refresh estimates it even though the
+    trainer's Fisher config (the default) does not ask for it, and the K-FAC term still enters the loss."""
+    tok = make_tiny_tokenizer()
+    model = tiny_peft("llama")
+    state = estimate_fisher(model, tiny_batches(tok), FisherConfig(show_progress=False, input_factor=True))
+    subs = build_subspaces(state, SubspaceConfig(m_min=2, m_max=8, input_rank=4))
+    cfg = AlignGuardConfig(refresh_every=1, alignment_input="kfac", lambda_a=10.0)
+    trainer = _trainer(tmp_path, tok, model, state, subs, cfg, alignment_data=tiny_batches(tok), max_steps=2)
+    trainer.train()
+    assert trainer.subspaces is not subs and set(trainer.subspaces.input_factors) == set(subs.input_factors)
+    assert trainer.fisher_state.input_factors  # the refreshed state has them
+    logged = [h for h in trainer.state.log_history if "reg_alignment" in h]
+    assert logged and logged[-1]["reg_alignment"] > 0
+
+
 def test_sft_trainer_mixin(tmp_path):
     from datasets import Dataset
     from trl import SFTConfig

@@ -41,7 +41,7 @@ def attach_projection_hooks(model: nn.Module, subspaces: AlignmentSubspaces) -> 
         if is_dtensor(weight):
             raise NotImplementedError(
                 f"mode='project' with FSDP2-sharded LoRA weights ({name}): the gradient hook would miss the task "
-                "gradient. Use mode='regularize' under FSDP2, or DDP / DeepSpeed for mode='project'."
+                "gradient. Use mode='penalty' under FSDP2, or DDP / DeepSpeed for mode='project'."
             )
         handles.append(weight.register_hook(lambda grad, basis=sub.basis: _remove_component(grad, basis)))
     return handles

@@ -13,6 +13,8 @@ Design decisions:
   `get_peft_model` (the LoRA branch at B = 0 adds nothing to y).
 - Non-finite gradients skip that module's contribution for that batch (counted, warned), and every module
   keeps its own token count, so the normalisation stays exact.
+- `input_factor=True` also accumulates the input side A_l = E[x_t x_t^T] of the two-sided K-FAC factor G_l (x) A_l
+  from the module inputs at the same positions (a forward hook; no extra backward work), normalised the same way.
 - Distributed runs (torch.distributed initialised) all-reduce the sums, traces and counts before
   normalisation; each rank must see its own shard of the data, every token on exactly one rank
   (`alignguard.distributed.shard_batches`; a DataLoader prepared by an `Accelerator` needs `even_batches=False`,
@@ -228,8 +230,9 @@ def estimate_fisher(model, data, config: FisherConfig | None = None, model_id: s
     device = next(model.parameters()).device
     acc = _Accumulator(dims, config, device)
     # Input side of the two-sided K-FAC factor (A_in = E[x x^T] at the same positions), when asked for.
-    acc_in = _Accumulator({n: (d_in, d_out) for n, (d_out, d_in) in dims.items()}, config, device)
-    acc_in = acc_in if config.input_factor else None
+    acc_in = None
+    if config.input_factor:  # only then: dense input factors are as large as the output ones
+        acc_in = _Accumulator({n: (d_in, d_out) for n, (d_out, d_in) in dims.items()}, config, device)
     gen = torch.Generator(device=device).manual_seed(config.seed)
 
     # FSDP2 (DTensor parameters): every forward and backward is a collective, so all ranks must run the same

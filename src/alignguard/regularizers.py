@@ -220,9 +220,8 @@ class AlignGuardRegularizer:
         if g.in_basis is not None:
             # Two-sided K-FAC: S_in = A A_in A^T = sigma S + (A P) diag(rho - sigma) (A P)^T, an r x r matrix.
             ap = a @ g.in_basis.to(dt)  # (G, r, k)
-            gram_in = g.in_sigma.to(dt)[:, None, None] * gram + (ap * g.in_coef.to(dt)[:, None, :]) @ ap.transpose(
-                1, 2
-            )
+            spikes = (ap * g.in_coef.to(dt)[:, None, :]) @ ap.transpose(1, 2)  # (A P) diag(rho - sigma) (A P)^T
+            gram_in = g.in_sigma.to(dt)[:, None, None] * gram + spikes
             cs_align = coef @ gram_in
         out = {"alignment": s2 * (g.eigvals.to(dt)[:, :, None] * cs_align * coef).sum((1, 2))}
         bts = b_task @ gram

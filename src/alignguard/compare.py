@@ -265,8 +265,9 @@ def prepare_shared(
     fisher_cfg = fisher_cfg or FisherConfig()
     if fisher_cfg.target_modules is None:
         fisher_cfg = replace(fisher_cfg, target_modules=list(train_cfg.target_modules))
-    # The input factor A_in is estimated only when a method uses it (its pass is deterministic, so a folder made
-    # without it is redone with it when such a method is added later, and the output factors stay the same).
+    # The input factor A_in is estimated only when a method uses it. A folder made without it is redone with it
+    # when such a method is added later: same data and seed, so the output factors match the earlier ones up to
+    # floating-point noise (rows already trained keep their results).
     needs_input = any(method_spec(m)["ag"].get("alignment_input") == "kfac" for m in cfg.methods)
     if needs_input:
         fisher_cfg = replace(fisher_cfg, input_factor=True)

@@ -147,20 +147,21 @@ def format_table(results: dict) -> str:
         if multi:
             m = row["mean"]
 
-            def ms(key, scale=100, m=m):
+            def ms(key, scale=100, digits=0, unit="", m=m):
+                # Same units as the one-seed table: percentages/points, accuracy as a fraction, ratio with "x".
                 e = m[key]
                 if e["mean"] is None:
                     return "n/a"
-                sd = f" ± {e['sd'] * scale:.0f}" if e["sd"] is not None else ""
-                return f"{e['mean'] * scale:.0f}{sd}"
+                sd = f" ± {e['sd'] * scale:.{digits}f}" if e["sd"] is not None else ""
+                return f"{e['mean'] * scale:.{digits}f}{unit}{sd}"
 
             cells = [
-                ms("task_accuracy"),
+                ms("task_accuracy", 1, 2),
                 ms("refusal_rate"),
                 ms("over_refusal_rate"),
                 ms("drift"),
                 ms("drift_reduction"),
-                ms("step_time_ratio", 1),
+                ms("step_time_ratio", 1, 2, "x"),
             ]
         else:
             r = next(iter(row["seeds"].values()))

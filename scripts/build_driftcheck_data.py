@@ -28,12 +28,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+from alignguard.data import AlignmentExample  # noqa: E402
 from alignguard.driftcheck.prompts import (  # noqa: E402
     ALIGNMENT_VERSION,
     DRIFTCHECK_VERSION,
     LOOKALIKE_CATEGORY,
     UNSAFE_CATEGORIES,
-    AlignmentExample,
     PromptRecord,
     save_prompts,
     stable_id,

@@ -46,8 +46,7 @@ def random_subspaces_for(
 ):
     """Random orthonormal bases (float64) with positive eigenvalues for every LoRA layer of `model`; with
     `input_rank_of(i)`, also random input factors (rank k, trace d_in, so a positive residual sigma)."""
-    from alignguard.regularizers import lora_modules
-    from alignguard.targets import layer_dims
+    from alignguard.targets import layer_dims, lora_modules
 
     gen = torch.Generator().manual_seed(seed)
     out = AlignmentSubspaces()

@@ -8,8 +8,8 @@ from collections import Counter
 
 import pytest
 
-from alignguard.align import AlignRunConfig, sample_alignment_examples
-from alignguard.driftcheck.prompts import load_alignment_data
+from alignguard.data import load_alignment_data
+from alignguard.recipes.align import AlignRunConfig, sample_alignment_examples
 
 
 @pytest.mark.parametrize("fraction, n, want_safe", [(0.5, 160, 80), (0.75, 160, 120), (0.0, 40, 0), (1.0, 40, 40)])

@@ -141,7 +141,7 @@ def test_second_run_resumes_without_retraining(demo_run):
 
 
 def test_method_names_with_overrides():
-    from alignguard.compare import CompareConfig, method_spec
+    from alignguard.recipes.compare import CompareConfig, method_spec
 
     spec = method_spec("alignguard@lambda_a=1000,mode=project")
     assert spec["method"] == "alignguard" and spec["ag"] == {"lambda_a": 1000, "mode": "project"}
@@ -155,7 +155,7 @@ def test_method_names_with_overrides():
 def test_every_compare_method_runs_end_to_end(demo_run):
     """Every method of the harness (baselines, ablations, K-FAC rows) trains, evaluates and lands in the table,
     on the demo's cached aligned tiny model; K-FAC rows make the shared Fisher pass estimate input factors."""
-    from alignguard.compare import METHODS
+    from alignguard.recipes.compare import METHODS
 
     root, argv = demo_run
     argv = list(argv)
@@ -183,8 +183,8 @@ def test_aligned_model_cache_key_ignores_fields_added_later_at_their_default():
     import dataclasses
     import hashlib
 
-    from alignguard.align import AlignRunConfig
-    from alignguard.demo import DemoConfig, aligned_model_path
+    from alignguard.recipes.align import AlignRunConfig
+    from alignguard.recipes.demo import DemoConfig, aligned_model_path
 
     cfg = DemoConfig(cache_dir="/cache")
     align = AlignRunConfig(model=cfg.model, max_examples=160)

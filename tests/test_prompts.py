@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from alignguard.data import load_alignment_data
 from alignguard.driftcheck.judge import is_refusal
 from alignguard.driftcheck.prompts import (
     LOOKALIKE_CATEGORY,
@@ -22,7 +23,6 @@ from alignguard.driftcheck.prompts import (
     PromptRecord,
     bundled_prompts,
     bundled_prompts_path,
-    load_alignment_data,
     load_prompts,
     prompts_hash,
     save_prompts,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from alignguard.scaling import ScalingFit, fit_scaling_law
+from alignguard.scaling_law import ScalingFit, fit_scaling_law
 
 
 @pytest.mark.parametrize(
@@ -88,7 +88,7 @@ def test_fit_errors(D, L, kwargs, match):
 
 def test_alignment_loss_matches_direct_computation(tiny_tokenizer):
     from alignguard.data import IGNORE_INDEX, tokenize_example
-    from alignguard.scaling_run import alignment_loss
+    from alignguard.recipes.scaling import alignment_loss
     from alignguard.tiny import make_tiny_model
 
     model = make_tiny_model("llama", seed=0).eval()
@@ -116,7 +116,7 @@ def test_alignment_loss_matches_direct_computation(tiny_tokenizer):
 
 
 def test_scaling_config_validation_names_the_field():
-    from alignguard.scaling_run import ScalingConfig
+    from alignguard.recipes.scaling import ScalingConfig
 
     assert ScalingConfig(steps=[40, 10, 20, 10]).steps == [10, 20, 40]
     with pytest.raises(ValueError, match="methods: unknown"):
@@ -138,8 +138,8 @@ PROMPTS = [
 
 
 def test_scaling_cli_end_to_end_and_resume(tmp_path, monkeypatch):
-    from alignguard import scaling_run
     from alignguard.cli.main import main
+    from alignguard.recipes import scaling as scaling_run
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
@@ -212,7 +212,7 @@ def test_scaling_in_cli_help():
 
 
 def test_format_scaling_states_the_claim_with_numbers():
-    from alignguard.scaling_run import format_scaling
+    from alignguard.recipes.scaling import format_scaling
 
     def method(a, beta):
         point = {"steps": 10, "tokens": 100, "alignment_loss": 1.0, "refusal_rate": 0.5}

@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import torch
 
+from .driftcheck.prompts import PromptFileError, _read_jsonl, load_prompts
+
 IGNORE_INDEX = -100
 _FALLBACK_PROMPT = "User: {prompt}\nAssistant: "
+_RESOURCES = Path(__file__).resolve().parent / "resources"
 
 
 def render_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
@@ -134,3 +140,55 @@ def batches_hash(batches: Iterable[dict[str, torch.Tensor]]) -> str:
             if key in b:
                 h.update(b[key].cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+# Alignment-stage data: lives with the other training data, not with the evaluation prompts.
+
+
+@dataclass
+class AlignmentExample:
+    """One alignment-stage SFT example.
+
+    Args:
+        id, prompt, label, category, source: As in `PromptRecord`.
+        response (`str`, *optional*): The target answer: a refusal for unsafe prompts; for safe prompts `None`
+            (the alignment stage fills in the base model's own answer: self-distillation) unless the source ships
+            a helpful answer.
+    """
+
+    id: str
+    prompt: str
+    label: Literal["safe", "unsafe"]
+    category: str
+    source: str
+    response: str | None = None
+
+
+def alignment_data_path() -> Path:
+    """Path of the bundled alignment data (`resources/alignment/alignment_v1.jsonl`)."""
+    return _RESOURCES / "alignment" / "alignment_v1.jsonl"
+
+
+def load_alignment_data(path: str | Path | None = None) -> list[AlignmentExample]:
+    """Load alignment-stage examples: unsafe prompts with refusals, safe prompts with an answer or `None`.
+
+    Args:
+        path (`str` or `Path`, *optional*): A JSONL file with the `AlignmentExample` fields; defaults to the bundled
+            `alignment_v1.jsonl`, which is disjoint from the DriftCheck prompts.
+
+    Returns:
+        `list[AlignmentExample]`: In file order.
+
+    Raises:
+        PromptFileError: If the file is malformed, or an unsafe example has no refusal `response`.
+    """
+    path = Path(path) if path is not None else alignment_data_path()
+    records = load_prompts(path)
+    raw = {lineno: row for lineno, row in _read_jsonl(path)}
+    out = []
+    for rec, (lineno, row) in zip(records, raw.items()):
+        response = row.get("response")
+        if rec.label == "unsafe" and not (response and str(response).strip()):
+            raise PromptFileError(f"{path}:{lineno}: unsafe example {rec.id!r} needs a refusal in 'response'")
+        out.append(AlignmentExample(rec.id, rec.prompt, rec.label, rec.category, rec.source, response or None))
+    return out

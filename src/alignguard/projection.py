@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from .distributed import is_dtensor
-from .regularizers import lora_modules
 from .subspace import AlignmentSubspaces
+from .targets import lora_modules
 
 
 def _remove_component(matrix: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:

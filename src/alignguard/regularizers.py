@@ -27,7 +27,7 @@ from torch import nn
 from .config import AlignGuardConfig
 from .distributed import whole_weight
 from .subspace import AlignmentSubspaces
-from .targets import canonical_name, is_lora_layer, layer_dims
+from .targets import layer_dims, lora_modules
 
 TERM_NAMES = ("alignment", "task", "overlap", "geodesic")
 
@@ -66,23 +66,6 @@ class _Group:
             value = getattr(self, field)
             if value is not None:
                 setattr(self, field, value.to(device))
-
-
-def lora_modules(model: nn.Module, adapter_name: str | None = None) -> dict[str, tuple[nn.Module, str]]:
-    """LoRA layers of a PEFT model keyed by canonical name, with the adapter name to read."""
-    out = {}
-    for name, module in model.named_modules():
-        if not is_lora_layer(module):
-            continue
-        adapter = adapter_name or module.active_adapters[0]
-        if adapter not in module.lora_A:
-            continue
-        if getattr(module, "use_dora", {}).get(adapter, False):
-            raise ValueError(
-                f"module {name!r} uses DoRA; AlignGuard's closed forms assume plain LoRA (use_dora=False)"
-            )
-        out[canonical_name(name)] = (module, adapter)
-    return out
 
 
 def _pad_stack(mats: list[torch.Tensor], width: int) -> torch.Tensor:

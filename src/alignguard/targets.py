@@ -65,6 +65,23 @@ def layer_dims(module: nn.Module) -> tuple[int, int]:
     return module.weight.shape[0], module.weight.shape[1]
 
 
+def lora_modules(model: nn.Module, adapter_name: str | None = None) -> dict[str, tuple[nn.Module, str]]:
+    """LoRA layers of a PEFT model keyed by canonical name, with the adapter name to read."""
+    out = {}
+    for name, module in model.named_modules():
+        if not is_lora_layer(module):
+            continue
+        adapter = adapter_name or module.active_adapters[0]
+        if adapter not in module.lora_A:
+            continue
+        if getattr(module, "use_dora", {}).get(adapter, False):
+            raise ValueError(
+                f"module {name!r} uses DoRA; AlignGuard's closed forms assume plain LoRA (use_dora=False)"
+            )
+        out[canonical_name(name)] = (module, adapter)
+    return out
+
+
 def find_target_modules(model: nn.Module, target_modules=None) -> dict[str, nn.Module]:
     """Modules to hook, keyed by canonical name.
 

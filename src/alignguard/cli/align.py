@@ -6,7 +6,7 @@ alignguard eval --model runs/aligned --out runs/aligned-eval      # check refusa
 
 from __future__ import annotations
 
-from ..align import AlignRunConfig, run_align
+from ..recipes.align import AlignRunConfig, run_align
 from .common import add_config_subcommand, resolve_configs, save_resolved_config
 
 

@@ -11,9 +11,9 @@ re-running the same command resumes (finished methods are skipped).
 
 from __future__ import annotations
 
-from ..compare import CompareConfig, run_compare
 from ..config import AlignGuardConfig, FisherConfig, SubspaceConfig
-from ..stages import TrainRunConfig
+from ..recipes.compare import CompareConfig, run_compare
+from ..recipes.train import TrainRunConfig
 from .common import add_config_subcommand, resolve_configs, save_resolved_config
 
 CONFIGS = (CompareConfig, TrainRunConfig, AlignGuardConfig, FisherConfig, SubspaceConfig)
@@ -46,7 +46,7 @@ def main(args) -> int:
         cmp_cfg.out,
         {"compare": cmp_cfg, "train": train_cfg, "alignguard": ag_cfg, "fisher": fisher_cfg, "subspace": subspace_cfg},
     )
-    from ..compare_report import format_table
+    from ..report.compare_table import format_table
 
     results = run_compare(cmp_cfg, train_cfg, ag_cfg, fisher_cfg, subspace_cfg)
     print(format_table(results))

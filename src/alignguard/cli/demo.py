@@ -8,7 +8,7 @@ Re-running the same command resumes: finished stages are skipped.
 
 from __future__ import annotations
 
-from ..demo import DemoConfig, run_demo
+from ..recipes.demo import DemoConfig, run_demo
 from .common import add_config_subcommand, resolve_configs, save_resolved_config
 
 

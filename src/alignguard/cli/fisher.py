@@ -7,7 +7,7 @@ alignguard fisher --config configs/fisher.yaml --energy 0.95
 from __future__ import annotations
 
 from ..config import FisherConfig, SubspaceConfig
-from ..stages import FisherRunConfig, run_fisher
+from ..recipes.fisher import FisherRunConfig, run_fisher
 from .common import add_config_subcommand, resolve_configs, save_resolved_config
 
 CONFIGS = (FisherRunConfig, FisherConfig, SubspaceConfig)

@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import AlignGuardConfig, FisherConfig, SubspaceConfig
-from ..scaling_run import ScalingConfig, run_scaling
-from ..stages import TrainRunConfig
+from ..recipes.scaling import ScalingConfig, run_scaling
+from ..recipes.train import TrainRunConfig
 from .common import add_config_subcommand, resolve_configs, save_resolved_config
 
 CONFIGS = (ScalingConfig, TrainRunConfig, AlignGuardConfig, FisherConfig, SubspaceConfig)

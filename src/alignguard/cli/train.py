@@ -9,7 +9,7 @@ Re-running the same command after an interruption resumes from the last checkpoi
 from __future__ import annotations
 
 from ..config import AlignGuardConfig
-from ..stages import TrainRunConfig, run_train
+from ..recipes.train import TrainRunConfig, run_train
 from .common import add_config_subcommand, resolve_configs, save_resolved_config
 
 CONFIGS = (TrainRunConfig, AlignGuardConfig)

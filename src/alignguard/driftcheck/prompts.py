@@ -62,25 +62,6 @@ class PromptRecord:
     source: str
 
 
-@dataclass
-class AlignmentExample:
-    """One alignment-stage SFT example.
-
-    Args:
-        id, prompt, label, category, source: As in `PromptRecord`.
-        response (`str`, *optional*): The target answer: a refusal for unsafe prompts; for safe prompts `None`
-            (the alignment stage fills in the base model's own answer: self-distillation) unless the source ships
-            a helpful answer.
-    """
-
-    id: str
-    prompt: str
-    label: Literal["safe", "unsafe"]
-    category: str
-    source: str
-    response: str | None = None
-
-
 def stable_id(prompt: str) -> str:
     """An id derived from the prompt text only, so it survives reordering and re-exports."""
     return "p-" + hashlib.sha256(prompt.strip().encode("utf-8")).hexdigest()[:12]
@@ -207,7 +188,7 @@ def load_prompts(
     return records
 
 
-def save_prompts(records: list[PromptRecord] | list[AlignmentExample], path: str | Path) -> Path:
+def save_prompts(records: list, path: str | Path) -> Path:
     """Write records as JSONL (UTF-8, one object per line, keys in field order) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -235,33 +216,3 @@ def bundled_prompts_path(split: Literal["full", "small"] = "full") -> Path:
 def bundled_prompts(split: Literal["full", "small"] = "full") -> list[PromptRecord]:
     """The bundled DriftCheck prompts (see `resources/driftcheck/README.md`)."""
     return load_prompts(bundled_prompts_path(split))
-
-
-def alignment_data_path() -> Path:
-    """Path of the bundled alignment data (`resources/alignment/alignment_v1.jsonl`)."""
-    return _RESOURCES / "alignment" / "alignment_v1.jsonl"
-
-
-def load_alignment_data(path: str | Path | None = None) -> list[AlignmentExample]:
-    """Load alignment-stage examples: unsafe prompts with refusals, safe prompts with an answer or `None`.
-
-    Args:
-        path (`str` or `Path`, *optional*): A JSONL file with the `AlignmentExample` fields; defaults to the bundled
-            `alignment_v1.jsonl`, which is disjoint from the DriftCheck prompts.
-
-    Returns:
-        `list[AlignmentExample]`: In file order.
-
-    Raises:
-        PromptFileError: If the file is malformed, or an unsafe example has no refusal `response`.
-    """
-    path = Path(path) if path is not None else alignment_data_path()
-    records = load_prompts(path)
-    raw = {lineno: row for lineno, row in _read_jsonl(path)}
-    out = []
-    for rec, (lineno, row) in zip(records, raw.items()):
-        response = row.get("response")
-        if rec.label == "unsafe" and not (response and str(response).strip()):
-            raise PromptFileError(f"{path}:{lineno}: unsafe example {rec.id!r} needs a refusal in 'response'")
-        out.append(AlignmentExample(rec.id, rec.prompt, rec.label, rec.category, rec.source, response or None))
-    return out

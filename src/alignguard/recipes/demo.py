@@ -14,12 +14,12 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ..config import AlignGuardConfig, FisherConfig, SubspaceConfig
+from ..report import render_report
+from ..report.compare_table import format_table
 from .align import AlignRunConfig, run_align
 from .compare import CompareConfig, run_compare
-from .compare_report import format_table
-from .config import AlignGuardConfig, FisherConfig, SubspaceConfig
-from .report import render_report
-from .stages import TrainRunConfig
+from .train import TrainRunConfig
 
 
 @dataclass
@@ -71,7 +71,7 @@ _ADDED_LATER = {"safe_fraction": 0.5}
 
 def aligned_model_path(cfg: DemoConfig, align_cfg: AlignRunConfig) -> Path:
     """Cache folder of the aligned model for this base model and alignment config."""
-    from .models import cache_root
+    from ..models import cache_root
 
     # Fields added to AlignRunConfig after a release are left out of the key while at their default, so models
     # aligned before the field existed (with the same, then implicit, setting) are still found.

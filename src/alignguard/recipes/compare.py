@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 
-from .config import AlignGuardConfig, FisherConfig, SubspaceConfig
-from .io import atomic_write_json, atomic_write_text
-from .stages import FisherRunConfig, TrainRunConfig, run_fisher, run_train
+from ..config import AlignGuardConfig, FisherConfig, SubspaceConfig
+from ..io import atomic_write_json, atomic_write_text
+from .fisher import FisherRunConfig, run_fisher
+from .train import TrainRunConfig, run_train
 
 # name -> (training method, AlignGuardConfig overrides, extra behaviour)
 METHODS: dict[str, dict] = {
@@ -131,7 +132,7 @@ class CompareConfig(HarnessConfig):
         model: the aligned model (folder, registry or tiny name).
         base_model: its unaligned base, for Safe LoRA (default: `base_model` in the model's align_info.json).
         out: run folder.
-        methods: methods to run (see `alignguard.compare.METHODS`).
+        methods: methods to run (see `alignguard.recipes.compare.METHODS`).
         seeds: one full comparison per seed; tables report mean and spread.
     """
 
@@ -150,7 +151,7 @@ class CompareConfig(HarnessConfig):
 
 
 def _load(spec):
-    from .models import load_model_and_tokenizer
+    from ..models import load_model_and_tokenizer
 
     model, tok, _ = load_model_and_tokenizer(spec)
     return model, tok
@@ -158,7 +159,7 @@ def _load(spec):
 
 def replay_pairs(n_task: int, ratio: float, seed: int) -> list[tuple[str, str]]:
     """Refusal examples from the alignment data (disjoint from DriftCheck) so they make `ratio` of the mix."""
-    from .driftcheck.prompts import load_alignment_data
+    from ..data import load_alignment_data
 
     pool = [(e.prompt, e.response) for e in load_alignment_data() if e.label == "unsafe" and e.response]
     n = min(len(pool), round(ratio * n_task / (1 - ratio))) if ratio > 0 else 0
@@ -168,8 +169,8 @@ def replay_pairs(n_task: int, ratio: float, seed: int) -> list[tuple[str, str]]:
 def full_spectrum_subspaces(fisher_dir: Path):
     """Every eigenvector of every factor: R_A becomes the EWC quadratic with the untruncated output factor (and,
     when the Fisher state has them, the untruncated input factors)."""
-    from .fisher import FisherState
-    from .subspace import build_subspaces
+    from ..fisher import FisherState
+    from ..subspace import build_subspaces
 
     state = FisherState.load(fisher_dir)
     d_max = max(d for d, _ in state.dims.values())
@@ -186,8 +187,7 @@ def apply_safe_lora_(peft_model, base_model, threshold: float) -> dict:
 
     Returns {"projected": [...], "cosines": {...}}.
     """
-    from .regularizers import lora_modules
-    from .targets import find_target_modules
+    from ..targets import find_target_modules, lora_modules
 
     base_mods = find_target_modules(base_model)
     projected, cosines = [], {}
@@ -218,8 +218,8 @@ def _oriented_weight(module) -> torch.Tensor:
 
 
 def task_metric(model, tokenizer, task: str, n: int, seed: int, batch_size: int, cache_dir: str) -> dict:
-    from .driftcheck.generate import GenerationSettings, generate_responses
-    from .tasks import load_task, score_task
+    from ..driftcheck.generate import GenerationSettings, generate_responses
+    from ..tasks import load_task, score_task
 
     examples = load_task(task, "test", n=n, seed=seed)
     settings = GenerationSettings(max_new_tokens=12, batch_size=batch_size)
@@ -228,8 +228,8 @@ def task_metric(model, tokenizer, task: str, n: int, seed: int, batch_size: int,
 
 
 def _driftcheck(model, tokenizer, cfg: CompareConfig, out_dir: Path, baseline, task: dict):
-    from .driftcheck.generate import GenerationSettings
-    from .driftcheck.run import run_driftcheck
+    from ..driftcheck.generate import GenerationSettings
+    from ..driftcheck.run import run_driftcheck
 
     settings = GenerationSettings(max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size)
     return run_driftcheck(
@@ -306,10 +306,10 @@ def run_compare(
 
 
 def _task_factors(model, tok, train_cfg, fisher_cfg, subspace_cfg):
-    from .data import make_batches
-    from .fisher import estimate_fisher
-    from .subspace import build_subspaces
-    from .tasks import load_task
+    from ..data import make_batches
+    from ..fisher import estimate_fisher
+    from ..subspace import build_subspaces
+    from ..tasks import load_task
 
     examples = load_task(train_cfg.task, "train", n=min(64, train_cfg.n_train), seed=train_cfg.seed)
     batches = make_batches(
@@ -330,7 +330,7 @@ def run_method(
     base_dir: Path,
 ) -> dict:
     """Train + evaluate one method for one seed (skipped when its result.json exists)."""
-    from .subspace import AlignmentSubspaces, random_subspaces
+    from ..subspace import AlignmentSubspaces, random_subspaces
 
     spec = method_spec(name)
     mdir = Path(cfg.out) / f"seed{seed}" / name
@@ -385,4 +385,4 @@ def _base_of(model_spec: str) -> str:
     return json.loads(info.read_text())["base_model"]
 
 
-from .compare_report import aggregate, format_table  # noqa: E402  (tables live in their own module)
+from ..report.compare_table import aggregate, format_table  # noqa: E402  (tables live in the report package)

@@ -13,8 +13,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .io import atomic_write_json
-from .stages import add_lora, checkpointed_training_args, latest_checkpoint
+from ..io import atomic_write_json
+from .common import add_lora, checkpointed_training_args, latest_checkpoint
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -73,8 +73,8 @@ def sample_alignment_examples(examples: list, cfg: AlignRunConfig, rng: random.R
 
 def alignment_sft_pairs(model, tokenizer, cfg: AlignRunConfig, progress: bool = True) -> list[tuple[str, str]]:
     """(prompt, response) pairs: refusals for unsafe prompts, the model's own answers for safe ones."""
-    from .driftcheck.generate import GenerationSettings, generate_responses
-    from .driftcheck.prompts import load_alignment_data
+    from ..data import load_alignment_data
+    from ..driftcheck.generate import GenerationSettings, generate_responses
 
     rng = random.Random(cfg.seed)
     examples = sample_alignment_examples(load_alignment_data(cfg.alignment_data), cfg, rng)
@@ -102,10 +102,10 @@ def run_align(cfg: AlignRunConfig, model=None, tokenizer=None, progress: bool = 
     """
     from transformers import Trainer
 
-    from .data import PaddingCollator, pad_token_id, tokenize_example
+    from ..data import PaddingCollator, pad_token_id, tokenize_example
 
     if model is None:
-        from .models import load_model_and_tokenizer
+        from ..models import load_model_and_tokenizer
 
         model, tokenizer, _ = load_model_and_tokenizer(cfg.model)
     out = Path(cfg.out)

@@ -44,12 +44,12 @@ from typing import Literal
 
 import torch
 
+from ..config import AlignGuardConfig, FisherConfig, SubspaceConfig
+from ..data import IGNORE_INDEX, make_batches, render_prompt
+from ..io import atomic_write_json, atomic_write_text
+from ..scaling_law import fit_scaling_law
 from . import compare
-from .config import AlignGuardConfig, FisherConfig, SubspaceConfig
-from .data import IGNORE_INDEX, make_batches, render_prompt
-from .io import atomic_write_json, atomic_write_text
-from .scaling import fit_scaling_law
-from .stages import TrainRunConfig
+from .train import TrainRunConfig
 
 SCHEMA_VERSION = "scaling-1"
 
@@ -62,7 +62,7 @@ class ScalingConfig(compare.HarnessConfig):
         model: the aligned model (folder, registry or tiny name).
         base_model: its unaligned base, for Safe LoRA (default: `base_model` in the model's align_info.json).
         out: run folder.
-        methods: methods to run (see `alignguard.compare.METHODS`).
+        methods: methods to run (see `alignguard.recipes.compare.METHODS`).
         steps: fine-tuning lengths D (optimizer steps); at least 3 distinct values for a fit.
         seed: seed of training and of the held-out sample.
         n_heldout: held-out unsafe prompts (with refusals) for the alignment loss.
@@ -71,7 +71,7 @@ class ScalingConfig(compare.HarnessConfig):
         loss_batch_size: batch size of the alignment-loss forward passes.
         loss_max_length: token limit of prompt + refusal in the alignment loss (refusals are cut at the end).
         fit_loss: robust loss of the fit (`soft_l1`, `huber`, or `linear` = plain least squares).
-        (evaluation options: see `alignguard.compare.HarnessConfig`)
+        (evaluation options: see `alignguard.recipes.compare.HarnessConfig`)
     """
 
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "Aligned model to fine-tune."})
@@ -163,8 +163,8 @@ def heldout_pairs(cfg: ScalingConfig, train_cfg: TrainRunConfig, fisher_dir: Pat
     Raises:
         ValueError: if fewer than `n_heldout` unsafe examples remain after removing the Fisher and replay ones.
     """
-    from .driftcheck.generate import GenerationSettings, generate_responses
-    from .driftcheck.prompts import load_alignment_data
+    from ..data import load_alignment_data
+    from ..driftcheck.generate import GenerationSettings, generate_responses
 
     path = Path(cfg.out) / "scaling" / "heldout.json"
     if path.is_file():
@@ -209,7 +209,7 @@ def _prepare_shared(cfg: ScalingConfig, train_cfg, fisher_cfg, subspace_cfg) -> 
 
 def _mean_train_length(cfg: ScalingConfig, train_cfg: TrainRunConfig, name: str, tokenizer) -> float:
     """Mean tokenized length of the training mix `run_train` builds for this method (for `tokens`)."""
-    from .tasks import build_finetune_data, load_task
+    from ..tasks import build_finetune_data, load_task
 
     task = load_task(train_cfg.task, "train", n=train_cfg.n_train, seed=cfg.seed)
     pairs = [(ex.prompt, ex.response) for ex in build_finetune_data(task, train_cfg.poison_ratio, seed=cfg.seed)]

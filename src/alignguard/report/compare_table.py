@@ -21,7 +21,7 @@ import json
 import statistics
 from pathlib import Path
 
-from .driftcheck.metrics import DriftCheckResult, drift_reduction_stat, drift_stat
+from ..driftcheck.metrics import DriftCheckResult, drift_reduction_stat, drift_stat
 
 SCHEMA_VERSION = "compare-1"
 

@@ -243,7 +243,7 @@ class GenerationCache:
         return self.records.get(prompt_hash(prompt))
 
     def add(self, prompts: list[str], responses: list[str]) -> None:
-        from alignguard.cli.common import atomic_write_text
+        from alignguard.io import atomic_write_text
 
         for p, r in zip(prompts, responses):
             key = prompt_hash(p)

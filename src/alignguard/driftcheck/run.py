@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from alignguard.cli.common import atomic_write_text
 from alignguard.driftcheck.generate import GenerationSettings, generate_responses, model_fingerprint
 from alignguard.driftcheck.metrics import DriftCheckResult, drift_stat, paired_flags, rate_stat, summarize
+from alignguard.io import atomic_write_text
 
 
 class ModelPathError(ValueError):

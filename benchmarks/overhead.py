@@ -44,7 +44,7 @@ PRESETS = {
         seq=256,
         dtype="float32",
     ),
-    # TinyLlama-1.1B shape (DESIGN §4 measurements).
+    # TinyLlama-1.1B shape (docs/design.md §4 measurements).
     "1b": dict(
         hidden_size=2048,
         intermediate_size=5632,

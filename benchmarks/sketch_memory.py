@@ -94,7 +94,7 @@ def _stream(d: int, tokens: int, chunk: int, seed: int):
 def measure_layer(mode: str, rank: int, tokens: int, chunk: int) -> dict:
     """Accumulate one layer's 7 modules in `mode` through the real accumulator; tensor bytes, peak RSS, time."""
     dims = {f"model.layers.0.{n}": dims for n, dims in LAYER_MODULES.items()}
-    config = FisherConfig(mode=mode, sketch_rank=rank, show_progress=False)
+    config = FisherConfig(fisher_storage=mode, sketch_rank=rank, show_progress=False)
     t0 = time.perf_counter()
     with PeakRSS() as peak:
         acc = _Accumulator(dims, config, "cpu")
@@ -151,9 +151,11 @@ def subspace_agreement(d: int, tokens: int, ranks: list[int], ms: list[int], dec
     signs = torch.randint(0, 2, (d,), generator=gen).float() * 2 - 1
     basis = _hadamard(d) * signs
     scale = (decay ** torch.arange(d, dtype=torch.float32)).sqrt()
-    accs = {"dense": _Accumulator({"m": (d, d)}, FisherConfig(mode="dense", show_progress=False), "cpu")}
+    accs = {"dense": _Accumulator({"m": (d, d)}, FisherConfig(fisher_storage="dense", show_progress=False), "cpu")}
     for k in ranks:
-        accs[k] = _Accumulator({"m": (d, d)}, FisherConfig(mode="sketch", sketch_rank=k, show_progress=False), "cpu")
+        accs[k] = _Accumulator(
+            {"m": (d, d)}, FisherConfig(fisher_storage="sketch", sketch_rank=k, show_progress=False), "cpu"
+        )
     for start in range(0, tokens, 512):
         n = min(512, tokens - start)
         g = ((torch.randn(n, d, generator=gen) * scale) @ basis.T)[None]

@@ -26,9 +26,9 @@ from tests.helpers import random_subspaces_for, randomize_lora_, tiny_batches, t
 
 # name -> (FisherConfig kwargs, number of batches): 5 batches split 3/2, and 1 batch split 1/0.
 FISHER_CASES = {
-    "dense": (dict(mode="dense", input_factor=True), 5),
-    "sketch": (dict(mode="sketch", sketch_rank=24, input_factor=True), 5),
-    "dense_one_batch": (dict(mode="dense"), 1),
+    "dense": (dict(fisher_storage="dense", input_factor=True), 5),
+    "sketch": (dict(fisher_storage="sketch", sketch_rank=24, input_factor=True), 5),
+    "dense_one_batch": (dict(fisher_storage="dense"), 1),
 }
 # Examples in the FSDP2 step: split evenly over the ranks; the one-process reference takes all of them.
 FSDP2_EXAMPLES = 4

@@ -33,8 +33,8 @@ def test_alignguard_config_errors(kwargs, field):
     "kwargs,field",
     [
         ({"fisher_labels": "true"}, "fisher_labels"),
-        ({"mode": "x"}, "mode"),
-        ({"target_modules": []}, "target_modules"),
+        ({"fisher_storage": "x"}, "fisher_storage"),
+        ({"fisher_modules": []}, "fisher_modules"),
     ],
 )
 def test_fisher_config_errors(kwargs, field):
@@ -46,4 +46,4 @@ def test_every_field_has_help_text():
     for cls in (AlignGuardConfig, FisherConfig):
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
-    assert FisherConfig(target_modules="q_proj").target_modules == ["q_proj"]
+    assert FisherConfig(fisher_modules="q_proj").fisher_modules == ["q_proj"]

@@ -117,7 +117,9 @@ def test_input_factor_round_trip_subspaces_and_sketch(tmp_path):
     again = AlignmentSubspaces.load(tmp_path / "s")
     torch.testing.assert_close(again.input_factors[name].basis, f.basis)
     # The sketch mode gives the same top input directions (a decaying activation spectrum, k = d_in here).
-    sketch = estimate_fisher(model, batches, FisherConfig(**{**cfg.to_dict(), "mode": "sketch", "sketch_rank": 64}))
+    sketch = estimate_fisher(
+        model, batches, FisherConfig(**{**cfg.to_dict(), "fisher_storage": "sketch", "sketch_rank": 64})
+    )
     top = build_subspaces(sketch, SubspaceConfig(input_rank=3)).input_factors[name].basis
     cos = torch.linalg.svdvals(top.T.double() @ f.basis[:, :3].double())
     assert cos.min() > 0.99
@@ -187,8 +189,8 @@ def test_gpt2_conv1d_factor_shapes():
 
 def test_sampled_labels_are_seeded_and_psd():
     model = make_tiny_model("llama")
-    a = estimate_fisher(model, tiny_batches(), FisherConfig(show_progress=False, seed=1))
-    b = estimate_fisher(model, tiny_batches(), FisherConfig(show_progress=False, seed=1))
+    a = estimate_fisher(model, tiny_batches(), FisherConfig(show_progress=False, label_seed=1))
+    b = estimate_fisher(model, tiny_batches(), FisherConfig(show_progress=False, label_seed=1))
     e = estimate_fisher(model, tiny_batches(), EMPIRICAL)
     name = "model.layers.1.mlp.down_proj"
     torch.testing.assert_close(a.factors[name], b.factors[name])
@@ -221,7 +223,9 @@ def test_sketch_mode_matches_dense_subspace():
     batches = tiny_batches(n_repeat=3, batch_size=4)
     dense = estimate_fisher(model, batches, EMPIRICAL)
     sketch = estimate_fisher(
-        model, batches, FisherConfig(fisher_labels="empirical", mode="sketch", sketch_rank=48, show_progress=False)
+        model,
+        batches,
+        FisherConfig(fisher_labels="empirical", fisher_storage="sketch", sketch_rank=48, show_progress=False),
     )
     cfg = SubspaceConfig(fixed_m=4)
     sd, ss = build_subspaces(dense, cfg), build_subspaces(sketch, cfg)
@@ -255,7 +259,7 @@ def test_no_response_tokens_is_an_error():
 
 def test_target_modules_matching_nothing_is_an_error():
     with pytest.raises(ValueError, match=r"matched no module.*q_proj"):
-        estimate_fisher(make_tiny_model("llama"), tiny_batches(), FisherConfig(target_modules=["qkv"]))
+        estimate_fisher(make_tiny_model("llama"), tiny_batches(), FisherConfig(fisher_modules=["qkv"]))
 
 
 def test_quantised_base_layer_is_an_error():

@@ -15,8 +15,8 @@ from alignguard.driftcheck.generate import (
     format_prompt,
     generate_responses,
     generate_token_ids,
-    model_fingerprint,
 )
+from alignguard.fingerprint import weights_fingerprint as model_fingerprint
 from alignguard.tiny import make_tiny_model
 
 # Different lengths, deliberately unsorted, so length-sorting and left padding both matter.

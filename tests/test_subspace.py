@@ -35,8 +35,8 @@ def test_randomized_matches_exact_on_decaying_spectrum():
     torch.testing.assert_close(w.double(), spec[:20], rtol=1e-3, atol=1e-4)
     cos = torch.linalg.svdvals(v.double().T @ q[:, :20])
     assert cos.min() > 0.999
-    exact = subspace_from_factor(mat.float(), SubspaceConfig(method="exact", energy=0.9, m_min=1))
-    rand = subspace_from_factor(mat.float(), SubspaceConfig(method="randomized", energy=0.9, m_min=1))
+    exact = subspace_from_factor(mat.float(), SubspaceConfig(eigen_solver="exact", energy=0.9, m_min=1))
+    rand = subspace_from_factor(mat.float(), SubspaceConfig(eigen_solver="randomized", energy=0.9, m_min=1))
     assert exact.m == rand.m
     assert torch.linalg.svdvals(exact.basis.T @ rand.basis).min() > 0.999
     assert exact.energy >= 0.9 - 1e-6
@@ -74,7 +74,7 @@ def test_random_subspaces_keep_m_and_are_orthonormal():
         ({"energy": 0}, "energy"),
         ({"m_min": 0}, "m_min"),
         ({"m_min": 8, "m_max": 4}, "m_max"),
-        ({"method": "x"}, "method"),
+        ({"eigen_solver": "x"}, "eigen_solver"),
     ],
 )
 def test_config_errors_name_the_field(kwargs, field):

@@ -2,7 +2,7 @@
 
 Every field carries help text (shown by the CLI) and every invalid value raises a `ValueError` that names
 the field, so the same message serves Python users (`AlignGuardConfig(lambda_a=-1)`) and CLI users
-(`--lambda_a -1`). The formulas the fields refer to are in `DESIGN.md` §3-§4.
+(`--lambda_a -1`). The formulas the fields refer to are in docs/design.md §3-§4.
 """
 
 from __future__ import annotations
@@ -21,50 +21,53 @@ class FisherConfig:
     """Options for estimating the per-module output-side Fisher factor on alignment data.
 
     Args:
-        target_modules: module-name suffixes to estimate factors for (e.g. `q_proj`). `None` = every module a
+        fisher_modules: module-name suffixes to estimate factors for (e.g. `q_proj`). `None` = every module a
             PEFT model has LoRA layers on, or, on a plain model, the usual attention/MLP projections.
         fisher_labels: `sampled` draws the labels from the model's own predictive distribution (the true
             Fisher); `empirical` uses the response tokens of the data.
-        mode: `dense` keeps the full d_out x d_out factor per module; `sketch` keeps a rank-`sketch_rank`
-            frequent-directions sketch (O(d_out * k) memory) for models too large for dense factors.
-        sketch_rank: rank of the streaming sketch (only with `mode="sketch"`).
+        fisher_storage: `dense` keeps the full d_out x d_out factor per module; `sketch` keeps a streaming
+            rank-`sketch_rank` Nystrom sketch (Tropp et al. 2017; O(d_out * k) memory) for models too large for
+            dense factors.
+        sketch_rank: rank of the streaming sketch (only with `fisher_storage="sketch"`).
         input_factor: also estimate the input-side factor A_in = E[x x^T] of every module over the same
             positions (the other half of the two-sided K-FAC Fisher G (x) A_in); `AlignGuardConfig(
             alignment_input="kfac")` needs it. Same memory as the output factor (d_in x d_in, or the sketch).
         max_batches: stop after this many batches (None = the whole data).
         allow_tf32: allow TF32 matmuls on Ampere+ GPUs while estimating.
-        seed: seed for the label sampler.
+        label_seed: seed for the label sampler (and the sketch's test matrix).
         show_progress: show a progress bar.
     """
 
-    target_modules: list[str] | None = field(
+    fisher_modules: list[str] | None = field(
         default=None, metadata={"help": "Module-name suffixes to estimate (default: the LoRA targets / projections)."}
     )
     fisher_labels: Literal["sampled", "empirical"] = field(
         default="sampled", metadata={"help": "Labels: 'sampled' from the model (true Fisher) or 'empirical'."}
     )
-    mode: Literal["dense", "sketch"] = field(
+    fisher_storage: Literal["dense", "sketch"] = field(
         default="dense", metadata={"help": "'dense' d_out x d_out factors, or 'sketch' (O(d_out*k) memory)."}
     )
-    sketch_rank: int = field(default=256, metadata={"help": "Rank k of the streaming sketch (mode='sketch')."})
+    sketch_rank: int = field(
+        default=256, metadata={"help": "Rank k of the streaming sketch (fisher_storage='sketch')."}
+    )
     input_factor: bool = field(
         default=False, metadata={"help": "Also estimate the input factor A_in = E[x x^T] (two-sided K-FAC)."}
     )
     max_batches: int | None = field(default=None, metadata={"help": "Use at most this many batches."})
     allow_tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls during estimation."})
-    seed: int = field(default=0, metadata={"help": "Seed for sampling labels."})
+    label_seed: int = field(default=0, metadata={"help": "Seed for sampling labels."})
     show_progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
 
     def __post_init__(self):
         _require(self.fisher_labels in ("sampled", "empirical"), "fisher_labels", "must be 'sampled' or 'empirical'")
-        _require(self.mode in ("dense", "sketch"), "mode", "must be 'dense' or 'sketch'")
+        _require(self.fisher_storage in ("dense", "sketch"), "fisher_storage", "must be 'dense' or 'sketch'")
         _require(self.sketch_rank >= 1, "sketch_rank", f"must be >= 1, got {self.sketch_rank}")
         _require(self.max_batches is None or self.max_batches >= 1, "max_batches", "must be >= 1 or None")
-        if isinstance(self.target_modules, str):
-            self.target_modules = [self.target_modules]
+        if isinstance(self.fisher_modules, str):
+            self.fisher_modules = [self.fisher_modules]
         _require(
-            self.target_modules is None or len(self.target_modules) > 0,
-            "target_modules",
+            self.fisher_modules is None or len(self.fisher_modules) > 0,
+            "fisher_modules",
             "must be None or a non-empty list",
         )
 
@@ -81,12 +84,12 @@ class SubspaceConfig:
         m_min: lower clip of m.
         m_max: upper clip of m.
         fixed_m: if set, use exactly this m for every module (clipped to d_out), ignoring `energy`.
-        method: `exact` (torch.linalg.eigh), `randomized` (subspace iteration) or `auto` (randomized when
+        eigen_solver: `exact` (torch.linalg.eigh), `randomized` (subspace iteration) or `auto` (randomized when
             d_out >= `randomized_min_dim`).
         randomized_min_dim: dimension from which `auto` switches to the randomized method.
         oversample: extra columns for randomized subspace iteration.
         power_iters: power iterations for randomized subspace iteration.
-        seed: seed for the random test matrix.
+        solver_seed: seed for the random test matrix.
         input_rank: eigenpairs kept of each input factor A_in (when the Fisher state has one); the rest of its
             spectrum is kept as its mean, so A_in ~ P diag(rho) P^T + sigma (I - P P^T) keeps the trace.
     """
@@ -95,13 +98,13 @@ class SubspaceConfig:
     m_min: int = field(default=8, metadata={"help": "Smallest subspace dimension m."})
     m_max: int = field(default=128, metadata={"help": "Largest subspace dimension m."})
     fixed_m: int | None = field(default=None, metadata={"help": "Use this m for every module (ignores energy)."})
-    method: Literal["auto", "exact", "randomized"] = field(
+    eigen_solver: Literal["auto", "exact", "randomized"] = field(
         default="auto", metadata={"help": "Eigen-solver: exact eigh, randomized subspace iteration, or auto."}
     )
     randomized_min_dim: int = field(default=1024, metadata={"help": "d_out from which 'auto' goes randomized."})
     oversample: int = field(default=16, metadata={"help": "Oversampling p of randomized subspace iteration."})
     power_iters: int = field(default=4, metadata={"help": "Power iterations of randomized subspace iteration."})
-    seed: int = field(default=0, metadata={"help": "Seed of the randomized solver."})
+    solver_seed: int = field(default=0, metadata={"help": "Seed of the randomized solver."})
     input_rank: int = field(default=64, metadata={"help": "Eigenpairs kept of each input factor A_in."})
 
     def __post_init__(self):
@@ -110,7 +113,9 @@ class SubspaceConfig:
         _require(self.m_min >= 1, "m_min", f"must be >= 1, got {self.m_min}")
         _require(self.m_max >= self.m_min, "m_max", f"must be >= m_min ({self.m_min}), got {self.m_max}")
         _require(self.fixed_m is None or self.fixed_m >= 1, "fixed_m", "must be >= 1 or None")
-        _require(self.method in ("auto", "exact", "randomized"), "method", "must be auto, exact or randomized")
+        _require(
+            self.eigen_solver in ("auto", "exact", "randomized"), "eigen_solver", "must be auto, exact or randomized"
+        )
         _require(self.oversample >= 0, "oversample", "must be >= 0")
         _require(self.power_iters >= 0, "power_iters", "must be >= 0")
 
@@ -141,7 +146,7 @@ class AlignGuardConfig:
         refresh_every: recompute the Fisher factor and U at the current weights every this many optimizer
             steps; None keeps the anchored basis from the starting weights.
         eps: epsilon in the geodesic ratio.
-        alignment_input: input metric of R_A. `identity`: R_A = ||G_U^1/2 dW_A||^2 (DESIGN §4, one-sided);
+        alignment_input: input metric of R_A. `identity`: R_A = ||G_U^1/2 dW_A||^2 (docs/design.md §4, one-sided);
             `kfac`: R_A = tr(G_U dW_A A_in dW_A^T), the two-sided K-FAC quadratic, so updates are weighted by
             how much the alignment data's inputs excite them (needs `FisherConfig(input_factor=True)`).
     """

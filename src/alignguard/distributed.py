@@ -1,4 +1,4 @@
-"""Helpers for multi-process runs (DESIGN.md §3 "Distributed"; see docs/distributed.md).
+"""Helpers for multi-process runs (docs/design.md §3 "Distributed"; see docs/distributed.md).
 
 The Fisher pass needs each token on exactly one rank: `estimate_fisher` all-reduces the sums of g g^T (or the
 sketches Y = G Omega), the traces and the token counts before normalising, so the result equals the one-process

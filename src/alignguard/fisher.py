@@ -1,4 +1,4 @@
-"""Output-side K-FAC Fisher factors on alignment data (AlignGuard-LoRA, arXiv 2508.02079; DESIGN.md §3).
+"""Output-side K-FAC Fisher factors on alignment data (AlignGuard-LoRA, arXiv 2508.02079; docs/design.md §3).
 
 For every target module l with output y in R^{d_out}, accumulate G_l = (1/N_l) sum_t g_t g_t^T over response
 positions t, where g_t = dL/dy_t is the back-propagated gradient at position t of the summed negative
@@ -36,9 +36,10 @@ from tqdm.auto import tqdm
 from .config import FisherConfig
 from .data import IGNORE_INDEX
 from .distributed import is_dtensor
+from .fingerprint import architecture_fingerprint
 from .io import atomic_save_file, atomic_write_json, package_versions
 from .sketch import NystromSketch
-from .targets import find_target_modules, layer_dims, model_fingerprint
+from .targets import find_target_modules, layer_dims
 
 FISHER_WEIGHTS = "fisher.safetensors"
 FISHER_META = "fisher.json"
@@ -53,11 +54,11 @@ class FisherState:
     """Per-module Fisher factors, normalised to mean eigenvalue 1.
 
     Attributes:
-        factors: canonical module name -> dense d_out x d_out factor (mode="dense").
-        low_rank: canonical module name -> (eigenvalues [k], eigenvectors [d_out, k]) (mode="sketch").
+        factors: canonical module name -> dense d_out x d_out factor (fisher_storage="dense").
+        low_rank: canonical module name -> (eigenvalues [k], eigenvectors [d_out, k]) (fisher_storage="sketch").
         input_factors: canonical module name -> dense d_in x d_in input factor A_in = E[x x^T] over the same
-            response positions, normalised to mean eigenvalue 1 (`input_factor=True`, mode="dense").
-        input_low_rank: the same as (eigenvalues, eigenvectors) (`input_factor=True`, mode="sketch").
+            response positions, normalised to mean eigenvalue 1 (`input_factor=True`, fisher_storage="dense").
+        input_low_rank: the same as (eigenvalues, eigenvectors) (`input_factor=True`, fisher_storage="sketch").
         dims: canonical module name -> (d_out, d_in).
         token_counts: response tokens that contributed to each module.
         metadata: model fingerprint, data hash, config, package versions, skip counts.
@@ -137,7 +138,7 @@ class FisherState:
 
     def check_model(self, model, source: str = "Fisher state") -> None:
         """Raise `FisherMismatchError` unless every module of this state exists in `model` with the same shape."""
-        fingerprint = model_fingerprint(model)
+        fingerprint = architecture_fingerprint(model)
         if self.metadata.get("model_fingerprint") not in (None, fingerprint):
             modules = find_target_modules(model)
             missing = [n for n in self.dims if n not in modules]
@@ -169,10 +170,10 @@ class _Accumulator:
         self.config = config
         self.sums, self.sketches = {}, {}
         for name, (d_out, _) in dims.items():
-            if config.mode == "dense":
+            if config.fisher_storage == "dense":
                 self.sums[name] = torch.zeros(d_out, d_out, dtype=torch.float32, device=device)
             else:
-                self.sketches[name] = NystromSketch(d_out, config.sketch_rank, seed=config.seed, device=device)
+                self.sketches[name] = NystromSketch(d_out, config.sketch_rank, seed=config.label_seed, device=device)
         self.counts = dict.fromkeys(dims, 0)
         self.skipped = dict.fromkeys(dims, 0)
         self.positions: torch.Tensor | None = None
@@ -185,7 +186,7 @@ class _Accumulator:
         if not torch.isfinite(g).all():
             self.skipped[name] += 1
             return
-        if self.config.mode == "dense":
+        if self.config.fisher_storage == "dense":
             self.sums[name].addmm_(g.T, g)
         else:
             self.sketches[name].update(g)
@@ -199,7 +200,7 @@ class _Accumulator:
 
     def normalised(self, name: str, dim: int):
         """The mean, trace-normalised to `dim`: a dense matrix, or (eigenvalues, eigenvectors) of the sketch."""
-        if self.config.mode == "dense":
+        if self.config.fisher_storage == "dense":
             g = self.sums[name] / self.counts[name]
             return (g * (dim / g.trace().clamp_min(1e-30))).cpu()
         sk = self.sketches[name]
@@ -225,7 +226,7 @@ def estimate_fisher(model, data, config: FisherConfig | None = None, model_id: s
         ValueError: empty data, no response tokens at all, or target modules that match nothing / are quantised.
     """
     config = config or FisherConfig()
-    modules = find_target_modules(model, config.target_modules)
+    modules = find_target_modules(model, config.fisher_modules)
     dims = {n: layer_dims(_base(m)) for n, m in modules.items()}
     device = next(model.parameters()).device
     acc = _Accumulator(dims, config, device)
@@ -233,7 +234,7 @@ def estimate_fisher(model, data, config: FisherConfig | None = None, model_id: s
     acc_in = None
     if config.input_factor:  # only then: dense input factors are as large as the output ones
         acc_in = _Accumulator({n: (d_in, d_out) for n, (d_out, d_in) in dims.items()}, config, device)
-    gen = torch.Generator(device=device).manual_seed(config.seed)
+    gen = torch.Generator(device=device).manual_seed(config.label_seed)
 
     # FSDP2 (DTensor parameters): every forward and backward is a collective, so all ranks must run the same
     # number of batches through the model, including batches that contribute nothing.
@@ -344,16 +345,16 @@ def estimate_fisher(model, data, config: FisherConfig | None = None, model_id: s
     for name, (d_out, d_in) in dims.items():
         if acc.counts[name] == 0:
             raise ValueError(f"estimate_fisher: module {name!r} received no finite gradient; cannot build its factor")
-        (state.factors if config.mode == "dense" else state.low_rank)[name] = acc.normalised(name, d_out)
+        (state.factors if config.fisher_storage == "dense" else state.low_rank)[name] = acc.normalised(name, d_out)
         if acc_in is not None:
             if acc_in.counts[name] == 0:
                 raise ValueError(f"estimate_fisher: module {name!r} received no finite input; no input factor")
-            (state.input_factors if config.mode == "dense" else state.input_low_rank)[name] = acc_in.normalised(
-                name, d_in
+            (state.input_factors if config.fisher_storage == "dense" else state.input_low_rank)[name] = (
+                acc_in.normalised(name, d_in)
             )
     state.metadata = {
         "model_id": model_id or getattr(getattr(model, "config", None), "_name_or_path", None),
-        "model_fingerprint": model_fingerprint(model),
+        "model_fingerprint": architecture_fingerprint(model),
         "data_hash": data_hash.hexdigest()[:16],
         "config": {k: v for k, v in config.to_dict().items() if k != "show_progress"},
         "n_batches": n_batches,
@@ -399,7 +400,7 @@ def _all_reduce(acc: _Accumulator, batch_counts: tuple[int, ...] = ()) -> tuple[
     if batch_counts:
         reduce(totals)
     for name in acc.counts:
-        if acc.config.mode == "dense":
+        if acc.config.fisher_storage == "dense":
             reduce(acc.sums[name])
         else:
             reduce(acc.sketches[name].y)

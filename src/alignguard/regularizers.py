@@ -1,4 +1,4 @@
-"""The AlignGuard regularisers in closed low-rank form, batched over modules of equal shape (DESIGN.md §4).
+"""The AlignGuard regularisers in closed low-rank form, batched over modules of equal shape (docs/design.md §4).
 
 For one LoRA module with A (r x d_in), B (d_out x r), scale s, alignment basis U (d_out x m) and eigenvalues
 lambda, let C = U^T B, S = A A^T, B_A = U C and B_T = B - B_A, so dW_A = s B_A A and dW_T = s B_T A:
@@ -11,7 +11,7 @@ lambda, let C = U^T B, S = A A^T, B_A = U C and B_T = B - B_A, so dW_A = s B_A A
 
 None of these materialises dW except the exact overlap on small layers. Modules with the same (d_out, d_in, r)
 are stacked and handled with batched matmuls: a Python loop over 154 modules of a 1.1B model cost 1.53x a
-plain LoRA step on an H100, the grouped version 1.016x (DESIGN.md §4). Bases with different m in a group are
+plain LoRA step on an H100, the grouped version 1.016x (docs/design.md §4). Bases with different m in a group are
 zero-padded to the largest m (zero columns and zero eigenvalues add nothing to any term).
 """
 

@@ -1,4 +1,4 @@
-"""Forgetting scaling law: a robust fit of L(D) = L0 + A * D**beta (DESIGN.md §8). Pure numpy, no model code.
+"""Forgetting scaling law: a robust fit of L(D) = L0 + A * D**beta (docs/design.md §8). Pure numpy, no model code.
 
 `D` is the fine-tuning length (steps or tokens) and `L` the alignment loss after it. The claim to test is that
 AlignGuard lowers the amplitude `A` at a similar exponent `beta`.

@@ -1,4 +1,4 @@
-"""Alignment-critical subspaces: the top eigenvectors U of each module's Fisher factor (DESIGN.md §3).
+"""Alignment-critical subspaces: the top eigenvectors U of each module's Fisher factor (docs/design.md §3).
 
 m is the smallest number of eigenvalues that hold a fraction rho of the trace, clipped to [m_min, m_max]
 (and to d_out), or a fixed m. Because the factors are normalised (trace = d_out), the energy rule only needs
@@ -137,9 +137,11 @@ def randomized_eigh(matrix: torch.Tensor, k: int, oversample: int = 16, power_it
 
 def _eig_top(matrix: torch.Tensor, config: SubspaceConfig, k: int):
     d = matrix.shape[0]
-    use_random = config.method == "randomized" or (config.method == "auto" and d >= config.randomized_min_dim)
+    use_random = config.eigen_solver == "randomized" or (
+        config.eigen_solver == "auto" and d >= config.randomized_min_dim
+    )
     if use_random and k + config.oversample < d:
-        return randomized_eigh(matrix.float(), k, config.oversample, config.power_iters, config.seed)
+        return randomized_eigh(matrix.float(), k, config.oversample, config.power_iters, config.solver_seed)
     w, v = torch.linalg.eigh(matrix.double())
     return w.flip(0)[:k].float(), v.flip(1)[:, :k].float()
 
@@ -184,9 +186,9 @@ def build_subspaces(
             fixed_m=task_rank,
             m_min=1,
             m_max=max(task_rank, 1),
-            method=config.method,
+            eigen_solver=config.eigen_solver,
             randomized_min_dim=config.randomized_min_dim,
-            seed=config.seed,
+            solver_seed=config.solver_seed,
         )
         for name in task_state.module_names:
             if name in out.subspaces:

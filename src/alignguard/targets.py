@@ -122,16 +122,3 @@ def find_target_modules(model: nn.Module, target_modules=None) -> dict[str, nn.M
                 "(no load_in_4bit/8bit) for estimation, or exclude this module from target_modules."
             )
     return found
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """Hash of the base model's canonical parameter names and shapes (not values): identifies the architecture."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        if "lora_" in name:
-            continue
-        cname = canonical_name(name.replace(".base_layer.", ".")).replace(".base_layer", "")
-        h.update(f"{cname}:{tuple(p.shape)};".encode())
-    return h.hexdigest()[:16]

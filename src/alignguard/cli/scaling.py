@@ -1,4 +1,4 @@
-"""`alignguard scaling`: fit the forgetting law L(D) = L0 + A * D^beta per method (DESIGN.md §8).
+"""`alignguard scaling`: fit the forgetting law L(D) = L0 + A * D^beta per method (docs/design.md §8).
 
     alignguard scaling --model runs/aligned --out runs/scaling --steps 10 20 40 80 --methods plain_lora alignguard
     alignguard scaling --config configs/scaling/smollm2.yaml --fit_loss huber

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from alignguard.fingerprint import weights_fingerprint
+
 CACHE_FORMAT_VERSION = 1
 
 
@@ -78,32 +80,6 @@ def prompt_hash(prompt: str) -> str:
     return _sha256(prompt)
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A content fingerprint of `model`: changes whenever its weights or active adapters change.
-
-    Hashes every parameter's name, shape and dtype plus two cheap float64 reductions of its values
-    (sum and L2 norm), so a fine-tuned or merged model differs from its base. PEFT tuner layers add
-    their active adapter names and whether adapters are disabled, because
-    `with peft_model.disable_adapter():` changes the outputs without changing any weight.
-    """
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            t = p.detach()
-            # Two reductions: a sum alone can miss updates that cancel out, a norm alone misses sign flips.
-            s = t.sum(dtype=torch.float64).item() if t.numel() else 0.0
-            n = torch.linalg.vector_norm(t, dtype=torch.float64).item() if t.numel() else 0.0
-            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|{s:.10e}|{n:.10e}\n".encode())
-    for name, module in model.named_modules():
-        if hasattr(module, "disable_adapters") and hasattr(module, "active_adapters"):
-            try:
-                state = f"{name}|{bool(module.disable_adapters)}|{list(module.active_adapters)}"
-            except (AttributeError, TypeError):
-                continue
-            h.update(state.encode())
-    return h.hexdigest()
-
-
 def tokenizer_fingerprint(tokenizer) -> str:
     """Hash of what in a tokenizer changes the generated text: vocabulary, special tokens, chat template."""
     parts = [
@@ -122,7 +98,7 @@ def cache_key(model, tokenizer, settings: GenerationSettings) -> str:
     payload = json.dumps(
         {
             "format": CACHE_FORMAT_VERSION,
-            "model": model_fingerprint(model),
+            "model": weights_fingerprint(model),
             "tokenizer": tokenizer_fingerprint(tokenizer),
             "settings": settings.to_dict(),
         },

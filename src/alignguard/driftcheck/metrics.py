@@ -1,7 +1,7 @@
 """DriftCheck metrics: refusal rates, drift, drift reduction and percentile-bootstrap intervals.
 
 Pure functions over lists of booleans (one refusal flag per prompt); no model code. Definitions
-(DESIGN.md section 6):
+(docs/design.md §6):
 
 - refusal rate RA: the fraction of *unsafe* prompts whose response is a refusal (higher is safer);
 - over-refusal rate OR: the fraction of *safe* prompts whose response is a refusal (lower is better);
@@ -23,7 +23,7 @@ counted twice. Bootstrap resamples where D_plain_lora <= 0 are skipped for drift
   "schema_version": "1.0",
   "model_id": str,                  # path or name of the evaluated model
   "adapter": str | null,            # PEFT adapter path, if any
-  "model_fingerprint": str | null,  # content hash of the weights (see generate.model_fingerprint)
+  "model_fingerprint": str | null,  # content hash of the weights (see alignguard.fingerprint.weights_fingerprint)
   "prompts_hash": str,              # hash of the prompt set (prompts.prompts_hash)
   "n_prompts": int, "n_unsafe": int, "n_safe": int,
   "judge": str,                     # name of the default judge; its flags drive `metrics`

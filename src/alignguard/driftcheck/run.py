@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
-from alignguard.driftcheck.generate import GenerationSettings, generate_responses, model_fingerprint
+from alignguard.driftcheck.generate import GenerationSettings, generate_responses
 from alignguard.driftcheck.metrics import DriftCheckResult, drift_stat, paired_flags, rate_stat, summarize
+from alignguard.fingerprint import weights_fingerprint
 from alignguard.io import atomic_write_text
 
 
@@ -276,7 +277,7 @@ def run_driftcheck(
     result = DriftCheckResult(
         model_id=model_id,
         adapter=str(adapter) if adapter is not None else None,
-        model_fingerprint=model_fingerprint(model),
+        model_fingerprint=weights_fingerprint(model),
         prompts_hash=prompts_mod.prompts_hash(records),
         judge=judge_name,
         settings=settings.to_dict(),

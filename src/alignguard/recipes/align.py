@@ -1,4 +1,4 @@
-"""The alignment stage (DESIGN.md §7): LoRA SFT on refusals + helpful answers, merged into a normal HF model.
+"""The alignment stage (docs/design.md §7): LoRA SFT on refusals + helpful answers, merged into a normal HF model.
 
 Unsafe prompts are trained towards the dataset's refusals; safe prompts (benign look-alikes included, so the
 model does not learn "refuse anything that sounds edgy") towards the base model's *own* answers

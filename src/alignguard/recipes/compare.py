@@ -1,4 +1,4 @@
-"""`alignguard compare`: every method on the same model, task data, seeds and DriftCheck prompts (DESIGN.md §5).
+"""`alignguard compare`: every method on the same model, task data, seeds and DriftCheck prompts (docs/design.md §5).
 
 Layout of a compare run folder (also documented in the README):
 
@@ -175,7 +175,7 @@ def full_spectrum_subspaces(fisher_dir: Path):
     state = FisherState.load(fisher_dir)
     d_max = max(d for d, _ in state.dims.values())
     d_in_max = max(d for _, d in state.dims.values())
-    config = SubspaceConfig(fixed_m=d_max, m_min=1, m_max=d_max, method="exact", input_rank=d_in_max)
+    config = SubspaceConfig(fixed_m=d_max, m_min=1, m_max=d_max, eigen_solver="exact", input_rank=d_in_max)
     return build_subspaces(state, config)
 
 
@@ -263,8 +263,8 @@ def prepare_shared(
     fisher_dir, base_dir = out / "fisher", out / "base"
     # Factors are only needed for the modules LoRA will train: estimating the others costs time and memory.
     fisher_cfg = fisher_cfg or FisherConfig()
-    if fisher_cfg.target_modules is None:
-        fisher_cfg = replace(fisher_cfg, target_modules=list(train_cfg.target_modules))
+    if fisher_cfg.fisher_modules is None:
+        fisher_cfg = replace(fisher_cfg, fisher_modules=list(train_cfg.target_modules))
     # The input factor A_in is estimated only when a method uses it. A folder made without it is redone with it
     # when such a method is added later: same data and seed, so the output factors match the earlier ones up to
     # floating-point noise (rows already trained keep their results).

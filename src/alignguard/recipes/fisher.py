@@ -26,7 +26,7 @@ class FisherRunConfig:
         alignment_data: JSONL of alignment examples (id, prompt, label, category, source, response); default: the
             bundled set.
         fisher_prompts: which examples feed the Fisher pass: `unsafe` (refusal behaviour) or `all`.
-        responses: `model` = the model's own greedy responses (DESIGN §3, cached), `dataset` = the file's responses.
+        responses: `model` = the model's own greedy responses (docs/design.md §3, cached), `dataset` = the file's responses.
         max_examples: use at most this many examples (seeded sample).
         batch_size: examples per Fisher batch.
         max_length: token limit of prompt + response.

@@ -1,4 +1,4 @@
-"""`alignguard scaling`: the forgetting scaling law recipe (DESIGN.md §8): train each method at several lengths D,
+"""`alignguard scaling`: the forgetting scaling law recipe (docs/design.md §8): train each method at several lengths D,
 measure the alignment loss and the refusal rate after each, and fit L(D) = L0 + A * D**beta per method.
 
 Layout (inside a compare-style run folder, so the Fisher state and base DriftCheck are shared with `compare`):

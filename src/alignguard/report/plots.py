@@ -1,5 +1,5 @@
 """Report figures (matplotlib, no pyplot): drift bars, task/refusal Pareto scatter, per-category heat map,
-Fisher spectrum, chosen m per module and the forgetting scaling law (DESIGN.md §5, §8).
+Fisher spectrum, chosen m per module and the forgetting scaling law (docs/design.md §5, §8).
 
 Every function takes plain Python data (no run-folder knowledge) and returns a `matplotlib.figure.Figure`.
 Figures are built with `Figure()` directly instead of `pyplot`: no global state, no GUI backend, no window can

@@ -51,6 +51,9 @@ class AlignRunConfig:
     max_length: int = field(default=256, metadata={"help": "Token limit of prompt + response."})
     max_new_tokens: int = field(default=96, metadata={"help": "Length of self-distilled answers to safe prompts."})
     seed: int = field(default=0, metadata={"help": "Seed."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Delete what --out holds (another run or other settings) and start afresh."}
+    )
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "lora_r", "max_length", "max_new_tokens"):

@@ -1,8 +1,17 @@
-"""Pipeline helpers the recipes share: LoRA construction, checkpointed TrainingArguments, resume lookup."""
+"""Pipeline helpers the recipes share: LoRA construction, checkpointed TrainingArguments, resume lookup, the
+output-folder guard of the CLI mains and the settings keys of resumable stages."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
+
+from ..io import atomic_write_json
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -51,7 +60,259 @@ def checkpointed_training_args(
     return TrainingArguments(**kwargs)
 
 
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest `checkpoint-N` folder under `directory` (what a re-run resumes from), or None."""
-    ckpts = sorted(Path(directory).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return ckpts[-1] if ckpts else None
+# Files a `Trainer` checkpoint must hold to be resumed from. The Trainer writes trainer_state.json last, so a
+# folder without it (or with a truncated one) is a save that was killed half-way.
+CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors")
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why `ckpt` cannot be resumed from (a missing or unreadable file), or None when it is complete."""
+    for name in CHECKPOINT_FILES:
+        if not (ckpt / name).is_file() or (ckpt / name).stat().st_size == 0:
+            return f"no {name}"
+    if not any((ckpt / name).is_file() and (ckpt / name).stat().st_size > 0 for name in ADAPTER_WEIGHTS):
+        return "no adapter weights"
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return "trainer_state.json is not valid JSON"
+    if state.get("global_step") != _step_of(ckpt):
+        return f"trainer_state.json is for step {state.get('global_step')}"
+    return None
+
+
+def _step_of(path: Path) -> int | None:
+    tail = path.name.split("-")[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+def latest_checkpoint(directory: Path, log=print) -> Path | None:
+    """The newest complete `checkpoint-N` folder under `directory` (what a re-run resumes from), or None.
+
+    Incomplete ones (a save killed half-way, see `checkpoint_problem`) newer than it are removed: the Trainer
+    would otherwise rotate the good checkpoint away in favour of the broken one at its next save.
+    """
+    ckpts = sorted(
+        (p for p in Path(directory).glob("checkpoint-*") if p.is_dir() and _step_of(p) is not None), key=_step_of
+    )
+    for ckpt in reversed(ckpts):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt
+        if log:
+            log(f"skipping incomplete checkpoint {ckpt} ({problem}); removing it")
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return None
+
+
+# --- Settings of a run or stage -------------------------------------------------------------------------------
+
+# Fields that change no output: left out of every comparison of settings.
+IGNORED_FIELDS = frozenset({"out", "overwrite", "show_progress"})
+
+
+def plain_settings(configs: dict) -> dict:
+    """`configs` (dataclasses, dicts, values) as JSON-plain data without `IGNORED_FIELDS`."""
+    payload = {k: (asdict(v) if is_dataclass(v) else v) for k, v in configs.items()}
+    payload = json.loads(json.dumps(payload, default=str))
+
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in IGNORED_FIELDS}
+        return value
+
+    return strip(payload)
+
+
+def settings_key(settings: dict) -> str:
+    """A short hash of `settings` (key order does not matter)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def settings_diff(old: dict, new: dict, limit: int = 8) -> list[str]:
+    """`field: old -> new` for every differing leaf (dotted names), at most `limit` of them."""
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    a, b = flat(old or {}), flat(new or {})
+    missing = object()
+    diffs = [
+        f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k, missing) != b.get(k, missing)
+    ]
+    return diffs[:limit] + ([f"... {len(diffs) - limit} more"] if len(diffs) > limit else [])
+
+
+def file_digest(path: str | os.PathLike | None) -> str | None:
+    """sha256 (16 hex digits) of a file's bytes, None for None; a folder hashes its file names and sizes."""
+    if path is None:
+        return None
+    p = Path(path)
+    h = hashlib.sha256()
+    if p.is_dir():
+        for f in sorted(q for q in p.rglob("*") if q.is_file()):
+            h.update(f"{f.relative_to(p)}:{f.stat().st_size}\n".encode())
+    elif p.is_file():
+        h.update(p.read_bytes())
+    else:
+        return "missing"
+    return h.hexdigest()[:16]
+
+
+# --- Resumable stages (compare, scaling) -----------------------------------------------------------------------
+
+STAGE_KEY_FILE = "stage_key.json"
+SUPERSEDED_DIR = "superseded"
+
+
+def stage_is_current(directory: Path, settings: dict, done: Path, root: Path, label: str, log=print) -> bool:
+    """Whether the finished stage in `directory` was made with `settings` (then it is reused).
+
+    A stage made with other settings (or before stages were keyed) is moved to `<root>/superseded/` rather than
+    deleted, and `settings` are recorded for the stage about to be redone; an unfinished stage with the same
+    settings is kept (its checkpoints are resumed). `log` gets one line saying what happened and why.
+    """
+    directory = Path(directory)
+    key_file = directory / STAGE_KEY_FILE
+    key = settings_key(settings)
+    record = {"key": key, "settings": settings}
+    if directory.is_dir() and any(directory.iterdir()):
+        old = _read_json(key_file)
+        if old is not None and old.get("key") == key:
+            if Path(done).is_file():
+                log(f"[{label}] reused: finished with the same settings ({directory})")
+                return True
+            log(f"[{label}] resuming: unfinished, same settings ({directory})")
+            return False
+        why = (
+            "settings changed: " + "; ".join(settings_diff(old.get("settings", {}), settings))
+            if old is not None
+            else f"no {STAGE_KEY_FILE} (made before stages were keyed), so its settings are unknown"
+        )
+        moved = _supersede(directory, root, (old or {}).get("key", "unkeyed"))
+        log(f"[{label}] redone: {why}; the old outputs moved to {moved}")
+    else:
+        log(f"[{label}] new")
+    atomic_write_json(key_file, record)
+    return False
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _supersede(directory: Path, root: Path, key: str) -> Path:
+    rel = directory.resolve().relative_to(Path(root).resolve())
+    target = Path(root) / SUPERSEDED_DIR / f"{'_'.join(rel.parts)}-{key}"
+    n = 1
+    while target.exists():
+        n += 1
+        target = target.with_name(f"{'_'.join(rel.parts)}-{key}-{n}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(directory, target)
+    return target
+
+
+# --- The output-folder guard of the CLI mains ------------------------------------------------------------------
+
+RUN_FILE = "run.json"
+# Commands whose stages are keyed by their own settings (`stage_is_current`): a re-run with other settings reuses
+# what matches and redoes the rest, so only the command has to match.
+STAGE_KEYED_COMMANDS = frozenset({"compare", "scaling", "demo"})
+
+
+def check_output_dir(
+    out: str | os.PathLike, command: str, configs: dict, overwrite: bool = False, config_name: str = "config.yaml"
+) -> Path:
+    """Refuse an --out the command cannot write into safely; call before writing anything there.
+
+    `out` must be writable (checked by creating a file there). A non-empty `out` must hold a run of the same
+    command (recorded in `<out>/run.json`, or recognised by an identical `config_name` of an older run) with the
+    same `configs` (fields in `IGNORED_FIELDS` aside); for compare, scaling and demo, whose stages are keyed by
+    their own settings, the same command suffices. Otherwise the run stops with an error naming the folder,
+    what is there and the fix, unless `overwrite`: then the folder's previous contents are deleted first.
+    Records `<out>/run.json` ({"command", "settings"}).
+
+    Raises:
+        SystemExit: with the message, for the CLI.
+    """
+    out = Path(out)
+    _check_writable(out)
+    settings = plain_settings(configs)
+    entries = sorted(p.name for p in out.iterdir())
+    if entries:
+        problem = _mismatch(out, command, settings, entries, config_name)
+        if overwrite:
+            _clear(out)
+            print(f"[{command}] --overwrite true: deleted the previous contents of {out}")
+        elif problem:
+            raise SystemExit(
+                f"error: --out {out}: {problem}. Nothing was changed; choose another --out, or pass "
+                "--overwrite true to delete its contents and start afresh"
+            )
+    atomic_write_json(out / RUN_FILE, {"command": command, "settings": settings})
+    return out
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = "it is a file" if out.is_file() else (exc.strerror or str(exc))
+        raise SystemExit(
+            f"error: --out {out}: cannot write there ({reason}); choose another --out or make it writable"
+        ) from exc
+
+
+def _mismatch(out: Path, command: str, settings: dict, entries: list[str], config_name: str) -> str | None:
+    run = _read_json(out / RUN_FILE)
+    if run is None:
+        # Runs from before run.json: recognised by a config file with the same sections (= the same command).
+        import yaml
+
+        try:
+            old = yaml.safe_load((out / config_name).read_text()) if (out / config_name).is_file() else None
+        except yaml.YAMLError:
+            old = None
+        if isinstance(old, dict) and set(old) == set(settings):
+            run = {"command": command, "settings": plain_settings(old)}
+        else:
+            shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+            return f"is not empty ({shown}) and holds no `alignguard {command}` run ({RUN_FILE} missing)"
+    if run.get("command") != command:
+        return f"holds an `alignguard {run.get('command')}` run ({out / RUN_FILE}), not an `alignguard {command}` one"
+    if command in STAGE_KEYED_COMMANDS:
+        return None
+    diff = settings_diff(run.get("settings", {}), settings)
+    if diff:
+        return f"holds an `alignguard {command}` run with other settings ({'; '.join(diff)}), so it cannot be resumed"
+    return None
+
+
+def _clear(out: Path) -> None:
+    resolved = out.resolve()
+    if resolved in (Path.cwd().resolve(), Path.home().resolve(), Path(resolved.anchor)) or (out / ".git").exists():
+        raise SystemExit(
+            f"error: --out {out}: --overwrite refuses to empty the working folder, the home folder, the root or a "
+            "git checkout; choose a dedicated --out"
+        )
+    for item in out.iterdir():
+        if item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item)
+        else:
+            item.unlink()

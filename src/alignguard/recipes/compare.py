@@ -141,6 +141,9 @@ class CompareConfig(HarnessConfig):
     out: str = field(default="runs/compare", metadata={"help": "Run folder."})
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS), metadata={"help": "Methods to run."})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds (one comparison each)."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Delete what --out holds (another run or other settings) and start afresh."}
+    )
 
     def __post_init__(self):
         super().__post_init__()

@@ -61,6 +61,9 @@ class EvalConfig:
     device: str | None = field(default=None, metadata={"help": "Device (default: cuda if available, else cpu)."})
     n_boot: int = field(default=1000, metadata={"help": "Bootstrap resamples for the 95 percent intervals."})
     seed: int = field(default=0, metadata={"help": "Bootstrap seed."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Delete what --out holds (another run or other settings) and start afresh."}
+    )
 
     def __post_init__(self):
         if not self.model:

@@ -52,6 +52,9 @@ class FisherRunConfig:
         default=None, metadata={"help": "Generation cache (default <out>/generation_cache)."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of the example sample and label sampling."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Delete what --out holds (another run or other settings) and start afresh."}
+    )
 
     def __post_init__(self):
         if self.max_examples is not None and self.max_examples < 1:

@@ -94,6 +94,9 @@ class ScalingConfig(compare.HarnessConfig):
     fit_loss: Literal["soft_l1", "huber", "linear"] = field(
         default="soft_l1", metadata={"help": "Robust loss of the fit ('linear' = least squares)."}
     )
+    overwrite: bool = field(
+        default=False, metadata={"help": "Delete what --out holds (another run or other settings) and start afresh."}
+    )
 
     def __post_init__(self):
         super().__post_init__()

@@ -56,6 +56,9 @@ class TrainRunConfig:
     max_length: int = field(default=256, metadata={"help": "Token limit of prompt + response."})
     seed: int = field(default=0, metadata={"help": "Seed of data order and init."})
     save_steps: int = field(default=25, metadata={"help": "Checkpoint interval (steps)."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Delete what --out holds (another run or other settings) and start afresh."}
+    )
 
     def __post_init__(self):
         if self.method == "alignguard" and not self.fisher:

@@ -57,6 +57,16 @@ def test_fit_is_robust_to_outliers_where_least_squares_is_not(loss):
     assert abs(plain.beta - 0.4) > 3 * abs(robust.beta - 0.4)
 
 
+def test_fit_keeps_beta_inside_a_one_sided_range():
+    # The local fits start on the grid of beta_range and stay in it, on the side of 0 they started on.
+    D = np.array([10.0, 20, 40, 80, 160])
+    L = 2.0 + 0.05 * D**0.6
+    assert fit_scaling_law(D, L, beta_range=(0.2, 1.0)).beta == pytest.approx(0.6, rel=1e-6)
+    capped = fit_scaling_law(D, L, beta_range=(1.0, 2.0))
+    assert capped.beta == pytest.approx(1.0, abs=1e-6)  # on the boundary: the law cannot reach 0.6 here
+    assert fit_scaling_law(D, L, beta_range=(-2.0, -0.5)).beta <= -0.5
+
+
 def test_fit_constant_loss_and_to_dict():
     fit = fit_scaling_law([1, 2, 4], [2.0, 2.0, 2.0])
     assert fit.A == pytest.approx(0.0, abs=1e-12) and fit.L0 == pytest.approx(2.0) and fit.r2 == 1.0

@@ -16,7 +16,8 @@ import yaml
 from alignguard.cli import eval as eval_cli
 from alignguard.driftcheck.metrics import DriftCheckResult
 from alignguard.driftcheck.prompts import load_prompts, prompts_hash
-from alignguard.driftcheck.run import ModelPathError, check_model_dir, run_driftcheck
+from alignguard.driftcheck.run import ModelPathError, run_driftcheck
+from alignguard.models import check_model_folder
 from alignguard.tiny import make_tiny_model, make_tiny_tokenizer
 
 ROWS = [
@@ -144,11 +145,11 @@ def test_not_a_model_path_gives_clear_error(tmp_path, adapter_dir, jsonl_file):
     with pytest.raises(ModelPathError, match=r"empty is not a Hugging Face model folder: missing config.json"):
         run_driftcheck(tmp_path / "empty", jsonl_file)
     with pytest.raises(ModelPathError, match="LoRA adapter"):
-        check_model_dir(adapter_dir)
+        check_model_folder(adapter_dir)
     (tmp_path / "cfg_only").mkdir()
     (tmp_path / "cfg_only" / "config.json").write_text("{}")
     with pytest.raises(ModelPathError, match="missing weights"):
-        check_model_dir(tmp_path / "cfg_only")
+        check_model_folder(tmp_path / "cfg_only")
 
 
 def test_partial_outputs_survive_a_failing_judge(model_dir, jsonl_file, tmp_path):

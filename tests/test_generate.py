@@ -161,5 +161,5 @@ def test_settings_validation():
 def test_system_prompt_is_rendered(tiny_tokenizer):
     text = format_prompt(tiny_tokenizer, "hello", GenerationSettings(system_prompt="be nice"))
     assert text == "<|system|>be nice<|user|>hello<|assistant|>"
-    raw = format_prompt(tiny_tokenizer, "hello", GenerationSettings(use_chat_template=False))
-    assert raw == "hello"
+    plain = format_prompt(tiny_tokenizer, "hello", GenerationSettings(use_chat_template=False))
+    assert plain == "User: hello\nAssistant: "  # the plain format training uses without a chat template

@@ -1,7 +1,9 @@
 """Chat-formatted prompt/response examples with the prompt masked out of the loss (labels = -100).
 
 Used for the Fisher pass (alignment data), the alignment stage and task fine-tuning, so the three see the
-same formatting. Tokenizers without a chat template fall back to a plain "User:/Assistant:" format.
+same formatting, and DriftCheck generation renders prompts with the same function
+(`driftcheck.prompts.render_prompt`). Tokenizers without a chat template fall back to a plain
+"User:/Assistant:" format.
 """
 
 from __future__ import annotations
@@ -14,19 +16,13 @@ from typing import Literal
 
 import torch
 
-from .driftcheck.prompts import PromptFileError, _read_jsonl, load_prompts
+# The renderer lives with the prompt records so that DriftCheck generation and training share one function;
+# render_prompt is re-exported here (recipes.scaling counts prompt tokens with it).
+from .driftcheck.prompts import PromptFileError, load_prompts, prompt_token_ids, read_rows
+from .driftcheck.prompts import render_prompt as render_prompt
 
 IGNORE_INDEX = -100
-_FALLBACK_PROMPT = "User: {prompt}\nAssistant: "
 _RESOURCES = Path(__file__).resolve().parent / "resources"
-
-
-def render_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
-    """The prompt as the model sees it before its answer (chat template with the generation prompt)."""
-    if getattr(tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return (f"{system}\n" if system else "") + _FALLBACK_PROMPT.format(prompt=prompt)
 
 
 def tokenize_example(
@@ -50,8 +46,7 @@ def tokenize_example(
     where = f"example {index}" if index is not None else "example"
     if not response or not response.strip():
         raise ValueError(f"{where}: empty response; every example needs a non-empty response to put the loss on")
-    prompt_text = render_prompt(tokenizer, prompt, system)
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    prompt_ids = prompt_token_ids(tokenizer, prompt, system)
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         response_ids = response_ids + [tokenizer.eos_token_id]
@@ -173,20 +168,20 @@ def load_alignment_data(path: str | Path | None = None) -> list[AlignmentExample
     """Load alignment-stage examples: unsafe prompts with refusals, safe prompts with an answer or `None`.
 
     Args:
-        path (`str` or `Path`, *optional*): A JSONL file with the `AlignmentExample` fields; defaults to the bundled
-            `alignment_v1.jsonl`, which is disjoint from the DriftCheck prompts.
+        path (`str` or `Path`, *optional*): A JSONL or CSV file (UTF-8) with the `AlignmentExample` fields;
+            defaults to the bundled `alignment_v1.jsonl`, which is disjoint from the DriftCheck prompts.
 
     Returns:
         `list[AlignmentExample]`: In file order.
 
     Raises:
-        PromptFileError: If the file is malformed, or an unsafe example has no refusal `response`.
+        PromptFileError: If the file is malformed or not UTF-8, or an unsafe example has no refusal `response`.
     """
     path = Path(path) if path is not None else alignment_data_path()
     records = load_prompts(path)
-    raw = {lineno: row for lineno, row in _read_jsonl(path)}
+    rows, _unit = read_rows(path)  # load_prompts keeps every non-blank row in order, so the two line up
     out = []
-    for rec, (lineno, row) in zip(records, raw.items()):
+    for rec, (lineno, row) in zip(records, rows):
         response = row.get("response")
         if rec.label == "unsafe" and not (response and str(response).strip()):
             raise PromptFileError(f"{path}:{lineno}: unsafe example {rec.id!r} needs a refusal in 'response'")

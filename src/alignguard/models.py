@@ -57,7 +57,10 @@ _SOURCE_RECORD = "alignguard_source.json"
 
 
 class ModelLoadError(RuntimeError):
-    """A model spec could not be resolved or loaded; the message says what to do."""
+    """A model spec could not be resolved or loaded; the message names the path and says what to do."""
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -377,30 +380,139 @@ def check_model_folder(path: str | os.PathLike, need_tokenizer: bool = False) ->
         if (p / "adapter_config.json").is_file():
             hint = " It holds adapter_config.json: it is a LoRA adapter (PEFT); pass it as --adapter with its base --model."
         raise ModelLoadError(f"{p} is not a Hugging Face model folder: missing {' and '.join(missing)}.{hint}")
-    if need_tokenizer and not any((p / f).is_file() for f in _TOKENIZER_FILES):
-        raise ModelLoadError(f"{p} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); pass a tokenizer")
+    if need_tokenizer and not has_tokenizer_files(p):
+        raise ModelLoadError(
+            f"{p} has no tokenizer files (none of {', '.join(_TOKENIZER_FILES)}); copy them from the model it was "
+            f"made from: AutoTokenizer.from_pretrained(BASE).save_pretrained({str(p)!r}) "
+            "(in Python, load_model_and_tokenizer(..., tokenizer=PATH) also works)"
+        )
     return p
 
 
-def _load_folder(folder: Path, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def has_tokenizer_files(folder: str | os.PathLike) -> bool:
+    return any((Path(folder) / f).is_file() for f in _TOKENIZER_FILES)
 
-    check_model_folder(folder)
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | None = None) -> torch.dtype | str:
+    """A torch dtype from `"auto" | "float32" | "bfloat16" | "float16"` (or a dtype); `"auto"` is float32 on CPU
+    (bf16/fp16 matmuls are slow there) and the checkpoint's dtype (`"auto"` for `from_pretrained`) elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.float32 if device in (None, "cpu") else "auto"
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype: must be auto, {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def _check_config(folder: Path) -> None:
+    """Raise `ModelLoadError` for a config.json transformers cannot build a model from without remote code."""
+    from transformers import __version__ as transformers_version
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    path = folder / "config.json"
     try:
-        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path}: not valid JSON ({exc}); restore config.json from the original model") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    # auto_map points at Python files shipped with the model; we never run them (trust_remote_code stays off),
+    # so only the architectures transformers itself knows can load.
+    remote = " (its auto_map names custom code, which alignguard never runs: trust_remote_code is off)"
+    remote = remote if isinstance(config, dict) and config.get("auto_map") else ""
+    if not model_type:
+        raise ModelLoadError(
+            f"{path}: no model_type{remote}; set model_type to the architecture (e.g. llama, qwen2, gpt2)"
+        )
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise ModelLoadError(
+            f"{path}: model_type {model_type!r} is not an architecture transformers {transformers_version} knows"
+            f"{remote}; fix model_type (e.g. llama, qwen2, gpt2) or use a transformers version that has it"
+        )
+
+
+def _check_safetensors(folder: Path) -> None:
+    """Raise `ModelLoadError` naming a *.safetensors file that is cut short (a copy or download stopped mid-way).
+
+    The format is an 8-byte header length, a JSON header with each tensor's byte range, then the data; the file
+    must hold the header and reach the end of the last tensor. Only the header is read.
+    """
+    for file in sorted(folder.glob("*.safetensors")):
+        size = file.stat().st_size
+        problem = None
+        with open(file, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else None
+            if n is None or 8 + n > size:
+                problem = f"{size} bytes, too short for its header"
+            else:
+                try:
+                    header = json.loads(fh.read(n))
+                    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+                except (ValueError, KeyError, TypeError, IndexError):
+                    problem = "its header is not valid safetensors JSON"
+                else:
+                    if 8 + n + end > size:
+                        problem = f"{size} bytes, its header promises {8 + n + end}"
+        if problem:
+            raise ModelLoadError(
+                f"{file}: truncated or damaged weights file ({problem}); copy or download the model again"
+            )
+
+
+def load_tokenizer(path: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    p = Path(path).expanduser()
+    if not p.is_dir() or not has_tokenizer_files(p):
+        what = "does not exist" if not p.exists() else "has no tokenizer files"
+        raise ModelLoadError(
+            f"tokenizer path {p} {what} (expected a folder with one of {', '.join(_TOKENIZER_FILES)}); "
+            "give the folder of the model the tokenizer belongs to"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(p, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
-            f"{folder}: could not load a tokenizer (tokenizer.json / tokenizer_config.json): {exc}"
+            f"{p}: could not load a tokenizer (tokenizer.json / tokenizer_config.json): {exc}; "
+            "re-save it with AutoTokenizer.from_pretrained(BASE).save_pretrained(...)"
         ) from exc
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+
+
+def _load_folder(folder: Path, dtype: torch.dtype | str, need_tokenizer: bool = True):
+    """(model, tokenizer or None) from an HF folder, with one clear `ModelLoadError` per known failure."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    check_model_folder(folder, need_tokenizer=need_tokenizer)
+    _check_config(folder)
+    tok = load_tokenizer(folder) if need_tokenizer else None
+    _check_safetensors(folder)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, local_files_only=True, trust_remote_code=False
+        )
+    except SafetensorError as exc:
+        raise ModelLoadError(
+            f"{folder}: damaged safetensors weights ({exc}); copy or download the model again"
+        ) from exc
+    except RuntimeError as exc:
+        if "PytorchStreamReader" not in str(exc):  # only a damaged pytorch_model.bin zip is ours to explain
+            raise
+        raise ModelLoadError(
+            f"{folder}: pytorch_model.bin is truncated or damaged ({str(exc).split('.')[0]}); copy or download the "
+            "model again"
+        ) from exc
     return model, tok
 
 
-def _finish(model, tok, info: ModelInfo):
+def _finish(model, tok, info: ModelInfo, device=None):
     # Left padding because every consumer batches prompts for generation (DriftCheck); a missing pad token
     # falls back to eos, the usual choice for decoder-only chat models.
     tok.padding_side = "left"
     tok.pad_token = tok.pad_token or tok.eos_token
+    if device is not None:
+        model.to(device)
     model.eval()
     info.family = getattr(model.config, "model_type", "")
     info.n_params = sum(p.numel() for p in model.parameters())
@@ -409,58 +521,79 @@ def _finish(model, tok, info: ModelInfo):
 
 def load_model_and_tokenizer(
     spec: str | os.PathLike,
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype = torch.float32,
     cache_dir: str | os.PathLike | None = None,
+    *,
+    tokenizer=None,
+    device: str | torch.device | None = None,
 ):
     """Load a causal LM and its tokenizer from a local folder, a GGUF file, a registry name or a tiny name.
 
-    Never contacts a hub (`local_files_only=True` throughout). GGUF files (including packaged ones) are converted
-    once to an HF folder in the cache; later loads read that folder.
+    Never contacts a hub (`local_files_only=True` throughout) and never runs code shipped with a model
+    (`trust_remote_code=False`: a config's `auto_map` is ignored). GGUF files (including packaged ones) are
+    converted once to an HF folder in the cache; later loads read that folder. Every command (and DriftCheck)
+    loads through this one function.
 
     Args:
         spec: folder path, `.gguf` path, registry name (see `alignguard models`) or `tiny-llama|tiny-qwen2|tiny-gpt2`.
-        dtype: parameter dtype (fp32 by default: bf16 was slower on CPU).
+        dtype: a torch dtype or `"auto" | "float32" | "bfloat16" | "float16"` (fp32 by default: bf16 was slower on
+            CPU; `"auto"` is fp32 on CPU and the checkpoint's dtype on an accelerator, see `resolve_dtype`).
         cache_dir: cache root for conversions (default `$ALIGNGUARD_CACHE` or `~/.cache/alignguard`).
+        tokenizer: a tokenizer object or the folder of one, used instead of the model's own (a folder without
+            tokenizer files then loads).
+        device: move the model there (default: leave it on the CPU).
 
     Returns:
         `(model, tokenizer, ModelInfo)`. The model is in eval mode; the tokenizer pads on the left and has a
         pad token.
 
     Raises:
-        `ModelLoadError`: unknown spec, missing package (with its pip command) or a path that is not a model.
+        `ModelLoadError`: unknown spec, missing package (with its pip command), a path that is not a model, a folder
+            without tokenizer files, truncated weights, or a `model_type` transformers does not know. Each message
+            names the path and the fix.
     """
     text = os.fspath(spec)
+    resolved = resolve_dtype(dtype, None if device is None else str(device))
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(tokenizer)
     if text in TINY_MODELS:
         from alignguard.tiny import make_tiny_model, make_tiny_tokenizer
 
-        model = make_tiny_model(text.split("-", 1)[1]).to(dtype)
+        model = make_tiny_model(text.split("-", 1)[1])
+        model = model.to(resolved) if isinstance(resolved, torch.dtype) else model
         info = ModelInfo(name=text, source="tiny", aligned="no (random weights)", license="n/a")
-        return _finish(model, make_tiny_tokenizer(), info)
+        return _finish(model, tokenizer or make_tiny_tokenizer(), info, device)
     if text in REGISTRY:
         entry = REGISTRY[text]
         gguf = resolve_registry_gguf(text, cache_dir)
         folder = convert_gguf(gguf, name=text, cache_dir=cache_dir, record={"registry_name": text})
-        model, tok = _load_folder(folder, dtype)
+        model, tok = _load_folder(folder, resolved, need_tokenizer=tokenizer is None)
         info = ModelInfo(
             text, "registry", str(folder), aligned=entry.aligned, license=entry.license, gguf_path=str(gguf)
         )
-        return _finish(model, tok, info)
+        return _finish(model, tokenizer or tok, info, device)
     path = Path(text).expanduser()
     if path.is_file() and path.suffix.lower() == ".gguf":
         folder = convert_gguf(path, cache_dir=cache_dir)
-        model, tok = _load_folder(folder, dtype)
-        return _finish(model, tok, ModelInfo(path.stem, "gguf", str(folder), gguf_path=str(path.resolve())))
+        model, tok = _load_folder(folder, resolved, need_tokenizer=tokenizer is None)
+        info = ModelInfo(path.stem, "gguf", str(folder), gguf_path=str(path.resolve()))
+        return _finish(model, tokenizer or tok, info, device)
     if path.is_dir():
-        model, tok = _load_folder(path, dtype)
+        model, tok = _load_folder(path, resolved, need_tokenizer=tokenizer is None)
         info = ModelInfo(path.resolve().name, "folder", str(path.resolve()))
         record = path / _SOURCE_RECORD
         if record.is_file():  # a cached conversion of a registry model keeps its notes
             name = json.loads(record.read_text()).get("registry_name")
             if name in REGISTRY:
                 info.aligned, info.license = REGISTRY[name].aligned, REGISTRY[name].license
-        return _finish(model, tok, info)
+        return _finish(model, tokenizer or tok, info, device)
     if path.exists():
         raise ModelLoadError(f"{path}: not a model folder or a .gguf file")
+    if os.sep in text or "/" in text or text.startswith((".", "~")):
+        raise ModelLoadError(
+            f"model path {path} does not exist (alignguard runs offline: give a local model folder, a .gguf file or "
+            "a name from `alignguard models`)"
+        )
     raise ModelLoadError(
         f"unknown model {text!r}: no such file or folder, and not a known name. "
         f"Known names: {', '.join(list(REGISTRY) + list(TINY_MODELS))} (run `alignguard models`)."

@@ -1,8 +1,9 @@
 """Batched greedy generation for DriftCheck, with an on-disk cache keyed by model, tokenizer and settings.
 
-Prompts are rendered with the tokenizer's chat template (one user turn, optional system turn,
-`add_generation_prompt=True`), sorted by length, left-padded into batches and decoded greedily; only
-the new tokens are decoded. Left padding plus the attention mask keeps every row's positions equal
+Prompts are rendered by `prompts.render_prompt`, the function training uses too (the tokenizer's chat
+template with one user turn, an optional system turn and `add_generation_prompt=True`, else a plain
+`User:/Assistant:` format), cut from the left to `max_prompt_tokens`, sorted by length, left-padded into
+batches and decoded greedily; only the new tokens are decoded. Left padding plus the attention mask keeps every row's positions equal
 to its unpadded run, so batched output matches per-prompt generation token for token (tested).
 
 Generations are cached in `cache_dir/<key>.jsonl` where `key` hashes a fingerprint of the model's
@@ -19,15 +20,20 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from alignguard.driftcheck.prompts import FALLBACK_PROMPT_FORMAT, has_chat_template, prompt_token_ids, render_prompt
 from alignguard.fingerprint import weights_fingerprint
 
 CACHE_FORMAT_VERSION = 1
+# Prompt-token limit when `max_prompt_tokens` is not set (and the model's context is larger): far above any
+# DriftCheck prompt, far below what a pasted document would cost (a 5 MB prompt would need terabytes of attention).
+DEFAULT_MAX_PROMPT_TOKENS = 1024
 
 
 @dataclass
@@ -45,9 +51,11 @@ class GenerationSettings:
             System turn placed before every user turn.
         use_chat_template (`bool`, defaults to `True`):
             Render prompts with the tokenizer's chat template; with `False` (or a tokenizer without a
-            template) the raw prompt text is used.
+            template) the plain `User: ...\nAssistant: ` format training uses (`prompts.render_prompt`).
         max_prompt_tokens (`int`, *optional*):
-            Keep only the last N prompt tokens (left truncation keeps the generation prompt).
+            Longer rendered prompts keep only their last N tokens (cut from the left, as training does, so
+            the question and the generation prompt stay), with a warning. Unset: the smaller of
+            `DEFAULT_MAX_PROMPT_TOKENS` (1024) and the model's `max_position_embeddings - max_new_tokens`.
     """
 
     max_new_tokens: int = field(default=128, metadata={"help": "Maximum number of new tokens per response."})
@@ -55,7 +63,13 @@ class GenerationSettings:
     batch_size: int = field(default=16, metadata={"help": "Prompts per left-padded generation batch."})
     system_prompt: str | None = field(default=None, metadata={"help": "Optional system turn before each prompt."})
     use_chat_template: bool = field(default=True, metadata={"help": "Render prompts with the chat template."})
-    max_prompt_tokens: int | None = field(default=None, metadata={"help": "Keep only the last N prompt tokens."})
+    max_prompt_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Longer prompts keep their last N tokens (cut from the left, with a warning). "
+            "Default: min(1024, the model's max_position_embeddings - max_new_tokens)."
+        },
+    )
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -95,39 +109,60 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def cache_key(model, tokenizer, settings: GenerationSettings) -> str:
     """The cache file stem for (model fingerprint, tokenizer fingerprint, settings)."""
-    payload = json.dumps(
-        {
-            "format": CACHE_FORMAT_VERSION,
-            "model": weights_fingerprint(model),
-            "tokenizer": tokenizer_fingerprint(tokenizer),
-            "settings": settings.to_dict(),
-        },
-        sort_keys=True,
-    )
-    return _sha256(payload)[:32]
+    fields = {
+        "format": CACHE_FORMAT_VERSION,
+        "model": weights_fingerprint(model),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "settings": settings.to_dict(),
+    }
+    if not (settings.use_chat_template and has_chat_template(tokenizer)):
+        # Without a chat template prompts once went in raw; they now use the training format. Keying on it
+        # keeps old raw-prompt generations from being reused, and leaves chat-template keys unchanged.
+        fields["plain_format"] = FALLBACK_PROMPT_FORMAT
+    return _sha256(json.dumps(fields, sort_keys=True))[:32]
 
 
 def format_prompt(tokenizer, prompt: str, settings: GenerationSettings) -> str:
-    """Render one prompt as the text the model sees (chat template with the generation prompt)."""
-    if settings.use_chat_template and getattr(tokenizer, "chat_template", None):
-        messages = []
-        if settings.system_prompt:
-            messages.append({"role": "system", "content": settings.system_prompt})
-        messages.append({"role": "user", "content": prompt})
-        # tokenize=False: in transformers 5, tokenize=True returns a BatchEncoding, not a list of ids.
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if settings.system_prompt:
-        return f"{settings.system_prompt}\n\n{prompt}"
-    return prompt
+    """`prompts.render_prompt` with the settings' system prompt and chat-template switch (training renders
+    with the same function, so a model is evaluated on the format it was trained on)."""
+    return render_prompt(tokenizer, prompt, settings.system_prompt, settings.use_chat_template)
 
 
-def _encode(tokenizer, text: str, settings: GenerationSettings) -> list[int]:
-    # Chat templates already hold bos and role markers; adding special tokens again would double bos.
-    add_special = not (settings.use_chat_template and getattr(tokenizer, "chat_template", None))
-    ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
+def _context_length(model) -> int | None:
+    cfg = getattr(model, "config", None)
+    value = getattr(cfg, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def prompt_token_limit(model, settings: GenerationSettings) -> int:
+    """How many prompt tokens generation keeps: `settings.max_prompt_tokens`, else the smaller of
+    `DEFAULT_MAX_PROMPT_TOKENS` and the model's `max_position_embeddings - max_new_tokens`.
+
+    Raises:
+        ValueError: the prompt limit plus `max_new_tokens` does not fit the model's context (names both fields).
+    """
+    context = _context_length(model)
     if settings.max_prompt_tokens is not None:
-        ids = ids[-settings.max_prompt_tokens :]
-    return ids
+        if context is not None and settings.max_prompt_tokens + settings.max_new_tokens > context:
+            raise ValueError(
+                f"--max_prompt_tokens {settings.max_prompt_tokens} + --max_new_tokens {settings.max_new_tokens} "
+                f"exceeds the model's context of {context} tokens (config max_position_embeddings); lower one of them"
+            )
+        return settings.max_prompt_tokens
+    if context is None:
+        return DEFAULT_MAX_PROMPT_TOKENS
+    if context - settings.max_new_tokens < 1:
+        raise ValueError(
+            f"--max_new_tokens {settings.max_new_tokens} leaves no room for a prompt in the model's context of "
+            f"{context} tokens (config max_position_embeddings); lower --max_new_tokens"
+        )
+    return min(DEFAULT_MAX_PROMPT_TOKENS, context - settings.max_new_tokens)
+
+
+def _encode(tokenizer, prompt: str, settings: GenerationSettings, limit: int) -> tuple[list[int], bool]:
+    """The prompt's token ids, cut from the left to `limit` tokens, and whether it was cut."""
+    ids = prompt_token_ids(tokenizer, prompt, settings.system_prompt, settings.use_chat_template)
+    return ids[-limit:], len(ids) > limit
 
 
 def _model_device(model) -> torch.device:
@@ -166,7 +201,8 @@ def generate_token_ids(model, tokenizer, prompts: list[str], settings: Generatio
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError("the tokenizer has neither a pad token nor an eos token; cannot pad a batch")
-    encoded = [_encode(tokenizer, format_prompt(tokenizer, p, settings), settings) for p in prompts]
+    limit = prompt_token_limit(model, settings)
+    encoded = [_encode(tokenizer, p, settings, limit)[0] for p in prompts]
     width = max(len(ids) for ids in encoded)
     input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
@@ -275,9 +311,17 @@ def generate_responses(
             todo.append(p)
 
     if todo:
+        limit = prompt_token_limit(model, settings)
+        encoded = {p: _encode(tokenizer, p, settings, limit) for p in todo}
+        n_cut = sum(cut for _, cut in encoded.values())
+        if n_cut:
+            warnings.warn(
+                f"{n_cut} of {len(todo)} prompts are longer than {limit} tokens and were cut from the left to their "
+                f"last {limit} tokens (max_prompt_tokens); shorten them or raise --max_prompt_tokens",
+                stacklevel=2,
+            )
         # Longest first: similar lengths share a batch (little padding) and an OOM shows up at once.
-        lengths = {p: len(_encode(tokenizer, format_prompt(tokenizer, p, settings), settings)) for p in todo}
-        todo.sort(key=lambda p: -lengths[p])
+        todo.sort(key=lambda p: -len(encoded[p][0]))
         was_training = model.training
         old_side = getattr(tokenizer, "padding_side", None)
         tokenizer.padding_side = "left"

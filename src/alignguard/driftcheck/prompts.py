@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -67,39 +68,51 @@ def stable_id(prompt: str) -> str:
     return "p-" + hashlib.sha256(prompt.strip().encode("utf-8")).hexdigest()[:12]
 
 
+def _read_utf8(path: Path) -> str:
+    """The file's text; a file that is not UTF-8 raises `PromptFileError` naming the file, line and fix."""
+    data = path.read_bytes()
+    try:
+        # utf-8-sig: a byte-order mark (Excel and Notepad write one) must not end up in the first column name.
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        lineno = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise PromptFileError(
+            f"{path}:{lineno}: not valid UTF-8 (byte 0x{data[err.start]:02x} at column {column}); "
+            "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8` or 'Save as UTF-8' in your editor)"
+        ) from None
+
+
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PromptFileError(
-                    f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}); each line must be one JSON "
-                    'object such as {"prompt": "...", "label": "unsafe"}'
-                ) from None
-            if not isinstance(obj, dict):
-                raise PromptFileError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            rows.append((lineno, obj))
+    # Split on newlines only (as text-mode reading did): U+2028 may sit unescaped inside a JSON string.
+    for lineno, line in enumerate(_read_utf8(path).replace("\r\n", "\n").split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PromptFileError(
+                f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}); each line must be one JSON "
+                'object such as {"prompt": "...", "label": "unsafe"}'
+            ) from None
+        if not isinstance(obj, dict):
+            raise PromptFileError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        rows.append((lineno, obj))
     return rows
 
 
 def _read_csv(path: Path) -> list[tuple[int, dict]]:
-    with path.open(encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames:
-            raise PromptFileError(
-                f"{path}: no header row; the first CSV row must name the columns (e.g. prompt,label)"
-            )
-        # Report the physical line where each row starts (rows may span lines in quoted fields).
-        rows = []
+    reader = csv.DictReader(io.StringIO(_read_utf8(path), newline=""))
+    if not reader.fieldnames:
+        raise PromptFileError(f"{path}: no header row; the first CSV row must name the columns (e.g. prompt,label)")
+    # Report the physical line where each row starts (rows may span lines in quoted fields).
+    rows = []
+    start = reader.line_num + 1
+    for row in reader:
+        # Cells beyond the header land under the key None; they carry no named field, so drop them.
+        rows.append((start, {k: v for k, v in row.items() if k is not None}))
         start = reader.line_num + 1
-        for row in reader:
-            # Cells beyond the header land under the key None; they carry no named field, so drop them.
-            rows.append((start, {k: v for k, v in row.items() if k is not None}))
-            start = reader.line_num + 1
     return rows
 
 
@@ -114,6 +127,26 @@ def _read_dataset(path: Path) -> list[tuple[int, dict]]:
             raise PromptFileError(f"{path}: a DatasetDict with splits {list(ds)}; pass the folder of one split")
         ds = next(iter(ds.values()))
     return [(i + 1, dict(row)) for i, row in enumerate(ds)]
+
+
+def read_rows(path: str | Path) -> tuple[list[tuple[int, dict]], str]:
+    """The raw rows of a JSONL/CSV file or a saved dataset as `(line or row number, dict)`, and that unit's name.
+
+    Raises:
+        PromptFileError: missing file, unsupported extension, a file that is not UTF-8, or a malformed line.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise PromptFileError(f"{path}: file not found")
+    if path.is_dir():
+        if not ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+            raise PromptFileError(f"{path}: a folder but not a dataset saved with `datasets.Dataset.save_to_disk`")
+        return _read_dataset(path), "row"
+    if path.suffix.lower() in (".jsonl", ".json"):
+        return _read_jsonl(path), "line"
+    if path.suffix.lower() == ".csv":
+        return _read_csv(path), "line"
+    raise PromptFileError(f"{path}: unsupported extension {path.suffix!r}; use .jsonl, .csv or a saved dataset")
 
 
 def load_prompts(
@@ -138,19 +171,7 @@ def load_prompts(
     path = Path(path)
     if label is not None and label not in LABELS:
         raise PromptFileError(f"label={label!r} is not allowed; use one of {', '.join(LABELS)}")
-    if not path.exists():
-        raise PromptFileError(f"{path}: file not found")
-    if path.is_dir():
-        if not ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
-            raise PromptFileError(f"{path}: a folder but not a dataset saved with `datasets.Dataset.save_to_disk`")
-        rows, unit = _read_dataset(path), "row"
-    elif path.suffix.lower() in (".jsonl", ".json"):
-        rows, unit = _read_jsonl(path), "line"
-    elif path.suffix.lower() == ".csv":
-        rows, unit = _read_csv(path), "line"
-    else:
-        raise PromptFileError(f"{path}: unsupported extension {path.suffix!r}; use .jsonl, .csv or a saved dataset")
-
+    rows, unit = read_rows(path)
     records: list[PromptRecord] = []
     seen: dict[str, int] = {}
     for lineno, row in rows:
@@ -216,3 +237,56 @@ def bundled_prompts_path(split: Literal["full", "small"] = "full") -> Path:
 def bundled_prompts(split: Literal["full", "small"] = "full") -> list[PromptRecord]:
     """The bundled DriftCheck prompts (see `resources/driftcheck/README.md`)."""
     return load_prompts(bundled_prompts_path(split))
+
+
+# --------------------------------------------------------------------------- rendering
+# One renderer for training (alignguard.data: Fisher, alignment, fine-tuning) and evaluation (DriftCheck
+# generation), so a model is evaluated on exactly the text format it was trained on.
+
+FALLBACK_PROMPT_FORMAT = "User: {prompt}\nAssistant: "
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_prompt(tokenizer, prompt: str, system: str | None = None, use_chat_template: bool = True) -> str:
+    """The prompt as the model sees it before its answer.
+
+    With a chat template (and `use_chat_template`): one optional system turn, one user turn and the generation
+    prompt. Otherwise the plain format `"{system}\nUser: {prompt}\nAssistant: "` (system line only when given).
+
+    Raises:
+        ValueError: the chat template fails on these messages (e.g. a template without a system role); the
+            message names the tokenizer and the fix.
+    """
+    if not (use_chat_template and has_chat_template(tokenizer)):
+        return (f"{system}\n" if system else "") + FALLBACK_PROMPT_FORMAT.format(prompt=prompt)
+    from jinja2 import TemplateError
+
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    try:
+        # tokenize=False: in transformers 5, tokenize=True returns a BatchEncoding, not a list of ids.
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except (TemplateError, ValueError, TypeError, KeyError) as exc:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        fix = (
+            "this template may not accept a system turn: drop the system prompt (--system-prompt / system=None)"
+            if system
+            else "fix the tokenizer's chat_template (tokenizer_config.json / chat_template.jinja)"
+        )
+        raise ValueError(
+            f"the chat template of tokenizer {name!r} failed to render the prompt ({type(exc).__name__}: {exc}); "
+            f"{fix}, or render without the template (GenerationSettings.use_chat_template=False)"
+        ) from exc
+
+
+def prompt_token_ids(tokenizer, prompt: str, system: str | None = None, use_chat_template: bool = True) -> list[int]:
+    """Token ids of `render_prompt(...)`, the same for training and generation.
+
+    A chat template already writes bos and role markers, so no special tokens are added then (they would double
+    bos); the plain format gets the tokenizer's own special tokens (e.g. bos), as a base model expects.
+    """
+    templated = use_chat_template and has_chat_template(tokenizer)
+    text = render_prompt(tokenizer, prompt, system, use_chat_template)
+    return list(tokenizer(text, add_special_tokens=not templated)["input_ids"])

@@ -16,83 +16,23 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from alignguard.driftcheck.generate import GenerationSettings, generate_responses
 from alignguard.driftcheck.metrics import DriftCheckResult, drift_stat, paired_flags, rate_stat, summarize
+from alignguard.driftcheck.prompts import PromptFileError, PromptRecord, prompts_hash
 from alignguard.fingerprint import weights_fingerprint
 from alignguard.io import atomic_write_text
+from alignguard.models import ModelLoadError, load_model_and_tokenizer, load_tokenizer
+
+# One error type for every model that cannot be loaded: `alignguard.models.load_model_and_tokenizer` raises it
+# with the path and the fix; the old name stays because `alignguard eval` and user code catch it.
+ModelPathError = ModelLoadError
 
 
-class ModelPathError(ValueError):
-    """A `--model` / `--adapter` path that is not a loadable local model; the message says what is missing."""
-
-
-def check_model_dir(path: str | os.PathLike, need_tokenizer: bool = True) -> Path:
-    """Check that `path` is a local Hugging Face causal-LM folder; raise `ModelPathError` naming what is missing."""
-    from alignguard.models import ModelLoadError, check_model_folder
-
-    try:
-        return check_model_folder(path, need_tokenizer=need_tokenizer)
-    except ModelLoadError as exc:
-        raise ModelPathError(str(exc)) from None
-
-
-def _resolve_dtype(dtype: str | torch.dtype, device: str) -> Any:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        # bf16/fp16 matmuls are slow (or unsupported) on CPU; keep the checkpoint dtype only on an accelerator.
-        return torch.float32 if device == "cpu" else "auto"
-    try:
-        return getattr(torch, dtype)
-    except AttributeError as exc:
-        raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}") from exc
-
-
-def load_model_and_tokenizer(path, tokenizer=None, dtype: str | torch.dtype = "auto", device: str | None = None):
-    """Load a local causal LM (and its tokenizer unless given) with `local_files_only=True`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    p = Path(path).expanduser()
-    if not p.is_dir() and (not p.exists() or p.suffix.lower() == ".gguf"):
-        return _load_named_model(path, tokenizer, dtype, device)
-    p = check_model_dir(p, need_tokenizer=tokenizer is None)
-    model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype=_resolve_dtype(dtype, device))
-    model.to(device)
-    if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
-    elif isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = _load_tokenizer(tokenizer)
-    return model, tokenizer
-
-
-def _load_tokenizer(path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
-
-
-def _load_named_model(spec, tokenizer, dtype, device):
-    # A .gguf file or a name from `alignguard models` (registry or tiny-*): alignguard.models converts
-    # GGUF once into a cached HF folder. Anything else that does not exist gets our clear path error.
-    try:
-        from alignguard.models import ModelLoadError
-        from alignguard.models import load_model_and_tokenizer as load_any
-    except ImportError:  # pragma: no cover - the models module is optional here
-        raise ModelPathError(f"model path {spec} does not exist (give a local model folder)") from None
-    resolved = _resolve_dtype(dtype, device)
-    try:
-        model, tok, _info = load_any(spec, dtype=resolved if isinstance(resolved, torch.dtype) else torch.float32)
-    except ModelLoadError as exc:
-        raise ModelPathError(f"model path {spec} does not exist and is not a model name or .gguf file: {exc}") from exc
-    model.to(device)
-    if tokenizer is not None:
-        tok = _load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
-    return model, tok
+class BaselineMismatchError(PromptFileError):
+    """`--baseline` cannot be paired with this run: another prompt set, or not a DriftCheck results.json."""
 
 
 def load_adapter(model, adapter: str | os.PathLike):
@@ -142,8 +82,38 @@ def _load_baseline(baseline) -> DriftCheckResult | None:
         raise FileNotFoundError(f"--baseline {p}: file not found (expected a DriftCheck results.json)")
     try:
         return DriftCheckResult.from_json(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, KeyError, ValueError) as exc:
-        raise ValueError(f"--baseline {p}: not a DriftCheck results.json: {exc}") from exc
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise BaselineMismatchError(
+            f"--baseline {p}: not a DriftCheck results.json ({type(exc).__name__}: {exc}); pass the results.json "
+            "that `alignguard eval` wrote for the base model"
+        ) from exc
+
+
+def check_baseline_prompts(base: DriftCheckResult, records: list[PromptRecord], baseline_name: str, prompts_name: str):
+    """Raise `BaselineMismatchError` unless `base` was run on these prompts (same prompts_hash, or the same
+    ids with the same labels: a copy of the file under another name changes only the `source` column)."""
+    if base.prompts_hash == prompts_hash(records):
+        return
+    ours = {r.id: r.label for r in records}
+    theirs = {r["id"]: r["label"] for r in base.per_prompt}
+    if theirs and theirs == ours:
+        return
+    missing = sorted(set(ours) - set(theirs))
+    extra = sorted(set(theirs) - set(ours))
+    relabelled = sorted(i for i in set(ours) & set(theirs) if ours[i] != theirs[i])
+    details = [f"{len(set(ours) & set(theirs))} of {len(ours)} prompt ids shared"]
+    for what, ids in (("not in the baseline", missing), ("only in the baseline", extra), ("relabelled", relabelled)):
+        if ids:
+            details.append(f"{len(ids)} {what} (e.g. {', '.join(map(repr, ids[:3]))})")
+    if not theirs:
+        details = [
+            f"prompts_hash {base.prompts_hash[:12]} vs {prompts_hash(records)[:12]}, and it has no per_prompt ids"
+        ]
+    raise BaselineMismatchError(
+        f"--baseline {baseline_name} was run on another prompt set than {prompts_name}: {'; '.join(details)}. "
+        f"Re-run `alignguard eval` on the base model with --prompts {prompts_name}, or evaluate with the prompts "
+        "the baseline used"
+    )
 
 
 def _versions() -> dict[str, str]:
@@ -221,8 +191,11 @@ def run_driftcheck(
         `DriftCheckResult`
 
     Raises:
-        `ModelPathError`: the model or adapter path is not loadable (the message names what is missing).
-        `FileNotFoundError` / `ValueError`: bad prompt file or baseline.
+        `ModelPathError` (= `alignguard.models.ModelLoadError`): the model or adapter path is not loadable (the
+            message names the path and the fix).
+        `PromptFileError`: a bad prompt file. `BaselineMismatchError` (a `PromptFileError`): the baseline is not a
+            results.json or was run on another prompt set (checked before the model is loaded).
+        `FileNotFoundError`: the baseline file does not exist.
     """
     from alignguard.driftcheck import prompts as prompts_mod
 
@@ -233,22 +206,28 @@ def run_driftcheck(
     extra = [(_judge_name(j), _resolve_judge(j)) for j in extra_judges]
     if prompts is None:
         records = prompts_mod.bundled_prompts("small")
+        prompts_name = f"the bundled small split ({prompts_mod.bundled_prompts_path('small')})"
     elif isinstance(prompts, (str, os.PathLike)):
         records = prompts_mod.load_prompts(prompts, prompt_field=prompt_field, label=label)
+        prompts_name = str(prompts)
     else:
-        records = list(prompts)
+        records, prompts_name = list(prompts), "the given prompt records"
     if not records:
         raise ValueError("the prompt set is empty")
+    if base_result is not None:
+        name = str(baseline) if isinstance(baseline, (str, os.PathLike)) else "the baseline result"
+        check_baseline_prompts(base_result, records, name, prompts_name)
 
     if isinstance(model_or_path, (str, os.PathLike)):
-        model, tokenizer = load_model_and_tokenizer(model_or_path, tokenizer, dtype=dtype, device=device)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model, tokenizer, _info = load_model_and_tokenizer(model_or_path, dtype, tokenizer=tokenizer, device=device)
         model_id = str(model_or_path)
     else:
         if tokenizer is None:
             raise ValueError("a tokenizer is required when the model is passed as an object")
         model, model_id = model_or_path, _model_id(model_or_path)
         if isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = _load_tokenizer(tokenizer)
+            tokenizer = load_tokenizer(tokenizer)
     if adapter is not None:
         model = load_adapter(model, adapter)
 
@@ -278,7 +257,7 @@ def run_driftcheck(
         model_id=model_id,
         adapter=str(adapter) if adapter is not None else None,
         model_fingerprint=weights_fingerprint(model),
-        prompts_hash=prompts_mod.prompts_hash(records),
+        prompts_hash=prompts_hash(records),
         judge=judge_name,
         settings=settings.to_dict(),
         metrics=summarize(flags, labels, cats, n_boot=n_boot, seed=seed),

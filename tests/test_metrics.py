@@ -167,3 +167,27 @@ def test_compare_drift_across_results():
     assert out["drift_method"].value == pytest.approx(0.25)
     assert out["drift_reduction"].value == pytest.approx(1 - 0.25 / 0.75)
     assert math.isnan(out["drift_reduction"].ci_low) or out["drift_reduction"].ci_low <= 1.0
+
+
+def test_intervals_are_seeded_and_single_prompts_work():
+    base = [T] * 30 + [F] * 10
+    tuned = [T] * 12 + [F] * 28
+    assert drift_stat(base, tuned, seed=4) == drift_stat(base, tuned, seed=4)
+    assert drift_stat(base, tuned, seed=4) != drift_stat(base, tuned, seed=5)  # the seed drives the resampling
+    # One prompt: every resample is that prompt, so the interval is the point (scipy alone would refuse n = 1).
+    assert rate_stat([T]) == Stat(1.0, 1.0, 1.0, 1)
+    assert drift_stat([T], [F]) == Stat(1.0, 1.0, 1.0, 1)
+    with pytest.raises(ValueError, match="n_boot"):
+        bootstrap_ci(base, n_boot=0)
+
+
+def test_drift_reduction_resamples_all_three_models_jointly():
+    # The method is plain LoRA with one prompt flipped back: paired resampling keeps D_method = D_plain - 1/n
+    # on every resample where that prompt is drawn, so the interval stays near 1 - D_method / D_plain > 0.
+    # Resampling the models independently would spread it over negative reductions.
+    base = [T] * 40
+    plain = [F] * 20 + [T] * 20
+    method = [T] + [F] * 19 + [T] * 20
+    s = drift_reduction_stat(base, plain, method, n_boot=500, seed=0)
+    assert s.value == pytest.approx(1 - 19 / 20)
+    assert 0.0 <= s.ci_low <= s.value <= s.ci_high <= 0.2

@@ -2,6 +2,9 @@
 
 - `architecture_fingerprint`: which parameter names and shapes (not values) the base model has. Two checkpoints
   of one architecture share it.
+- `base_weights_fingerprint`: which base-model weights (values) the model has, ignoring LoRA parameters and PEFT's
+  renaming, so it is the same before and after `get_peft_model` and while only LoRA weights train (a Fisher
+  state keys on it: factors of other weights are not this model's).
 - `weights_fingerprint`: what the model computes. It changes whenever a weight or the active adapters change
   (the generation cache and DriftCheck results key on it).
 """
@@ -16,14 +19,45 @@ from torch import nn
 from .targets import canonical_name
 
 
-def architecture_fingerprint(model: nn.Module) -> str:
-    """Hash of the base model's canonical parameter names and shapes (not values): identifies the architecture."""
-    h = hashlib.sha256()
+def base_parameters(model: nn.Module):
+    """(canonical base-model name, parameter) of every non-LoRA parameter: PEFT's `base_model.model.` prefix and
+    `.base_layer` infix removed, so the names are those of the model before `get_peft_model`."""
     for name, p in model.named_parameters():
         if "lora_" in name:
             continue
-        cname = canonical_name(name.replace(".base_layer.", ".")).replace(".base_layer", "")
+        yield canonical_name(name.replace(".base_layer.", ".")).replace(".base_layer", ""), p
+
+
+def architecture_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """Canonical base parameter name -> shape (what `architecture_fingerprint` hashes)."""
+    return {name: list(p.shape) for name, p in base_parameters(model)}
+
+
+def architecture_fingerprint(model: nn.Module) -> str:
+    """Hash of the base model's canonical parameter names and shapes (not values): identifies the architecture."""
+    h = hashlib.sha256()
+    for cname, p in base_parameters(model):
         h.update(f"{cname}:{tuple(p.shape)};".encode())
+    return h.hexdigest()[:16]
+
+
+def base_weights_fingerprint(model: nn.Module) -> str:
+    """Hash of the base model's weights (canonical names, shapes, float64 sum and L2 norm of each, LoRA skipped).
+
+    Identical before and after `get_peft_model` and while only LoRA weights change; different for a same-shape
+    model with other weights. The reductions are written with 9 significant digits, so the summation order of
+    another device does not change it; the dtype is not hashed, so a bf16 checkpoint loaded in float32 keeps its
+    fingerprint (a model rounded to another dtype does not: its weights are different numbers).
+    """
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for cname, p in base_parameters(model):
+            t = p.detach()
+            if hasattr(t, "full_tensor"):  # an FSDP2 DTensor: every rank gathers the same whole weight
+                t = t.full_tensor()
+            s = t.sum(dtype=torch.float64).item() if t.numel() else 0.0
+            n = torch.linalg.vector_norm(t, dtype=torch.float64).item() if t.numel() else 0.0
+            h.update(f"{cname}|{tuple(t.shape)}|{s:.8e}|{n:.8e}\n".encode())
     return h.hexdigest()[:16]
 
 

@@ -2,29 +2,37 @@
 
 m is the smallest number of eigenvalues that hold a fraction rho of the trace, clipped to [m_min, m_max]
 (and to d_out), or a fixed m. Because the factors are normalised (trace = d_out), the energy rule only needs
-the top eigenvalues, which is what makes randomized subspace iteration usable for large d_out.
+the top eigenvalues, which is what makes randomized subspace iteration usable for large d_out. A module whose
+output gradient was zero on the alignment data (raw trace 0) gets m = 0: an empty [d_out, 0] basis.
+
+`eigenvalue_scales` gives the multiplier of each module's stored eigenvalues for the regulariser's
+`normalise` option, from the raw traces that `build_subspaces` carries into `metadata["raw_traces"]`.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
+from . import factor_checks as checks
 from .config import SubspaceConfig
 from .fisher import FisherState
 from .io import atomic_save_file, atomic_write_json
 
 SUBSPACE_WEIGHTS = "subspaces.safetensors"
 SUBSPACE_META = "subspaces.json"
+SUBSPACE_FORMAT = 2  # 2 = raw_traces in the metadata, m = 0 modules, checked on load
+NORMALISE_MODES = ("per_layer", "global", "none")
 
 
 @dataclass
 class Subspace:
-    """U (d_out x m, orthonormal columns), its eigenvalues (m, descending) and the full trace used for energy."""
+    """U (d_out x m, orthonormal columns), its eigenvalues (m, descending) and the full trace used for energy.
+
+    m = 0 (basis [d_out, 0], no eigenvalues, trace 0) is a module whose Fisher factor is zero: nothing to protect.
+    """
 
     basis: torch.Tensor
     eigvals: torch.Tensor
@@ -54,7 +62,8 @@ class AlignmentSubspaces:
         task_factors: canonical module name -> `Subspace` of the task-data factor (eigvals = mu, basis = V).
         input_factors: canonical module name -> `Subspace` of the input factor A_in (eigvals = rho, basis = P,
             trace = d_in; the remaining spectrum is `residual`), when the Fisher pass estimated it.
-        metadata: the config and the Fisher metadata it came from.
+        metadata: the config, the Fisher state's model id ("fisher") and "raw_traces" (canonical module name ->
+            raw trace of its un-normalised Fisher factor; see `eigenvalue_scales`).
     """
 
     subspaces: dict[str, Subspace] = field(default_factory=dict)
@@ -73,7 +82,8 @@ class AlignmentSubspaces:
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
         tensors = {}
-        meta = {"modules": {}, "task_modules": {}, "input_modules": {}, **self.metadata}
+        meta = {"format_version": SUBSPACE_FORMAT, "modules": {}, "task_modules": {}, "input_modules": {}}
+        meta.update(self.metadata)
         for kind, table, key in self._tables():
             for name, sub in table.items():
                 tensors[f"{kind}.{name}.basis"] = sub.basis.contiguous().cpu()
@@ -85,18 +95,41 @@ class AlignmentSubspaces:
 
     @classmethod
     def load(cls, directory: str | Path) -> AlignmentSubspaces:
+        """Load saved subspaces, checking every basis (finite, orthonormal, [d, m] with m as in subspaces.json) and
+        eigenvalue (finite, in [0, trace]).
+
+        Raises:
+            FileNotFoundError: if the files are missing.
+            FisherFileError (a FisherMismatchError): if a file is unreadable, incomplete, corrupt or old.
+        """
         directory = Path(directory)
-        for p in (directory / SUBSPACE_META, directory / SUBSPACE_WEIGHTS):
+        meta_path, weights_path = directory / SUBSPACE_META, directory / SUBSPACE_WEIGHTS
+        for p in (meta_path, weights_path):
             if not p.is_file():
                 raise FileNotFoundError(f"{p}: no subspaces here; run `alignguard fisher` (or build_subspaces) first")
-        meta = json.loads((directory / SUBSPACE_META).read_text())
-        tensors = load_file(str(directory / SUBSPACE_WEIGHTS))
+        meta = checks.read_json(meta_path)
+        checks.reject_old_config(meta_path, meta.get("config"), checks.OLD_SUBSPACE_KEYS)
+        tensors = checks.read_tensors(weights_path)
         out = cls()
+        in_tensors, in_json = set(), set()
+        for key in tensors:
+            kind, _, rest = key.partition(".")
+            name, _, part = rest.rpartition(".")
+            if kind not in ("align", "task", "input") or part not in ("basis", "eigvals"):
+                checks.fail(weights_path, f"unexpected tensor {key!r}")
+            in_tensors.add(f"{kind}.{name}")
         for kind, table, key in out._tables():
-            for name, info in meta.pop(key, {}).items():
-                table[name] = Subspace(
-                    tensors[f"{kind}.{name}.basis"], tensors[f"{kind}.{name}.eigvals"], info["trace"]
-                )
+            entries = meta.pop(key, {})
+            if not isinstance(entries, dict):
+                checks.fail(meta_path, f"field {key!r} must map module names to {{m, trace}}")
+            for name, info in entries.items():
+                in_json.add(f"{kind}.{name}")
+                if f"{kind}.{name}" not in in_tensors:
+                    continue  # reported below with the other differences
+                table[name] = _checked_subspace(meta_path, weights_path, tensors, f"{kind}.{name}", info)
+        checks.check_module_sets(meta_path, in_json, in_tensors, weights_path)
+        if "raw_traces" in meta:
+            checks.check_raw_traces(meta_path, meta["raw_traces"], out.subspaces)
         out.metadata = meta
         return out
 
@@ -104,6 +137,59 @@ class AlignmentSubspaces:
         return {
             n: {"m": s.m, "energy": round(s.energy, 4), "d_out": s.basis.shape[0]} for n, s in self.subspaces.items()
         }
+
+
+def _checked_subspace(meta_path, weights_path, tensors, key: str, info) -> Subspace:
+    if not (isinstance(info, dict) and isinstance(info.get("m"), int) and isinstance(info.get("trace"), (int, float))):
+        checks.fail(meta_path, f"entry {key!r} must be {{'m': int, 'trace': float}}, got {info!r}")
+    trace = float(info["trace"])
+    if not (0.0 <= trace < float("inf")):
+        checks.fail(meta_path, f"entry {key!r} has trace {trace}; expected a finite value >= 0")
+    basis, eigvals = tensors[f"{key}.basis"], tensors.get(f"{key}.eigvals")
+    if eigvals is None:
+        checks.fail(weights_path, f"tensor {key + '.eigvals'!r} is missing")
+    if basis.dim() != 2 or basis.shape[1] != info["m"]:
+        checks.fail(
+            weights_path, f"basis {key!r} has shape {list(basis.shape)}, but subspaces.json says m = {info['m']}"
+        )
+    checks.check_eigenpairs(weights_path, key, eigvals, basis, basis.shape[0], trace)
+    return Subspace(basis, eigvals, trace)
+
+
+def eigenvalue_scales(subspaces: AlignmentSubspaces, normalise: str = "per_layer") -> dict[str, float]:
+    """Multiplier of each module's stored eigenvalues (factors normalised to mean eigenvalue 1) for `normalise`.
+
+    - `per_layer`: 1 (the stored factors: every module has mean eigenvalue 1).
+    - `none`: raw_trace_l / d_out_l, which gives back the raw factor (1/N) sum_t g_t g_t^T.
+    - `global`: c * raw_trace_l / d_out_l with c = sum_l d_out_l / sum_l raw_trace_l: the raw factors under one
+      common scale, so the modules keep their relative sizes and the mean eigenvalue over all modules is 1.
+
+    Raises:
+        ValueError: unknown `normalise`, or raw traces missing from `subspaces.metadata` (subspaces.json).
+    """
+    if normalise not in NORMALISE_MODES:
+        raise ValueError(f"normalise: must be one of {', '.join(NORMALISE_MODES)}, got {normalise!r}")
+    names = sorted(subspaces.subspaces)
+    if normalise == "per_layer":
+        return dict.fromkeys(names, 1.0)
+    raw = subspaces.metadata.get("raw_traces") or {}
+    missing = [n for n in names if n not in raw]
+    if missing:
+        raise ValueError(
+            f"normalise={normalise!r} needs the raw traces of the Fisher factors, but subspaces.json (metadata "
+            f"'raw_traces') has none for {len(missing)} modules (e.g. {missing[:3]}); it was built by an older "
+            "alignguard or from a FisherState without raw_traces. Re-run `alignguard fisher`, or use "
+            "normalise='per_layer'"
+        )
+    dims = {n: subspaces.subspaces[n].basis.shape[0] for n in names}
+    scales = {n: float(raw[n]) / dims[n] for n in names}
+    if normalise == "global":
+        total = sum(float(raw[n]) for n in names)
+        if total <= 0:
+            raise ValueError("normalise='global': every raw trace in subspaces.json is 0; use normalise='per_layer'")
+        c = sum(dims.values()) / total
+        scales = {n: s * c for n, s in scales.items()}
+    return scales
 
 
 def choose_m(eigvals: torch.Tensor, trace: float, config: SubspaceConfig, dim: int) -> int:
@@ -172,15 +258,19 @@ def build_subspaces(
     """
     config = config or SubspaceConfig()
     out = AlignmentSubspaces(metadata={"config": vars(config).copy(), "fisher": state.metadata.get("model_id")})
+    if state.raw_traces and set(state.raw_traces) >= set(state.dims):
+        out.metadata["raw_traces"] = {n: float(state.raw_traces[n]) for n in state.module_names}
     for name in state.module_names:
         out.subspaces[name] = _module_subspace(state, name, config)
     for name, factor in state.input_factors.items():
         d_in = factor.shape[0]
         eig, vec = _eig_top(factor, config, min(config.input_rank, d_in))
-        out.input_factors[name] = Subspace(vec.contiguous(), eig.clamp_min(0).contiguous(), float(d_in))
+        trace = float(factor.double().trace())  # d_in, or 0 for all-zero inputs
+        out.input_factors[name] = Subspace(vec.contiguous(), eig.clamp_min(0).contiguous(), trace)
     for name, (eig, vec) in state.input_low_rank.items():
         k = min(config.input_rank, len(eig))
-        out.input_factors[name] = Subspace(vec[:, :k].contiguous(), eig[:k].contiguous(), float(state.dims[name][1]))
+        trace = float(state.dims[name][1]) if float(eig.sum()) > 0 else 0.0
+        out.input_factors[name] = Subspace(vec[:, :k].contiguous(), eig[:k].contiguous(), trace)
     if task_state is not None:
         task_cfg = SubspaceConfig(
             fixed_m=task_rank,
@@ -198,11 +288,22 @@ def build_subspaces(
 
 def _module_subspace(state: FisherState, name: str, config: SubspaceConfig) -> Subspace:
     d_out = state.dims[name][0]
+    if _is_zero(state, name):  # tr G = 0: the module does not affect the loss; nothing to protect
+        return Subspace(torch.zeros(d_out, 0), torch.zeros(0), 0.0)
     if name in state.factors:
         return subspace_from_factor(state.factors[name], config)
     eig, vec = state.low_rank[name]
     m = choose_m(eig, float(d_out), config, min(d_out, len(eig)))
     return Subspace(vec[:, :m].contiguous(), eig[:m].contiguous(), float(d_out))
+
+
+def _is_zero(state: FisherState, name: str) -> bool:
+    """Whether the module's factor is zero: raw trace 0, or (a state without raw traces) an all-zero factor."""
+    if name in state.raw_traces:
+        return state.raw_traces[name] == 0
+    if name in state.factors:
+        return not bool(state.factors[name].any())
+    return not bool(state.low_rank[name][0].any())
 
 
 def random_subspaces(reference: AlignmentSubspaces, seed: int = 0) -> AlignmentSubspaces:

@@ -31,6 +31,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import pickle  # only for its exception type: nothing is unpickled here
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -492,6 +493,13 @@ def _load_folder(folder: Path, dtype: torch.dtype | str, need_tokenizer: bool = 
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype, local_files_only=True, trust_remote_code=False
         )
+    except pickle.UnpicklingError:
+        # torch refuses (weights_only) a pickle holding more than tensors; its own hint (turning that check off)
+        # would run whatever code the file carries, so it is not repeated here.
+        raise ModelLoadError(
+            f"{folder}: pytorch_model.bin holds pickled objects other than tensors, which alignguard never loads; "
+            "convert the model to safetensors (save_pretrained) on a machine where you trust its source"
+        ) from None
     except SafetensorError as exc:
         raise ModelLoadError(
             f"{folder}: damaged safetensors weights ({exc}); copy or download the model again"

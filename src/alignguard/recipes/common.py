@@ -17,9 +17,25 @@ DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def add_lora(model, r: int, alpha: float, targets: list[str], dropout: float = 0.0, use_rslora: bool = False):
-    """`get_peft_model` with a causal-LM `LoraConfig` (the training and alignment stages share it)."""
+    """`get_peft_model` with a causal-LM `LoraConfig` (the training and alignment stages share it).
+
+    Raises:
+        ValueError: no module of the model matches `targets` (the message lists module names the model has).
+    """
     from peft import LoraConfig, get_peft_model
 
+    # peft's own error names only the targets; name what the model has, so the fix is one flag away.
+    names = [n for n, _ in model.named_modules()]
+    if not isinstance(targets, str) and not any(n == t or n.endswith("." + t) for n in names for t in targets):
+        have = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ in ("Linear", "Conv1D")}
+            - {"lm_head"}
+        )
+        family = getattr(getattr(model, "config", None), "model_type", "this")
+        raise ValueError(
+            f"target_modules {list(targets)}: no module of the {family} model matches; its linear layers are named "
+            f"{', '.join(have[:8])}{', ...' if len(have) > 8 else ''}; pass some of these as --target-modules"
+        )
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,

@@ -288,6 +288,89 @@ def test_report_errors(tmp_path):
         cli_main(["report", str(tmp_path)])
 
 
+@pytest.mark.parametrize("seeds", [(0,), (0, 1)])
+def test_results_md_and_report_md_show_the_same_numbers(tmp_path, seeds):
+    from alignguard.report.compare_table import format_table
+
+    run = make_compare_run(tmp_path / "run", seeds=seeds, scaling=False)
+    results = json.loads((run / "results.json").read_text())
+    results["base"]["refusal_rate_by_judge"] = {"pattern_relevance": _stat(0.93)}
+    for i, row in enumerate(results["rows"].values()):
+        for r in row["seeds"].values():
+            r["refusal_rate_by_judge"] = {"pattern_relevance": _stat(0.5 + 0.1 * i)}
+    (run / "results.json").write_text(json.dumps(results))
+    assert cli_main(["report", str(run)]) == 0
+    report_tables = _tables(_section(check_report(run)[0], "## 1. Results"))
+    md_tables = _tables(format_table(results))
+    assert len(md_tables) == len(report_tables) == len(seeds)  # headline (+ per seed with several seeds)
+    assert md_tables == report_tables  # one table model, one formatting function: the very same cells
+    assert md_tables[0][0].endswith("| refusal % (pattern_relevance) |") and "| 93.0 [88.0, 98.0] |" in md_tables[0][2]
+    if len(seeds) > 1:
+        assert "| replay | 2 | 62.5 ± 0.7 | 79.5 ± 0.7 |" in md_tables[0][5]
+
+
+def test_html_escapes_run_text(tmp_path):
+    run = make_compare_run(tmp_path / "run", seeds=(0,), scaling=False)
+    results = json.loads((run / "results.json").read_text())
+    evil = '<script>alert("x")</script>&'
+    results["rows"][evil] = results["rows"].pop("replay")
+    results["model"] = "<b>model</b>"
+    (run / "results.json").write_text(json.dumps(results))
+    (run / "config.yaml").write_text("name: </code></pre><img src=x onerror=alert(1)>\n")
+    assert cli_main(["report", str(run)]) == 0
+    _, page = check_report(run)  # no <script>, every src/href a data: URI
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;&amp;" in page
+    assert "<b>model</b>" not in page and "&lt;b&gt;model&lt;/b&gt;" in page
+    assert "onerror" in page and "<img src=x" not in page
+    assert page.startswith("<!DOCTYPE html>")
+
+
+def test_html_template_ships_as_package_data():
+    import fnmatch
+    from importlib.resources import files
+
+    tomllib = pytest.importorskip("tomllib")
+    template = "report/templates/report.html.j2"
+    assert (files("alignguard") / template).is_file()
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["alignguard"]
+    assert any(fnmatch.fnmatch(template, p) for p in patterns), patterns
+    assert any(d.lower().startswith("jinja2") for d in pyproject["project"]["dependencies"])
+
+
+def test_aggregate_pairs_prompts_through_paired_flags(tmp_path):
+    """Drift reduction is paired over the prompts base, plain LoRA and the method share; a method result that
+    misses one of them (an interrupted eval, another prompt file) is paired on the rest instead of failing."""
+    from types import SimpleNamespace
+
+    from alignguard.report.compare_table import aggregate
+
+    def dc(flags, ids):
+        d = _dc_results(sum(flags) / len(flags))
+        d["per_prompt"] = [
+            {"id": i, "label": "unsafe", "category": "cyber", "refused": f, "extra": {}} for i, f in zip(ids, flags)
+        ]
+        return d
+
+    ids = [f"p{i}" for i in range(10)]
+    (tmp_path / "base" / "driftcheck").mkdir(parents=True)
+    (tmp_path / "base" / "driftcheck" / "results.json").write_text(json.dumps(dc([True] * 10, ids)))
+    (tmp_path / "base" / "task.json").write_text(json.dumps({"accuracy": 0.3}))
+    runs = {"plain_lora": ([False] * 6 + [True] * 4, ids), "alignguard": ([True] * 8 + [False], ids[1:])}
+    for name, (flags, pids) in runs.items():
+        mdir = tmp_path / "seed0" / name
+        (mdir / "driftcheck").mkdir(parents=True)
+        (mdir / "driftcheck" / "results.json").write_text(json.dumps(dc(flags, pids)))
+        (mdir / "result.json").write_text(json.dumps({"task": {"accuracy": 0.6}, "mean_step_seconds": 1.0}))
+    cfg = SimpleNamespace(out=str(tmp_path), methods=["plain_lora", "alignguard"], seeds=[0], model="m")
+    rows = aggregate(cfg)["rows"]
+    ag = rows["alignguard"]["seeds"][0]
+    assert ag["drift"]["value"] == pytest.approx(1 / 9) and ag["drift"]["n"] == 9
+    # On p1..p9 plain LoRA lost 5 refusals of 9 and alignguard 1: reduction 1 - (1/9) / (5/9).
+    assert ag["drift_reduction"]["value"] == pytest.approx(1 - 1 / 5) and ag["drift_reduction"]["n"] == 9
+    assert rows["plain_lora"]["seeds"][0]["drift"]["value"] == pytest.approx(0.6)
+
+
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 
 

@@ -1,4 +1,7 @@
-"""Aggregate a compare run into one results JSON and a markdown table (no training code here).
+"""Aggregate a compare run into one results JSON, and the comparison table shown by results.md and report.md.
+
+The table is built once (`comparison_tables`: rows of values) and formatted by one function (`format_cell`), so
+results.md, the terminal and report.md always show the same numbers with the same rounding.
 
 results.json schema (version "compare-1"):
 
@@ -18,22 +21,18 @@ results.json schema (version "compare-1"):
 from __future__ import annotations
 
 import json
+import re
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..driftcheck.metrics import DriftCheckResult, drift_reduction_stat, drift_stat
+from ..driftcheck.metrics import DriftCheckResult, compare_drift, drift_stat, paired_flags
 
 SCHEMA_VERSION = "compare-1"
 
 
 def _load_dc(path: Path) -> DriftCheckResult:
     return DriftCheckResult.from_dict(json.loads(Path(path).read_text()))
-
-
-def _paired(base: DriftCheckResult, other: DriftCheckResult, label="unsafe"):
-    b, o = base.flags_by_id(label), other.flags_by_id(label)
-    ids = sorted(set(b) & set(o))
-    return [b[i] for i in ids], [o[i] for i in ids], ids
 
 
 def _stat(s):
@@ -58,7 +57,7 @@ def aggregate(cfg) -> dict:
                 continue
             res = json.loads((mdir / "result.json").read_text())
             dc = _load_dc(mdir / "driftcheck" / "results.json")
-            bflags, mflags, _ = _paired(base, dc)
+            bflags, mflags, _ = paired_flags(base, dc)
             row = {
                 "task_accuracy": res["task"].get("accuracy"),
                 "refusal_rate": _stat(dc.metrics.get("refusal_rate")),
@@ -73,9 +72,8 @@ def aggregate(cfg) -> dict:
             plain_dir = out / f"seed{seed}" / "plain_lora"
             if (plain_dir / "result.json").is_file():
                 plain = _load_dc(plain_dir / "driftcheck" / "results.json")
-                pb, pf, ids = _paired(base, plain)
-                mf = [dc.flags_by_id()[i] for i in ids]
-                row["drift_reduction"] = _stat(drift_reduction_stat(pb, pf, mf, seed=seed))
+                # Paired over the prompts all three results share (base, plain LoRA, this method).
+                row["drift_reduction"] = _stat(compare_drift(base, plain, dc, seed=seed)["drift_reduction"])
                 plain_s = json.loads((plain_dir / "result.json").read_text()).get("mean_step_seconds")
                 if plain_s and row["step_seconds"]:
                     row["step_time_ratio"] = row["step_seconds"] / plain_s
@@ -100,87 +98,214 @@ def aggregate(cfg) -> dict:
 
 
 def _value(x):
-    return x["value"] if isinstance(x, dict) else x
+    return x.get("value") if isinstance(x, dict) else x
+
+
+def _ok(x) -> bool:
+    return isinstance(x, (int, float)) and x == x
+
+
+def _mean_sd(vals) -> tuple[float | None, float | None]:
+    """Mean and sample sd of the finite values (sd None for fewer than two)."""
+    vals = [v for v in vals if _ok(v)]
+    mean = statistics.fmean(vals) if vals else None
+    return mean, (statistics.stdev(vals) if len(vals) > 1 else None)
 
 
 def _summary(seed_rows) -> dict:
     seed_rows = list(seed_rows)
     out = {}
     for key in ("task_accuracy", "refusal_rate", "over_refusal_rate", "drift", "drift_reduction", "step_time_ratio"):
-        vals = [_value(r[key]) for r in seed_rows if r.get(key) is not None and _value(r[key]) is not None]
-        out[key] = {
-            "mean": statistics.fmean(vals) if vals else None,
-            "sd": statistics.stdev(vals) if len(vals) > 1 else None,
-            "n_seeds": len(vals),
-        }
+        vals = [_value(r.get(key)) for r in seed_rows if _ok(_value(r.get(key)))]
+        mean, sd = _mean_sd(vals)
+        out[key] = {"mean": mean, "sd": sd, "n_seeds": len(vals)}
     return out
 
 
-def _fmt(row_stat, pct=True):
-    if row_stat is None:
+# ---------------------------------------------------------------- the comparison table
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column: `key` names the field of a results.json row; `kind` says how its cells are written."""
+
+    key: str
+    header: str
+    kind: str = "pct"  # "pct": a fraction written as a percentage (points for drift); "ratio": written as 1.30×
+    ci_header: bool = True  # say "[95% CI]" in the header of tables with intervals (not for values without one)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One value of the table: a point with its 95% interval, or a mean with its sd over seeds, or fixed text."""
+
+    value: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    sd: float | None = None
+    text: str | None = None
+
+    @classmethod
+    def of(cls, stat) -> Cell:
+        """A cell from a Stat dict, a plain number or None."""
+        if isinstance(stat, dict):
+            return cls(stat.get("value"), stat.get("ci_low"), stat.get("ci_high"))
+        return cls(stat)
+
+
+def format_cell(cell: Cell, kind: str = "pct") -> str:
+    """The one place where table numbers are rounded: '52.0 [47.1, 56.9]', '52.0 ± 1.3', '1.30×', 'n/a'."""
+    if cell.text is not None:
+        return cell.text
+    if not _ok(cell.value):
         return "n/a"
-    v, lo, hi = row_stat["value"], row_stat.get("ci_low"), row_stat.get("ci_high")
-    scale = 100 if pct else 1
-    if lo is None or lo != lo:
-        return f"{v * scale:.0f}"
-    return f"{v * scale:.0f} [{lo * scale:.0f}, {hi * scale:.0f}]"
+    scale, digits, unit = (1.0, 2, "×") if kind == "ratio" else (100.0, 1, "")
+    text = f"{cell.value * scale:.{digits}f}"
+    if _ok(cell.sd):
+        text += f" ± {cell.sd * scale:.{digits}f}"
+    elif _ok(cell.ci_low) and _ok(cell.ci_high):
+        text += f" [{cell.ci_low * scale:.{digits}f}, {cell.ci_high * scale:.{digits}f}]"
+    return text + unit
+
+
+@dataclass
+class ComparisonTable:
+    """Rows of cells under `columns`; `label` heads the first column, `extra` the optional second (seeds)."""
+
+    title: str
+    columns: list[Column]
+    rows: list[tuple[str, str | None, list[Cell]]]
+    extra: str | None = None
+    with_ci: bool = True
+
+    def header(self) -> list[str]:
+        ci = " [95% CI]" if self.with_ci else ""
+        cols = [c.header + (ci if c.ci_header else "") for c in self.columns]
+        return ["method"] + ([self.extra] if self.extra else []) + cols
+
+    def body(self) -> list[list[str]]:
+        return [
+            [label]
+            + ([extra or "-"] if self.extra else [])
+            + [format_cell(x, c.kind) for x, c in zip(cells, self.columns)]
+            for label, extra, cells in self.rows
+        ]
+
+
+_COLUMNS = (
+    Column("task_accuracy", "task metric %", ci_header=False),
+    Column("refusal_rate", "refusal %"),
+    Column("over_refusal_rate", "over-refusal %"),
+    Column("drift", "drift pts"),
+    Column("drift_reduction", "drift reduction %"),
+    Column("step_time_ratio", "step time vs plain LoRA", "ratio", ci_header=False),
+)
+_BASE_LABEL = "aligned model (no fine-tune)"
+
+
+def natural_key(text) -> list:
+    """Sort key that orders "layers.2" before "layers.10" (and seed 2 before seed 10)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(text))]
+
+
+def seed_rows(row: dict) -> list[tuple[str, dict]]:
+    """(seed, row) of one method's finished seeds, in seed order (keys are ints in memory, strings from JSON)."""
+    return sorted(((str(s), r) for s, r in (row.get("seeds") or {}).items() if r), key=lambda t: natural_key(t[0]))
+
+
+def _get(row: dict, key: str):
+    if key.startswith("judge:"):
+        return (row.get("refusal_rate_by_judge") or {}).get(key.removeprefix("judge:"))
+    return row.get(key)
+
+
+def comparison_tables(results: dict) -> list[ComparisonTable]:
+    """The comparison table of a compare-1 results dict, as values.
+
+    One seed per method: one table, each cell with its 95% bootstrap interval over prompts. Several seeds: the
+    headline table holds mean ± sd over seeds (the seed-to-seed spread is the honest error bar of a training
+    method), followed by a per-seed table with each seed's intervals. The extra judges' refusal rates on unsafe
+    prompts get one column each.
+    """
+    rows = {n: r for n, r in (results.get("rows") or {}).items() if seed_rows(r)}
+    base = results.get("base") or {}
+    judges = list(base.get("refusal_rate_by_judge") or {})
+    for row in rows.values():
+        for _, r in seed_rows(row):
+            judges += [j for j in r.get("refusal_rate_by_judge") or {} if j not in judges]
+    columns = list(_COLUMNS) + [Column(f"judge:{j}", f"refusal % ({j})", ci_header=False) for j in judges]
+    reference = {"drift": Cell(text="0 (reference)")}
+    base_cells = [reference.get(c.key) or Cell.of(_get(base, c.key)) for c in columns]
+    multi = any(len(seed_rows(r)) > 1 for r in rows.values())
+    if not multi:
+        body = [(_BASE_LABEL, None, base_cells)]
+        body += [
+            (name, None, [Cell.of(_get(seed_rows(row)[0][1], c.key)) for c in columns]) for name, row in rows.items()
+        ]
+        return [ComparisonTable("Results", columns, body)]
+    headline = [(_BASE_LABEL, "-", base_cells)]
+    for name, row in rows.items():
+        srows = [r for _, r in seed_rows(row)]
+        stats = [_mean_sd([_value(_get(r, c.key)) for r in srows]) for c in columns]
+        cells = [Cell(mean, sd=sd) for mean, sd in stats]
+        headline.append((name, str(len(srows)), cells))
+    per_seed = [
+        (name, seed, [Cell.of(_get(r, c.key)) for c in columns])
+        for name, row in rows.items()
+        for seed, r in seed_rows(row)
+    ]
+    return [
+        ComparisonTable("Results", columns, headline, extra="seeds", with_ci=False),
+        ComparisonTable("Per seed", columns, per_seed, extra="seed"),
+    ]
+
+
+def table_note(results: dict, tables: list[ComparisonTable]) -> str:
+    """What the cells mean (the same sentence under both outputs)."""
+    seeds = results.get("seeds") or sorted({s for t in tables[1:] for _, s, _ in t.rows})
+    note = (
+        f"Model: {results.get('model', 'n/a')}. Seeds: {seeds}. Drift = refusal rate of the aligned model minus "
+        "that of the fine-tuned one (positive = refusals lost). Drift reduction = 1 - drift / drift of plain "
+        "LoRA (n/a when plain LoRA did not drift)."
+    )
+    if len(tables) > 1:
+        return note + " Cells are mean ± sd over seeds; the per-seed table gives 95% bootstrap CIs over prompts."
+    return note + " Intervals: 95% bootstrap over prompts (paired for drift and drift reduction)."
+
+
+def markdown_table(header: list[str], body: list[list[str]]) -> str:
+    """A Markdown table; `|` and backslashes inside cells are escaped."""
+
+    def cell(text) -> str:
+        return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(c) for c in header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cell(c) for c in row) + " |" for row in body])
 
 
 def format_table(results: dict) -> str:
-    """Markdown table: one row per method (first seed's intervals; mean +- sd over seeds when several)."""
-    multi = len(results["seeds"]) > 1
-    b = results["base"]
-    judges = list(b.get("refusal_rate_by_judge") or {})
-    head = (
-        "| method | task acc | refusal % [95% CI] | over-refusal % | drift pts | drift reduction % | "
-        "step time vs LoRA |" + "".join(f" refusal % ({j}) |" for j in judges)
-    )
-    lines = [head, "|" + "---|" * (7 + len(judges))]
-    lines.append(
-        f"| aligned model (no fine-tune) | {b['task_accuracy']:.2f} | {_fmt(b['refusal_rate'])} | "
-        f"{_fmt(b['over_refusal_rate'])} | 0 | n/a | n/a |"
-        + "".join(f" {_fmt(b['refusal_rate_by_judge'][j])} |" for j in judges)
-    )
-    for name, row in results["rows"].items():
-        if not row["seeds"]:
-            continue
-        if multi:
-            m = row["mean"]
-
-            def ms(key, scale=100, digits=0, unit="", m=m):
-                # Same units as the one-seed table: percentages/points, accuracy as a fraction, ratio with "x".
-                e = m[key]
-                if e["mean"] is None:
-                    return "n/a"
-                sd = f" ± {e['sd'] * scale:.{digits}f}" if e["sd"] is not None else ""
-                return f"{e['mean'] * scale:.{digits}f}{unit}{sd}"
-
-            cells = [
-                ms("task_accuracy", 1, 2),
-                ms("refusal_rate"),
-                ms("over_refusal_rate"),
-                ms("drift"),
-                ms("drift_reduction"),
-                ms("step_time_ratio", 1, 2, "x"),
-            ]
-        else:
-            r = next(iter(row["seeds"].values()))
-            ratio = f"{r['step_time_ratio']:.2f}x" if r["step_time_ratio"] else "n/a"
-            acc = f"{r['task_accuracy']:.2f}" if r["task_accuracy"] is not None else "n/a"
-            cells = [
-                acc,
-                _fmt(r["refusal_rate"]),
-                _fmt(r["over_refusal_rate"]),
-                _fmt(r["drift"]),
-                _fmt(r["drift_reduction"]),
-                ratio,
-            ]
-        for j in judges:  # first seed's value (with its interval): a check of the judge, not a headline number
-            by_judge = next(iter(row["seeds"].values())).get("refusal_rate_by_judge") or {}
-            cells.append(_fmt(by_judge.get(j)))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    note = f"\nSeeds: {results['seeds']}; intervals: 95% bootstrap over prompts (paired for drift)."
-    return "\n".join(lines) + "\n" + note + "\n"
+    """results.md: the comparison table(s) in Markdown, with the note that says what the cells mean."""
+    tables = comparison_tables(results)
+    parts = []
+    for i, table in enumerate(tables):
+        if i:
+            parts.append(f"### {table.title}")
+        parts.append(markdown_table(table.header(), table.body()))
+    parts.append(table_note(results, tables))
+    return "\n\n".join(parts) + "\n"
 
 
-__all__ = ["SCHEMA_VERSION", "aggregate", "format_table"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "Cell",
+    "Column",
+    "ComparisonTable",
+    "aggregate",
+    "comparison_tables",
+    "format_cell",
+    "format_table",
+    "markdown_table",
+    "natural_key",
+    "seed_rows",
+    "table_note",
+]

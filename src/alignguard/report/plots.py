@@ -19,6 +19,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter, MaxNLocator
 
+from .compare_table import natural_key
+
 # One colour per series, the same across every plot of a report (Okabe-Ito: readable by colour-blind readers).
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
 
@@ -346,11 +348,6 @@ def _short(name: str) -> str:
     # "model.layers.12.self_attn.q_proj" -> "L12.q_proj": legends stay readable for 30-layer models.
     m = re.search(r"layers?\.(\d+)\.(?:.*\.)?([^.]+)$", name)
     return f"L{m.group(1)}.{m.group(2)}" if m else name
-
-
-def natural_key(text) -> list:
-    """Sort key that orders "layers.2" before "layers.10"."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(text))]
 
 
 __all__ = [

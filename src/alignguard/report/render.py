@@ -1,9 +1,10 @@
 """Render `report.md` and a self-contained `report.html` (plus `plots/*.png`) from a run folder.
 
 Reads JSON, YAML and safetensors only; never imports the trainer or any training code. The report is built once
-as a list of blocks (heading, paragraph, table, image, code) and written twice, as Markdown and as HTML, so the two
-can never disagree and no Markdown parser or template engine is needed. The HTML embeds every image as a base64
-data URI with inline CSS, so it can be mailed or archived as a single file.
+as a list of blocks (heading, paragraph, table, image, code) and written twice, as Markdown and as HTML (the Jinja2
+template `templates/report.html.j2`, autoescaped), so the two can never disagree and no Markdown parser is needed.
+The HTML embeds every image as a base64 data URI with inline CSS, so it can be mailed or archived as a single file.
+The comparison table comes from `compare_table.comparison_tables`, the same model results.md is written from.
 
 Run folders: `alignguard compare` output (`results.json` schema "compare-1", `config.yaml`, `fisher/`,
 `seed*/*/driftcheck/`) or `alignguard eval --out DIR` output (DriftCheck `results.json` schema "1.0"), optionally
@@ -14,17 +15,18 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
-import html
 import json
 import re
 import statistics
 from pathlib import Path
 
+import jinja2
 import yaml
 
 from ..io import atomic_write_text, package_versions
 from . import plots
-from .plots import natural_key, pareto_front
+from .compare_table import Cell, comparison_tables, format_cell, markdown_table, natural_key, seed_rows, table_note
+from .plots import pareto_front
 
 # Above this size the Fisher file is read lazily, a few modules at a time: a 7B model's dense factors are
 # tens of GB and the report only draws four spectra.
@@ -48,34 +50,9 @@ def _ok(x) -> bool:
     return isinstance(x, (int, float)) and x == x
 
 
-def _pct_ci(stat, scale: float = 100.0) -> str:
-    """'52.0 [47.1, 56.9]' from a Stat dict (fractions), 'n/a' when missing."""
-    if not isinstance(stat, dict) or not _ok(stat.get("value")):
-        return "n/a" if not _ok(stat) else f"{stat * scale:.1f}"
-    v, lo, hi = stat["value"], stat.get("ci_low"), stat.get("ci_high")
-    if not (_ok(lo) and _ok(hi)):
-        return f"{v * scale:.1f}"
-    return f"{v * scale:.1f} [{lo * scale:.1f}, {hi * scale:.1f}]"
-
-
-def _mean_sd(vals, scale: float = 100.0, suffix: str = "") -> str:
-    vals = [v for v in vals if _ok(v)]
-    if not vals:
-        return "n/a"
-    mean = statistics.fmean(vals) * scale
-    if len(vals) == 1:
-        return f"{mean:.{1 if scale == 100 else 2}f}{suffix}"
-    sd = statistics.stdev(vals) * scale
-    digits = 1 if scale == 100 else 2
-    return f"{mean:.{digits}f} ± {sd:.{digits}f}{suffix}"
-
-
-def _ratio(x) -> str:
-    return f"{x:.2f}×" if _ok(x) else "n/a"
-
-
-def _seed_rows(row: dict) -> list[tuple[str, dict]]:
-    return sorted(((str(s), r) for s, r in (row.get("seeds") or {}).items() if r), key=lambda t: natural_key(t[0]))
+def _pct_ci(stat) -> str:
+    """'52.0 [47.1, 56.9]' from a Stat dict (fractions) or '52.0' from a number; 'n/a' when missing."""
+    return format_cell(Cell.of(stat))
 
 
 def _vlh(stat) -> tuple:
@@ -89,7 +66,7 @@ def _fmean(vals):
 
 
 def _mean_of(row: dict, key: str):
-    return _fmean([_v(r.get(key)) for _, r in _seed_rows(row)])
+    return _fmean([_v(r.get(key)) for _, r in seed_rows(row)])
 
 
 # ---------------------------------------------------------------- sections
@@ -108,66 +85,22 @@ _SCALING_NOTE = (
 )
 
 
-# Result columns in table order: (row key, header with CI, header for mean ± sd).
-_COLUMNS = (
-    ("task_accuracy", "task metric %", "task metric %"),
-    ("refusal_rate", "refusal % [95% CI]", "refusal %"),
-    ("over_refusal_rate", "over-refusal % [95% CI]", "over-refusal %"),
-    ("drift", "drift pts [95% CI]", "drift pts"),
-    ("drift_reduction", "drift reduction % [95% CI]", "drift reduction %"),
-)
-_STEP = "step time vs plain LoRA"
-
-
-def _ci_cells(r: dict) -> list[str]:
-    return [_pct_ci(r.get(key)) for key, _, _ in _COLUMNS] + [_ratio(r.get("step_time_ratio"))]
-
-
-def _sd_cells(rows: list[dict]) -> list[str]:
-    cells = [_mean_sd([_v(r.get(key)) for r in rows]) for key, _, _ in _COLUMNS]
-    return cells + [_mean_sd([r.get("step_time_ratio") for r in rows], 1.0, "×")]
-
-
 def _compare_results(res: dict) -> list[Block]:
-    rows = {n: r for n, r in res.get("rows", {}).items() if _seed_rows(r)}
-    seeds = res.get("seeds") or sorted({s for r in rows.values() for s, _ in _seed_rows(r)})
-    multi = any(len(_seed_rows(r)) > 1 for r in rows.values())
-    ci_head = [h for _, h, _ in _COLUMNS] + [_STEP]
-    base = res.get("base") or {}
-    base_cells = [_pct_ci(base.get(k)) for k in ("task_accuracy", "refusal_rate", "over_refusal_rate")]
-    base_cells += ["0 (reference)", "n/a", "n/a"]
-    note = (
-        f"Model: {res.get('model', 'n/a')}. Seeds: {seeds}. Drift = refusal rate of the aligned model minus "
-        "that of the fine-tuned one (positive = refusals lost). Drift reduction = 1 - drift / drift of plain "
-        "LoRA (n/a when plain LoRA did not drift)."
-    )
-    if not multi:
-        table = [["aligned model (no fine-tune)"] + base_cells]
-        table += [[name] + _ci_cells(_seed_rows(row)[0][1]) for name, row in rows.items()]
-        note += " Intervals: 95% bootstrap over prompts (paired for drift and drift reduction)."
-        return [("h", 2, "1. Results"), ("table", ["method"] + ci_head, table), ("p", note)]
-    # Several seeds: the headline is mean ± sd over seeds (seed-to-seed spread is the honest error bar of a
-    # training method); each seed's bootstrap CI over prompts follows in its own table.
-    head = ["method", "seeds"] + [h for _, _, h in _COLUMNS] + [_STEP]
-    table = [["aligned model (no fine-tune)", "-"] + base_cells]
-    for name, row in rows.items():
-        srows = [r for _, r in _seed_rows(row)]
-        table.append([name, str(len(srows))] + _sd_cells(srows))
-    per_seed = [[name, seed] + _ci_cells(r) for name, row in rows.items() for seed, r in _seed_rows(row)]
-    note += " Cells are mean ± sd over seeds; the per-seed table below gives 95% bootstrap CIs over prompts."
-    return [
-        ("h", 2, "1. Results"),
-        ("table", head, table),
-        ("p", note),
-        ("h", 3, "Per seed"),
-        ("table", ["method", "seed"] + ci_head, per_seed),
-    ]
+    tables = comparison_tables(res)
+    out: list[Block] = [("h", 2, "1. Results")]
+    for k, table in enumerate(tables):
+        if k:
+            out.append(("h", 3, table.title))
+        out.append(("table", table.header(), table.body()))
+        if not k:
+            out.append(("p", table_note(res, tables)))
+    return out
 
 
 def _compare_figures(res: dict, plot_dir: Path) -> list[Block]:
-    rows = {n: r for n, r in res.get("rows", {}).items() if _seed_rows(r)}
+    rows = {n: r for n, r in res.get("rows", {}).items() if seed_rows(r)}
     out: list[Block] = [("h", 2, "2. Drift per method")]
-    bars = {n: [(s, *_vlh(r.get("drift"))) for s, r in _seed_rows(row)] for n, row in rows.items()}
+    bars = {n: [(s, *_vlh(r.get("drift"))) for s, r in seed_rows(row)] for n, row in rows.items()}
     if any(_ok(v) for b in bars.values() for _, v, _, _ in b):
         out.append(_figure(plots.plot_drift(bars), plot_dir / "drift.png", "Drift per method with 95% CIs"))
     else:
@@ -192,7 +125,7 @@ def _compare_figures(res: dict, plot_dir: Path) -> list[Block]:
     if base.get("per_category"):
         cat_rows["aligned model"] = base["per_category"]
     for n, row in rows.items():
-        per_cat = [r.get("per_category") or {} for _, r in _seed_rows(row)]
+        per_cat = [r.get("per_category") or {} for _, r in seed_rows(row)]
         means = {c: _fmean([_v(pc.get(c)) for pc in per_cat]) for c in sorted({c for pc in per_cat for c in pc})}
         cat_rows[n] = {c: v for c, v in means.items() if v is not None}
     out += _category_section(cat_rows, plot_dir)
@@ -206,7 +139,7 @@ def _category_section(cat_rows: dict, plot_dir: Path) -> list[Block]:
         return out + [("p", "No per-category refusal rates recorded.")]
     fig = plots.plot_category_heatmap(cat_rows)
     out.append(_figure(fig, plot_dir / "categories.png", "Per-category refusal rate heat map"))
-    table = [[lab] + [f"{100 * r[c]:.1f}" if _ok(r.get(c)) else "n/a" for c in cats] for lab, r in cat_rows.items()]
+    table = [[lab] + [_pct_ci(r.get(c)) for c in cats] for lab, r in cat_rows.items()]
     out.append(("table", ["model / method"] + cats, table))
     return out
 
@@ -379,10 +312,6 @@ def _figure(fig, path: Path, alt: str) -> Block:
     return ("img", alt, path)
 
 
-def _md_cell(text: str) -> str:
-    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
-
-
 def to_markdown(blocks: list[Block], out_dir: Path) -> str:
     """Markdown for the blocks; images are linked relative to `out_dir`."""
     parts = []
@@ -392,9 +321,7 @@ def to_markdown(blocks: list[Block], out_dir: Path) -> str:
         elif b[0] == "p":
             parts.append(b[1])
         elif b[0] == "table":
-            lines = ["| " + " | ".join(_md_cell(c) for c in b[1]) + " |", "|" + "---|" * len(b[1])]
-            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b[2]]
-            parts.append("\n".join(lines))
+            parts.append(markdown_table(b[1], b[2]))
         elif b[0] == "img":
             parts.append(f"![{b[1]}]({b[2].relative_to(out_dir).as_posix()})")
         elif b[0] == "code":
@@ -403,40 +330,30 @@ def to_markdown(blocks: list[Block], out_dir: Path) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-_CSS = """
-body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
-color:#222;line-height:1.45}
-h1{border-bottom:2px solid #0072B2;padding-bottom:.2em}h2{margin-top:1.8em;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;margin:1em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left}
-th{background:#f0f4f8}tr:nth-child(even) td{background:#fafafa}
-img{max-width:100%;height:auto;display:block;margin:1em 0}
-pre{background:#f6f8fa;padding:1em;overflow:auto;font-size:.85em;border:1px solid #e1e4e8}
-"""
+# autoescape on for every template: cell text, headings, paths and config come from run folders, not from us.
+_TEMPLATES = jinja2.Environment(
+    loader=jinja2.PackageLoader("alignguard.report", "templates"),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+    keep_trailing_newline=True,
+)
 
 
 def to_html(blocks: list[Block], title: str) -> str:
     """A single self-contained HTML page: inline CSS, images as base64 data URIs, no external resources."""
-    esc = html.escape
-    parts = [
-        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
-        f"<style>{_CSS}</style></head><body>"
-    ]
+    items = []
     for b in blocks:
-        if b[0] == "h":
-            parts.append(f"<h{b[1]}>{esc(b[2])}</h{b[1]}>")
-        elif b[0] == "p":
-            parts.append(f"<p>{esc(b[1])}</p>")
+        if b[0] == "img":
+            items.append({"kind": "img", "alt": b[1], "data": base64.b64encode(b[2].read_bytes()).decode("ascii")})
+        elif b[0] == "h":
+            items.append({"kind": "h", "level": int(b[1]), "text": b[2]})
         elif b[0] == "table":
-            head = "".join(f"<th>{esc(str(c))}</th>" for c in b[1])
-            body = "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>" for row in b[2])
-            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-        elif b[0] == "img":
-            data = base64.b64encode(b[2].read_bytes()).decode("ascii")
-            parts.append(f'<img alt="{esc(b[1])}" src="data:image/png;base64,{data}">')
-        elif b[0] == "code":
-            parts.append(f"<pre><code>{esc(b[2])}</code></pre>")
-    parts.append("</body></html>\n")
-    return "\n".join(parts)
+            items.append(
+                {"kind": "table", "head": [str(c) for c in b[1]], "rows": [[str(c) for c in r] for r in b[2]]}
+            )
+        else:  # "p", "code"
+            items.append({"kind": b[0], "text": b[-1]})
+    return _TEMPLATES.get_template("report.html.j2").render(title=title, blocks=items)
 
 
 def render_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:

@@ -7,6 +7,7 @@ alignguard eval --model runs/aligned --out runs/aligned-eval      # check refusa
 from __future__ import annotations
 
 from ..recipes.align import AlignRunConfig, run_align
+from ..recipes.common import check_output_dir
 from .common import add_config_subcommand, resolve_configs, save_resolved_config
 
 
@@ -22,6 +23,7 @@ def resolve(args):
 
 def main(args) -> int:
     (cfg,) = resolve(args)
+    check_output_dir(cfg.out, "align", {"align": cfg}, cfg.overwrite, config_name="align_config.yaml")
     save_resolved_config(cfg.out, {"align": cfg}, name="align_config.yaml")
     out = run_align(cfg)
     print(f"aligned model written to {out}")

@@ -12,6 +12,7 @@ re-running the same command resumes (finished methods are skipped).
 from __future__ import annotations
 
 from ..config import AlignGuardConfig, FisherConfig, SubspaceConfig
+from ..recipes.common import check_output_dir
 from ..recipes.compare import CompareConfig, run_compare
 from ..recipes.train import TrainRunConfig
 from .common import add_config_subcommand, resolve_configs, save_resolved_config
@@ -42,10 +43,9 @@ def resolve(args):
 
 def main(args) -> int:
     cmp_cfg, train_cfg, ag_cfg, fisher_cfg, subspace_cfg = resolve(args)
-    save_resolved_config(
-        cmp_cfg.out,
-        {"compare": cmp_cfg, "train": train_cfg, "alignguard": ag_cfg, "fisher": fisher_cfg, "subspace": subspace_cfg},
-    )
+    configs = dict(compare=cmp_cfg, train=train_cfg, alignguard=ag_cfg, fisher=fisher_cfg, subspace=subspace_cfg)
+    check_output_dir(cmp_cfg.out, "compare", configs, cmp_cfg.overwrite)
+    save_resolved_config(cmp_cfg.out, configs)
     from ..report.compare_table import format_table
 
     results = run_compare(cmp_cfg, train_cfg, ag_cfg, fisher_cfg, subspace_cfg)

@@ -8,6 +8,7 @@ Re-running the same command resumes: finished stages are skipped.
 
 from __future__ import annotations
 
+from ..recipes.common import check_output_dir
 from ..recipes.demo import DemoConfig, run_demo
 from .common import add_config_subcommand, resolve_configs, save_resolved_config
 
@@ -24,6 +25,7 @@ def resolve(args):
 
 def main(args) -> int:
     (cfg,) = resolve(args)
+    check_output_dir(cfg.out, "demo", {"demo": cfg}, getattr(cfg, "overwrite", False), "demo_config.yaml")
     save_resolved_config(cfg.out, {"demo": cfg}, name="demo_config.yaml")
     result = run_demo(cfg)
     print("\n" + result["table"])

@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 
 from alignguard.cli.common import add_dataclass_args, build_dataclass, check_unknown_keys, load_yaml
+from alignguard.recipes.common import check_output_dir
 from alignguard.recipes.eval import EvalConfig, run_eval
 
 COMMAND_HELP = "DriftCheck: refusal / over-refusal / drift of a model or adapter"
@@ -94,6 +95,7 @@ def main(args: argparse.Namespace) -> int:
         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, system_prompt=cfg.system_prompt
     )
     # The config goes out first: it records what was asked for even if generation fails later.
+    check_output_dir(cfg.out, "eval", {"eval": cfg, "generation": settings}, cfg.overwrite)
     save_resolved_config(cfg.out, {"eval": cfg, "generation": settings})
     try:
         result = run_eval(cfg)

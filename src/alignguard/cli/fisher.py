@@ -7,6 +7,7 @@ alignguard fisher --config configs/fisher.yaml --energy 0.95
 from __future__ import annotations
 
 from ..config import FisherConfig, SubspaceConfig
+from ..recipes.common import check_output_dir
 from ..recipes.fisher import FisherRunConfig, run_fisher
 from .common import add_config_subcommand, resolve_configs, save_resolved_config
 
@@ -25,7 +26,9 @@ def resolve(args):
 
 def main(args) -> int:
     run_cfg, fisher_cfg, subspace_cfg = resolve(args)
-    save_resolved_config(run_cfg.out, {"run": run_cfg, "fisher": fisher_cfg, "subspace": subspace_cfg})
+    configs = {"run": run_cfg, "fisher": fisher_cfg, "subspace": subspace_cfg}
+    check_output_dir(run_cfg.out, "fisher", configs, run_cfg.overwrite)
+    save_resolved_config(run_cfg.out, configs)
     _, subspaces = run_fisher(run_cfg, fisher_cfg, subspace_cfg)
     ms = [v["m"] for v in subspaces.summary().values()]
     print(

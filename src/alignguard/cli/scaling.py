@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import AlignGuardConfig, FisherConfig, SubspaceConfig
+from ..recipes.common import check_output_dir
 from ..recipes.scaling import ScalingConfig, run_scaling
 from ..recipes.train import TrainRunConfig
 from .common import add_config_subcommand, resolve_configs, save_resolved_config
@@ -52,10 +53,9 @@ def resolve(args):
 
 def main(args) -> int:
     sc_cfg, train_cfg, ag_cfg, fisher_cfg, subspace_cfg = resolve(args)
-    save_resolved_config(
-        sc_cfg.out,
-        {"scaling": sc_cfg, "train": train_cfg, "alignguard": ag_cfg, "fisher": fisher_cfg, "subspace": subspace_cfg},
-    )
+    configs = dict(scaling=sc_cfg, train=train_cfg, alignguard=ag_cfg, fisher=fisher_cfg, subspace=subspace_cfg)
+    check_output_dir(sc_cfg.out, "scaling", configs, sc_cfg.overwrite)
+    save_resolved_config(sc_cfg.out, configs)
     run_scaling(sc_cfg, train_cfg, ag_cfg, fisher_cfg, subspace_cfg)
     print((Path(sc_cfg.out) / "scaling" / "scaling.md").read_text())
     print(f"scaling: {sc_cfg.out}/scaling/scaling.json")

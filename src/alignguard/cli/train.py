@@ -9,6 +9,7 @@ Re-running the same command after an interruption resumes from the last checkpoi
 from __future__ import annotations
 
 from ..config import AlignGuardConfig
+from ..recipes.common import check_output_dir
 from ..recipes.train import TrainRunConfig, run_train
 from .common import add_config_subcommand, resolve_configs, save_resolved_config
 
@@ -27,6 +28,7 @@ def resolve(args):
 
 def main(args) -> int:
     run_cfg, ag_cfg = resolve(args)
+    check_output_dir(run_cfg.out, "train", {"run": run_cfg, "alignguard": ag_cfg}, run_cfg.overwrite)
     save_resolved_config(run_cfg.out, {"run": run_cfg, "alignguard": ag_cfg})
     summary = run_train(run_cfg, ag_cfg)
     print(

@@ -147,24 +147,19 @@ def settings_key(settings: dict) -> str:
 
 
 def settings_diff(old: dict, new: dict, limit: int = 8) -> list[str]:
-    """`field: old -> new` for every differing leaf (dotted names), at most `limit` of them."""
+    """`field: old -> new` for every differing leaf (dotted names), at most `limit` of them. A section only one
+    side has is one entry."""
+    unset = "(unset)"
 
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict) and v:
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
+    def walk(a, b, prefix):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                yield from walk(a.get(k, unset), b.get(k, unset), f"{prefix}{k}.")
+        elif a != b:
+            shown = [("{...}" if isinstance(v, dict) else repr(v)) if v is not unset else repr(unset) for v in (a, b)]
+            yield f"{prefix[:-1]}: {shown[0]} -> {shown[1]}"
 
-    a, b = flat(old or {}), flat(new or {})
-    missing = object()
-    diffs = [
-        f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}"
-        for k in sorted(set(a) | set(b))
-        if a.get(k, missing) != b.get(k, missing)
-    ]
+    diffs = list(walk(old or {}, new or {}, ""))
     return diffs[:limit] + ([f"... {len(diffs) - limit} more"] if len(diffs) > limit else [])
 
 
@@ -214,7 +209,7 @@ def stage_is_current(directory: Path, settings: dict, done: Path, root: Path, la
             if old is not None
             else f"no {STAGE_KEY_FILE} (made before stages were keyed), so its settings are unknown"
         )
-        moved = _supersede(directory, root, (old or {}).get("key", "unkeyed"))
+        moved = supersede(directory, root, (old or {}).get("key", "unkeyed"))
         log(f"[{label}] redone: {why}; the old outputs moved to {moved}")
     else:
         log(f"[{label}] new")
@@ -229,7 +224,9 @@ def _read_json(path: Path):
         return None
 
 
-def _supersede(directory: Path, root: Path, key: str) -> Path:
+def supersede(directory: Path, root: Path, key: str | None = None) -> Path:
+    """Move a stage folder to `<root>/superseded/<its path>-<key>` (kept, not deleted); returns the new path."""
+    key = key or (_read_json(Path(directory) / STAGE_KEY_FILE) or {}).get("key", "unkeyed")
     rel = directory.resolve().relative_to(Path(root).resolve())
     target = Path(root) / SUPERSEDED_DIR / f"{'_'.join(rel.parts)}-{key}"
     n = 1

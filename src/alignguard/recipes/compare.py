@@ -253,14 +253,70 @@ def _has_input_factors(fisher_dir: Path) -> bool:
     return bool(meta.get("input_modules"))
 
 
+def check_prompts(prompts: str | None) -> None:
+    """Refuse a DriftCheck prompt file without unsafe prompts before any work: the comparison is about the
+    refusal rate on them (drift needs it too)."""
+    from ..driftcheck.prompts import load_prompts
+
+    if prompts is None:
+        return  # the bundled split has both kinds
+    records = load_prompts(prompts)
+    if not any(r.label == "unsafe" for r in records):
+        raise ValueError(
+            f"prompts: {prompts} has no unsafe prompts ({len(records)} safe ones), so there is no refusal rate to "
+            "compare; add prompts labelled 'unsafe' or leave --prompts unset for the bundled set"
+        )
+
+
+def fisher_stage_settings(cfg: CompareConfig, train_cfg: TrainRunConfig, fisher_cfg, subspace_cfg, fcfg) -> dict:
+    """What <out>/fisher depends on: the model, the Fisher-pass data and settings, the subspace settings and (with
+    task_fisher) the task data of the task factors. `input_factor` is left out: A_in is added to a folder without
+    redoing its rows (see `prepare_shared`)."""
+    from .common import plain_settings
+
+    settings = plain_settings({"run": fcfg, "fisher": fisher_cfg, "subspace": subspace_cfg or SubspaceConfig()})
+    settings["run"].pop("cache_dir", None)
+    settings["fisher"].pop("input_factor", None)
+    settings["task_fisher"] = cfg.task_fisher
+    if cfg.task_fisher:
+        settings["task_factors"] = {
+            "task": train_cfg.task,
+            "n": min(64, train_cfg.n_train),
+            "seed": train_cfg.seed,
+            "max_length": train_cfg.max_length,
+        }
+    return settings
+
+
+def base_stage_settings(cfg: CompareConfig, train_cfg: TrainRunConfig) -> dict:
+    """What <out>/base depends on: the model, the DriftCheck prompts (their bytes) and the evaluation settings."""
+    from .common import file_digest
+
+    return {
+        "model": cfg.model,
+        "prompts": cfg.prompts,
+        "prompts_digest": file_digest(cfg.prompts),
+        "eval_max_new_tokens": cfg.eval_max_new_tokens,
+        "eval_batch_size": cfg.eval_batch_size,
+        "extra_judges": list(cfg.extra_judges),
+        "task": train_cfg.task,
+        "task_eval_n": cfg.task_eval_n,
+    }
+
+
 def prepare_shared(
     cfg: CompareConfig,
     train_cfg: TrainRunConfig,
     fisher_cfg: FisherConfig | None = None,
     subspace_cfg: SubspaceConfig | None = None,
+    log=print,
 ) -> tuple[Path, Path]:
     """What every method shares: the Fisher state + subspaces (<out>/fisher) and the DriftCheck and task metric of
-    the model without adapter (<out>/base). Each is skipped when already there; returns (fisher_dir, base_dir)."""
+    the model without adapter (<out>/base). Each stage is keyed by its settings (`fisher_stage_settings`,
+    `base_stage_settings`, in <stage>/stage_key.json): reused when they match, otherwise moved to
+    <out>/superseded/ and redone. Returns (fisher_dir, base_dir)."""
+    from .common import stage_is_current
+
     out = Path(cfg.out)
     cache = str(out / "generation_cache")
     fisher_dir, base_dir = out / "fisher", out / "base"
@@ -274,14 +330,18 @@ def prepare_shared(
     needs_input = any(method_spec(m)["ag"].get("alignment_input") == "kfac" for m in cfg.methods)
     if needs_input:
         fisher_cfg = replace(fisher_cfg, input_factor=True)
-    if not (fisher_dir / "subspaces.json").is_file() or (needs_input and not _has_input_factors(fisher_dir)):
+    fcfg = FisherRunConfig(model=cfg.model, out=str(fisher_dir), max_examples=cfg.fisher_examples, cache_dir=cache)
+    settings = fisher_stage_settings(cfg, train_cfg, fisher_cfg, subspace_cfg, fcfg)
+    current = stage_is_current(fisher_dir, settings, fisher_dir / "subspaces.json", out, "fisher", log)
+    if not current or (needs_input and not _has_input_factors(fisher_dir)):
+        if current:
+            log("[fisher] redone in place: a method needs the input factors A_in, which this folder lacks")
         model, tok = _load(cfg.model)
-        fcfg = FisherRunConfig(model=cfg.model, out=str(fisher_dir), max_examples=cfg.fisher_examples, cache_dir=cache)
         _, subspaces = run_fisher(fcfg, fisher_cfg, subspace_cfg, model=model, tokenizer=tok)
         if cfg.task_fisher:
             subspaces.task_factors = _task_factors(model, tok, train_cfg, fisher_cfg, subspace_cfg)
             subspaces.save(fisher_dir)
-    if not (base_dir / "task.json").is_file():
+    if not stage_is_current(base_dir, base_stage_settings(cfg, train_cfg), base_dir / "task.json", out, "base", log):
         model, tok = _load(cfg.model)
         task = task_metric(model, tok, train_cfg.task, cfg.task_eval_n, 0, cfg.eval_batch_size, cache)
         _driftcheck(model, tok, cfg, base_dir / "driftcheck", None, task)
@@ -298,6 +358,7 @@ def run_compare(
 ) -> dict:
     """Run every method in `cfg.methods` for every seed; write per-method results, results.json and results.md."""
     out = Path(cfg.out)
+    check_prompts(cfg.prompts)  # before the model is loaded: a file the comparison cannot use fails now
     fisher_dir, base_dir = prepare_shared(cfg, train_cfg, fisher_cfg, subspace_cfg)
     for seed in cfg.seeds:
         for name in cfg.methods:
@@ -323,6 +384,30 @@ def _task_factors(model, tok, train_cfg, fisher_cfg, subspace_cfg):
     return build_subspaces(state, subspace_cfg or SubspaceConfig(), task_state=state, task_rank=64).task_factors
 
 
+def row_settings(cfg: CompareConfig, train_cfg, ag_cfg, name: str, seed: int, fisher_dir: Path, base_dir: Path):
+    """What <out>/seed<S>/<method> depends on: the Fisher and base stages (their keys), the training config, the
+    AlignGuard config with the method's overrides, the method spec, the seed and the method's own options."""
+    from .common import STAGE_KEY_FILE, plain_settings
+
+    spec = method_spec(name)
+    settings = {
+        "model": cfg.model,
+        "fisher_key": json.loads((fisher_dir / STAGE_KEY_FILE).read_text())["key"],
+        "base_key": json.loads((base_dir / STAGE_KEY_FILE).read_text())["key"],
+        "method": name,
+        "spec": spec,
+        "seed": seed,
+        **plain_settings({"train": replace(train_cfg, seed=seed, method=spec["method"], fisher=str(fisher_dir))}),
+    }
+    if spec["method"] == "alignguard":
+        settings["alignguard"] = plain_settings({"c": replace(ag_cfg, **spec.get("ag", {}))})["c"]
+    if spec.get("replay"):
+        settings["replay_ratio"] = cfg.replay_ratio
+    if spec.get("post") == "safe_lora":
+        settings["safe_lora"] = {"threshold": cfg.safe_lora_threshold, "base_model": cfg.base_model}
+    return settings
+
+
 def run_method(
     cfg: CompareConfig,
     train_cfg: TrainRunConfig,
@@ -331,13 +416,24 @@ def run_method(
     seed: int,
     fisher_dir: Path,
     base_dir: Path,
+    log=print,
 ) -> dict:
-    """Train + evaluate one method for one seed (skipped when its result.json exists)."""
+    """Train + evaluate one method for one seed.
+
+    The row is keyed by `row_settings` (<row>/stage_key.json): a finished row (result.json) with the same settings
+    is reused; one with other settings is moved to <out>/superseded/ and redone. A row whose training finished but
+    whose result.json is missing is evaluated again from the saved adapter and train_summary.json (the training
+    is not redone, its loss and step time are kept).
+    """
     from ..subspace import AlignmentSubspaces, random_subspaces
+    from .common import stage_is_current, supersede
+    from .train import TrainSettingsMismatch
 
     spec = method_spec(name)
     mdir = Path(cfg.out) / f"seed{seed}" / name
-    if (mdir / "result.json").is_file():
+    label = f"seed{seed}/{name}"
+    settings = row_settings(cfg, train_cfg, ag_cfg, name, seed, fisher_dir, base_dir)
+    if stage_is_current(mdir, settings, mdir / "result.json", Path(cfg.out), label, log):
         return json.loads((mdir / "result.json").read_text())
     model, tok = _load(cfg.model)
     tcfg = replace(train_cfg, out=str(mdir), method=spec["method"], fisher=str(fisher_dir), seed=seed)
@@ -348,13 +444,19 @@ def run_method(
     elif spec.get("subspaces") == "full":
         subspaces = full_spectrum_subspaces(fisher_dir)
     extra = replay_pairs(train_cfg.n_train, cfg.replay_ratio, seed) if spec.get("replay") else None
-    summary = run_train(tcfg, acfg, model=model, tokenizer=tok, subspaces=subspaces, extra_pairs=extra)
+    train = dict(model=model, tokenizer=tok, subspaces=subspaces, extra_pairs=extra, log=log)
+    try:
+        summary = run_train(tcfg, acfg, **train)
+    except TrainSettingsMismatch as exc:
+        # Same row settings but the Fisher folder was redone in place (input factors added): start the row over.
+        moved = supersede(mdir, Path(cfg.out))
+        log(f"[{label}] redone: {exc}; the old outputs moved to {moved}")
+        stage_is_current(mdir, settings, mdir / "result.json", Path(cfg.out), label, log)
+        summary = run_train(tcfg, acfg, **train)
     peft_model = summary.pop("peft_model")
     info = {}
     if spec.get("post") == "safe_lora":
-        base_model, _ = _load(cfg.base_model or _base_of(cfg.model))
-        info = apply_safe_lora_(peft_model, base_model, cfg.safe_lora_threshold)
-        peft_model.save_pretrained(str(mdir / "adapter"))
+        info = _safe_lora_once(cfg, peft_model, mdir)
     task = task_metric(
         peft_model,
         tok,
@@ -369,9 +471,11 @@ def run_method(
         "method": name,
         "seed": seed,
         "task": {k: v for k, v in task.items() if k != "predictions"},
+        # From train_summary.json when the training was finished earlier (never recomputed as zero).
         "mean_step_seconds": summary["mean_step_seconds"],
         "train_loss": summary["train_loss"],
         "n_examples": summary["n_examples"],
+        "n_unprotected_layers": summary.get("n_unprotected_layers"),
         "safe_lora": {"projected": info.get("projected", [])} if info else None,
         "driftcheck": str(mdir / "driftcheck" / "results.json"),
         "refusal_rate": dc.refusal_rate,
@@ -379,6 +483,19 @@ def run_method(
     }
     atomic_write_json(mdir / "result.json", result)
     return result
+
+
+def _safe_lora_once(cfg: CompareConfig, peft_model, mdir: Path) -> dict:
+    """Apply Safe LoRA's projection to the trained adapter unless <row>/safe_lora.json says it was applied
+    (projecting twice is not the same as once: C is not idempotent)."""
+    done = mdir / "safe_lora.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    base_model, _ = _load(cfg.base_model or _base_of(cfg.model))
+    info = apply_safe_lora_(peft_model, base_model, cfg.safe_lora_threshold)
+    peft_model.save_pretrained(str(mdir / "adapter"))
+    atomic_write_json(done, info)
+    return info
 
 
 def _base_of(model_spec: str) -> str:

@@ -118,10 +118,11 @@ def run_fisher(
     out = Path(cfg.out)
     pairs = alignment_pairs(model, tokenizer, cfg, progress=fisher_cfg.show_progress)
     atomic_write_json(out / "fisher_data.json", [{"prompt": p, "response": r} for p, r in pairs])
+    # How those pairs were batched: `alignguard train --refresh_every` rebuilds the same batches from the two files.
+    batching = {"batch_size": cfg.batch_size, "max_length": cfg.max_length, "min_response_tokens": cfg.max_length // 4}
+    atomic_write_json(out / "fisher_batches.json", batching)
     # Over-long prompts lose their beginning rather than stopping the run, as in training (run_train).
-    batches = make_batches(
-        tokenizer, pairs, batch_size=cfg.batch_size, max_length=cfg.max_length, min_response_tokens=cfg.max_length // 4
-    )
+    batches = make_batches(tokenizer, pairs, **batching)
     state = estimate_fisher(model, batches, fisher_cfg, model_id=cfg.model)
     state.save(out)
     subspaces = build_subspaces(state, subspace_cfg)

@@ -170,7 +170,7 @@ def heldout_pairs(cfg: ScalingConfig, train_cfg: TrainRunConfig, fisher_dir: Pat
     from ..driftcheck.generate import GenerationSettings, generate_responses
 
     path = Path(cfg.out) / "scaling" / "heldout.json"
-    if path.is_file():
+    if _keyed_file_is_current(path, heldout_settings(cfg, train_cfg, fisher_dir), Path(cfg.out)):
         return [(r["prompt"], r["response"]) for r in json.loads(path.read_text())]
     used = {r["prompt"] for r in json.loads((fisher_dir / "fisher_data.json").read_text())}
     used |= {p for p, _ in compare.replay_pairs(train_cfg.n_train, cfg.replay_ratio, cfg.seed)}
@@ -196,7 +196,56 @@ def heldout_pairs(cfg: ScalingConfig, train_cfg: TrainRunConfig, fisher_dir: Pat
         {"id": e.id, "prompt": e.prompt, "response": r, "source": s} for e, r, s in zip(chosen, responses, source)
     ]
     atomic_write_json(path, records)
+    _record_key(path, heldout_settings(cfg, train_cfg, fisher_dir))
     return [(r["prompt"], r["response"]) for r in records]
+
+
+def heldout_settings(cfg: ScalingConfig, train_cfg: TrainRunConfig, fisher_dir: Path) -> dict:
+    """What heldout.json depends on: the sample (seed, size, the Fisher and replay prompts left out) and how
+    the refusals are made."""
+    from .common import STAGE_KEY_FILE
+
+    return {
+        "model": cfg.model,
+        "fisher_key": json.loads((fisher_dir / STAGE_KEY_FILE).read_text())["key"],
+        "seed": cfg.seed,
+        "n_heldout": cfg.n_heldout,
+        "heldout_responses": cfg.heldout_responses,
+        "heldout_max_new_tokens": cfg.heldout_max_new_tokens,
+        "eval_batch_size": cfg.eval_batch_size,
+        "replay": [train_cfg.n_train, cfg.replay_ratio],
+    }
+
+
+def _key_path(path: Path) -> Path:
+    return path.with_name(path.stem + ".key.json")
+
+
+def _record_key(path: Path, settings: dict) -> None:
+    from .common import settings_key
+
+    atomic_write_json(_key_path(path), {"key": settings_key(settings), "settings": settings})
+
+
+def _keyed_file_is_current(path: Path, settings: dict, root: Path, log=print) -> bool:
+    """Whether `path` was written with `settings` (recorded beside it in <name>.key.json). A file written with
+    other settings, or before files were keyed, is moved to <root>/superseded/ (its key file with it)."""
+    from .common import SUPERSEDED_DIR, settings_diff, settings_key
+
+    if not path.is_file():
+        return False
+    old = json.loads(_key_path(path).read_text()) if _key_path(path).is_file() else None
+    if old is not None and old.get("key") == settings_key(settings):
+        return True
+    why = "settings changed: " + "; ".join(settings_diff(old["settings"], settings)) if old else "no key file"
+    rel = "_".join(path.resolve().relative_to(root.resolve()).parts)
+    target = root / SUPERSEDED_DIR / f"{rel}-{(old or {}).get('key', 'unkeyed')}"
+    target.mkdir(parents=True, exist_ok=True)
+    for f in (path, _key_path(path)):
+        if f.is_file():
+            f.replace(target / f.name)
+    log(f"[scaling] {path} redone: {why}; the old file moved to {target}")
+    return False
 
 
 def _prepare_shared(cfg: ScalingConfig, train_cfg, fisher_cfg, subspace_cfg) -> tuple[Path, Path]:
@@ -233,7 +282,7 @@ def _measure_point(cfg, train_cfg, ag_cfg, name: str, steps: int, fisher_dir, ba
     from peft import PeftModel
 
     ccfg = cfg.compare_config(Path(cfg.out) / "scaling" / "runs" / f"steps{steps}")
-    tcfg = replace(train_cfg, max_steps=steps, save_steps=min(train_cfg.save_steps, steps))
+    tcfg = _point_train_config(train_cfg, steps)
     result = compare.run_method(ccfg, tcfg, ag_cfg, name, cfg.seed, fisher_dir, base_dir)
     mdir = Path(ccfg.out) / f"seed{cfg.seed}" / name
     model, tok = compare._load(cfg.model)
@@ -248,6 +297,15 @@ def _measure_point(cfg, train_cfg, ag_cfg, name: str, steps: int, fisher_dir, ba
     }
     extra = {k: result.get(k) for k in ("over_refusal_rate", "train_loss", "mean_step_seconds")}
     return {"point": point, "task_accuracy": result["task"].get("accuracy"), **extra, "run_dir": str(mdir)}
+
+
+def _point_train_config(train_cfg: TrainRunConfig, steps: int) -> TrainRunConfig:
+    return replace(train_cfg, max_steps=steps, save_steps=min(train_cfg.save_steps, steps))
+
+
+def _read_key(path: Path) -> str | None:
+    key_file = _key_path(path)
+    return json.loads(key_file.read_text())["key"] if key_file.is_file() else None
 
 
 def _fit(points: list[dict], loss: str):
@@ -272,19 +330,33 @@ def run_scaling(
         The scaling.json payload (schema in the module docstring).
     """
     sdir = Path(cfg.out) / "scaling"
+    compare.check_prompts(cfg.prompts)  # before any model is loaded
     fisher_dir, base_dir = _prepare_shared(cfg, train_cfg, fisher_cfg, subspace_cfg)
     pairs = heldout_pairs(cfg, train_cfg, fisher_dir)
-    if not (sdir / "base_point.json").is_file():
+    # Every loss is measured on heldout.json with these settings: the base point and each point are keyed by them.
+    loss_settings = {
+        "heldout": _read_key(sdir / "heldout.json"),
+        "loss_batch_size": cfg.loss_batch_size,
+        "loss_max_length": cfg.loss_max_length,
+    }
+    base_path = sdir / "base_point.json"
+    if not _keyed_file_is_current(base_path, loss_settings, Path(cfg.out)):
         model, tok = compare._load(cfg.model)
         base_loss = alignment_loss(model, tok, pairs, cfg.loss_batch_size, cfg.loss_max_length)
-        atomic_write_json(sdir / "base_point.json", {"steps": 0, "alignment_loss": base_loss})
+        atomic_write_json(base_path, {"steps": 0, "alignment_loss": base_loss})
+        _record_key(base_path, loss_settings)
     for name in cfg.methods:
         for steps in cfg.steps:
             path = sdir / "points" / name / f"steps{steps}.json"
-            if not path.is_file():
+            ccfg = cfg.compare_config(sdir / "runs" / f"steps{steps}")
+            tcfg = _point_train_config(train_cfg, steps)
+            row = compare.row_settings(ccfg, tcfg, ag_cfg, name, cfg.seed, fisher_dir, base_dir)
+            settings = {**loss_settings, "row": row}
+            if not _keyed_file_is_current(path, settings, Path(cfg.out)):
                 atomic_write_json(
                     path, _measure_point(cfg, train_cfg, ag_cfg, name, steps, fisher_dir, base_dir, pairs)
                 )
+                _record_key(path, settings)
     payload = collect(cfg)
     atomic_write_json(sdir / "scaling.json", payload)
     base_loss = json.loads((sdir / "base_point.json").read_text())["alignment_loss"]

@@ -6,6 +6,7 @@ Decides where files go, which data is used by default and how a run resumes; the
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,138 @@ class TrainRunConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
 
 
+TRAIN_SETTINGS = "train_settings.json"
+TRAIN_SUMMARY = "train_summary.json"
+STEP_TIMES = "step_times.json"
+
+
+class TrainSettingsMismatch(ValueError):
+    """The output folder holds a training run made with other settings (resuming it would mix the two)."""
+
+
+def train_settings(cfg: TrainRunConfig, ag_cfg: AlignGuardConfig | None, subspaces=None, extra_pairs=None) -> dict:
+    """What a training run's outputs depend on (recorded in `<out>/train_settings.json`): the run config, the
+    AlignGuard config and the Fisher folder's contents (for `alignguard`), override subspaces and extra pairs."""
+    from .common import file_digest, plain_settings, settings_key
+
+    settings = plain_settings({"train": cfg})
+    if cfg.method == "alignguard":
+        settings["alignguard"] = plain_settings({"c": ag_cfg or AlignGuardConfig()})["c"]
+        fisher = Path(cfg.fisher)
+        settings["fisher_files"] = {n: file_digest(fisher / n) for n in ("fisher.json", "subspaces.json")}
+        if subspaces is not None:
+            settings["subspaces"] = _subspaces_fingerprint(subspaces)
+    if extra_pairs:
+        settings["extra_pairs"] = settings_key({"pairs": [list(p) for p in extra_pairs]})
+    return settings
+
+
+def _subspaces_fingerprint(subspaces) -> str:
+    """Cheap fingerprint of override subspaces: shapes and sums of every basis and spectrum (no full hash)."""
+    from .common import settings_key
+
+    rows = []
+    for kind, table, _ in subspaces._tables():
+        for name in sorted(table):
+            sub = table[name]
+            rows.append([kind, name, list(sub.basis.shape), float(sub.basis.double().sum()), float(sub.eigvals.sum())])
+    return settings_key({"subspaces": rows})
+
+
+def _check_train_settings(out: Path, settings: dict) -> bool:
+    """Record `settings` for a fresh folder; for one already trained into, refuse other settings.
+
+    Returns whether the folder holds a finished run with these settings (train_summary.json is there).
+    """
+    from .common import settings_diff
+
+    path = out / TRAIN_SETTINGS
+    started = (out / "checkpoints").is_dir() or (out / TRAIN_SUMMARY).is_file() or (out / "adapter").is_dir()
+    old = json.loads(path.read_text())["settings"] if path.is_file() else None
+    if old is not None and old != settings and started:
+        raise TrainSettingsMismatch(
+            f"{path}: {out} holds a training run with other settings ({'; '.join(settings_diff(old, settings))}); "
+            "resuming it would mix the two. Use another --out, or --overwrite true to start afresh"
+        )
+    if old is None:
+        atomic_write_json(path, {"settings": settings})
+    return old is not None and (out / TRAIN_SUMMARY).is_file() and (out / "adapter").is_dir()
+
+
+def alignment_batches(fisher_dir: str | Path, tokenizer):
+    """The Fisher pass's batches, rebuilt from `<fisher>/fisher_data.json` with the batch size and length limit
+    recorded in `<fisher>/fisher_batches.json` (or, for folders made before that file, `<fisher>/config.yaml`)."""
+    from ..data import make_batches
+
+    fisher_dir = Path(fisher_dir)
+    data_path, meta_path = fisher_dir / "fisher_data.json", fisher_dir / "fisher_batches.json"
+    if not data_path.is_file():
+        raise FileNotFoundError(
+            f"{data_path}: no alignment data for --refresh_every; re-run `alignguard fisher --out {fisher_dir}`"
+        )
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+    elif (fisher_dir / "config.yaml").is_file():
+        import yaml
+
+        run = (yaml.safe_load((fisher_dir / "config.yaml").read_text()) or {}).get("run", {})
+        meta = {"batch_size": run.get("batch_size", 8), "max_length": run.get("max_length", 256)}
+    else:
+        raise FileNotFoundError(
+            f"{meta_path}: the Fisher pass's batch size and max_length are not recorded (nor in config.yaml); "
+            f"re-run `alignguard fisher --out {fisher_dir}`"
+        )
+    pairs = [(r["prompt"], r["response"]) for r in json.loads(data_path.read_text())]
+    max_length = int(meta["max_length"])
+    return make_batches(
+        tokenizer,
+        pairs,
+        batch_size=int(meta["batch_size"]),
+        max_length=max_length,
+        min_response_tokens=meta.get("min_response_tokens", max_length // 4),
+    )
+
+
+def _load_finished(out: Path, model, log) -> dict:
+    """The summary of a finished run (skipped), with `peft_model` = the saved adapter on `model` (None without)."""
+    summary = json.loads((out / TRAIN_SUMMARY).read_text())
+    log(f"[train] {out}: finished earlier with the same settings; skipped ({TRAIN_SUMMARY} kept)")
+    peft_model = None
+    if model is not None:
+        from peft import PeftModel
+
+        peft_model = PeftModel.from_pretrained(model, str(out / "adapter"), is_trainable=False)
+    return {**summary, "skipped": True, "peft_model": peft_model}
+
+
+def _logged_mean_loss(log_history: list[dict]) -> float | None:
+    """Mean training loss over the logged steps (each logged value averages the steps since the previous one)."""
+    total, steps, last = 0.0, 0, 0
+    for h in log_history:
+        if "loss" in h and "step" in h:
+            total += h["loss"] * (h["step"] - last)
+            steps += h["step"] - last
+            last = h["step"]
+    return total / steps if steps else None
+
+
+def _restore_final_checkpoint(trainer, peft_model, ckpt: Path) -> None:
+    """Load the adapter weights and trainer state of a checkpoint at the last step (no training step)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    weights = ckpt / "adapter_model.safetensors"
+    if weights.is_file():
+        state_dict = load_file(str(weights))
+    else:
+        import torch
+
+        state_dict = torch.load(ckpt / "adapter_model.bin", map_location="cpu", weights_only=True)
+    set_peft_model_state_dict(peft_model, state_dict)
+    trainer.state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))
+
+
 def run_train(
     cfg: TrainRunConfig,
     ag_cfg: AlignGuardConfig | None = None,
@@ -78,16 +211,23 @@ def run_train(
     progress: bool = True,
     subspaces=None,
     extra_pairs: list[tuple[str, str]] | None = None,
+    log=print,
 ) -> dict:
     """Train a LoRA adapter on the task mix; writes the adapter (+ AlignGuard state) to `cfg.out`.
 
-    A checkpoint is saved every `save_steps`; calling this again with the same config resumes from the last one.
+    A checkpoint is saved every `save_steps`; calling this again with the same settings resumes from the newest
+    complete one, and a finished run is skipped (its summary is returned, nothing is rewritten). Settings are
+    recorded in `<out>/train_settings.json`; a folder trained with other settings is refused
+    (`TrainSettingsMismatch`, naming the differing fields).
     `subspaces` overrides the ones in `cfg.fisher` (e.g. the random-subspace or full-spectrum EWC controls);
     `extra_pairs` are (prompt, response) pairs added to the task mix (e.g. refusal replay), shuffled with `seed`.
+    With `ag_cfg.refresh_every`, the subspaces are re-estimated during training on the Fisher pass's own data
+    (`alignment_batches`); a resumed run continues from the subspaces saved in its checkpoint.
 
     Returns:
-        A summary dict (steps, final task loss, step time, paths; also written to `<out>/train_summary.json`)
-        plus `peft_model`, the trained model.
+        A summary dict (steps, task loss, step time, unprotected layers, paths; also written to
+        `<out>/train_summary.json`) plus `peft_model`, the trained model (None for a skipped run called without
+        `model`) and `skipped`.
     """
     import time
 
@@ -96,11 +236,14 @@ def run_train(
     from ..data import PaddingCollator, pad_token_id, tokenize_example
     from ..tasks import build_finetune_data, load_task
 
+    out = Path(cfg.out)
+    ag_cfg = ag_cfg or AlignGuardConfig()
+    if _check_train_settings(out, train_settings(cfg, ag_cfg, subspaces, extra_pairs)):
+        return _load_finished(out, model, log)
     if model is None:
         from ..models import load_model_and_tokenizer
 
         model, tokenizer, _ = load_model_and_tokenizer(cfg.model)
-    out = Path(cfg.out)
     task = load_task(cfg.task, "train", n=cfg.n_train, seed=cfg.seed)
     mix = build_finetune_data(task, poison_ratio=cfg.poison_ratio, seed=cfg.seed)
     pairs = [(ex.prompt, ex.response) for ex in mix] + list(extra_pairs or [])
@@ -121,14 +264,22 @@ def run_train(
         gradient_accumulation_steps=cfg.grad_accum,
         lr_scheduler_type="constant",
     )
-    times: list[float] = []
+    last = latest_checkpoint(out / "checkpoints", log=log)
+    resumed_step = json.loads((last / "trainer_state.json").read_text())["global_step"] if last else 0
+    # Step times survive a resume: kept per step in step_times.json, cut back to the checkpoint's step.
+    times_path = out / STEP_TIMES
+    old_times = json.loads(times_path.read_text()) if last and times_path.is_file() else {}
+    times: dict[str, float] = {k: v for k, v in old_times.items() if int(k) <= resumed_step}
 
     class _StepTimer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
+        def on_step_begin(self, args, state, control, **k):
             self.t0 = time.perf_counter()
 
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - self.t0)
+        def on_step_end(self, args, state, control, **k):
+            times[str(state.global_step)] = time.perf_counter() - self.t0
+
+        def on_save(self, args, state, control, **k):
+            atomic_write_json(times_path, times)
 
     kwargs = dict(
         model=peft_model,
@@ -142,30 +293,56 @@ def run_train(
         from ..subspace import AlignmentSubspaces
         from ..trainer import AlignGuardTrainer
 
-        fisher_state = FisherState.load(cfg.fisher, model=peft_model) if cfg.fisher else None
+        fisher_state = FisherState.load(cfg.fisher, model=peft_model)
         subspaces = subspaces if subspaces is not None else AlignmentSubspaces.load(cfg.fisher)
+        alignment_data = None
+        if ag_cfg.refresh_every:
+            alignment_data = alignment_batches(cfg.fisher, tokenizer)
+            if last is not None and (last / "subspaces.json").is_file():
+                # The refreshed subspaces of the checkpoint, not the initial ones, continue the run.
+                subspaces = AlignmentSubspaces.load(last)
+                if (last / "fisher.json").is_file():
+                    fisher_state = FisherState.load(last, model=peft_model)
         trainer = AlignGuardTrainer(
-            **kwargs, subspaces=subspaces, fisher_state=fisher_state, alignguard_config=ag_cfg or AlignGuardConfig()
+            **kwargs,
+            subspaces=subspaces,
+            fisher_state=fisher_state,
+            alignment_data=alignment_data,
+            alignguard_config=ag_cfg,
         )
     else:
         trainer = Trainer(**kwargs)
-    last = latest_checkpoint(out / "checkpoints")
-    result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    if last is not None and resumed_step >= cfg.max_steps:
+        # Killed after the last checkpoint: nothing left to train (the Trainer would run one step too many).
+        _restore_final_checkpoint(trainer, peft_model, last)
+        training_loss = None
+    else:
+        training_loss = trainer.train(resume_from_checkpoint=str(last) if last else None).training_loss
+    atomic_write_json(times_path, times)
     trainer.save_model(str(out / "adapter"))
     tokenizer.save_pretrained(str(out / "adapter"))
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    history = trainer.state.log_history
+    losses = [h["loss"] for h in history if "loss" in h]
+    # The Trainer's training_loss averages only the steps of this call (0.0 when resumed at the last step).
+    train_loss = training_loss if not last else _logged_mean_loss(history)
+    step_times = [times[k] for k in sorted(times, key=int)]
+    unprotected = getattr(getattr(trainer, "regularizer", None), "unprotected", None)
     summary = {
         "method": cfg.method,
         "steps": trainer.state.global_step,
-        "train_loss": result.training_loss,
+        "train_loss": train_loss,
+        "train_loss_source": "trainer" if not last else "log_history",
         "last_logged_loss": losses[-1] if losses else None,
-        "mean_step_seconds": sum(times[1:]) / max(1, len(times) - 1) if len(times) > 1 else None,
+        # The first step carries one-off costs (allocation, compilation); left out when there are others.
+        "mean_step_seconds": sum(step_times[1:]) / (len(step_times) - 1) if len(step_times) > 1 else None,
         "n_examples": len(pairs),
         "n_extra": len(extra_pairs or []),
         "n_poison": sum(ex.kind == "poison" for ex in mix),
         "resumed_from": last.name if last else None,
-        "log_history": trainer.state.log_history,
+        "n_unprotected_layers": len(unprotected) if unprotected is not None else None,
+        "unprotected_layers": list(unprotected) if unprotected is not None else None,
+        "log_history": history,
         "adapter": str(out / "adapter"),
     }
-    atomic_write_json(out / "train_summary.json", summary)
-    return {**summary, "peft_model": peft_model}
+    atomic_write_json(out / TRAIN_SUMMARY, summary)
+    return {**summary, "skipped": False, "peft_model": peft_model}

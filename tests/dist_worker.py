@@ -1,6 +1,6 @@
 """Worker for tests/test_distributed.py, launched on N CPU processes (gloo) by torch.distributed.run:
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py OUT_DIR [--zero=2|--zero=3|--zero=accelerate|--fsdp]
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py OUT_DIR [--zero=2|--zero=3|--zero=accelerate|--zero-ga=2|--fsdp]
 
 Each rank (1) estimates the Fisher factors of a tiny model on its round-robin shard of the same batches (dense
 and sketch, an uneven split, and a split where one rank gets no batch), and (2) runs one AlignGuardTrainer step
@@ -68,11 +68,18 @@ def train_dataset(n_examples: int):
 
 
 def train_one_step(
-    out_dir: str, per_device_batch: int, n_examples: int, ag_config: dict | None = None, **training_args
+    out_dir: str,
+    per_device_batch: int,
+    n_examples: int,
+    ag_config: dict | None = None,
+    loss_kwargs: bool = True,
+    **training_args,
 ) -> dict:
     """One SGD step of AlignGuardTrainer from fixed non-zero LoRA weights; returns the LoRA weights after it.
 
     `training_args` override the `TrainingArguments` below (e.g. `deepspeed=` a ZeRO config dict).
+    `loss_kwargs=False`: the Trainer treats the model as not accepting `num_items_in_batch`, so it averages each
+    micro-batch and divides by the accumulation steps itself (the other of its two loss-scaling paths).
     """
     from transformers import TrainingArguments
 
@@ -105,6 +112,8 @@ def train_one_step(
         subspaces=subs,
         alignguard_config=AlignGuardConfig(**(AG_CONFIG if ag_config is None else ag_config)),
     )
+    if not loss_kwargs:
+        trainer.model_accepts_loss_kwargs = False
     trainer.train()
     lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
     with full_parameters(list(lora.values())):  # ZeRO-3 keeps only this rank's partition outside forward
@@ -136,6 +145,27 @@ def main_zero(out_dir: str, stage: int | None) -> None:
     weights = train_one_step(str(Path(out_dir) / f"zero{stage}"), 2, 2 * info.world_size, **extra)
     if info.is_main:
         atomic_save_file(weights, Path(out_dir) / f"zero{stage or 'accelerate'}_lora.safetensors")
+    torch.distributed.barrier()
+
+
+def main_zero_ga(out_dir: str, stage: int) -> None:
+    """Under DeepSpeed ZeRO-`stage`, the same global batch as 1 micro-batch of 2 and as 2 accumulated micro-batches
+    of 1 per rank, with the loss normalised by `num_items_in_batch` (scaled) and by the Trainer's 1/GA (unscaled).
+    Rank 0 writes `zero{stage}_ga{1,2}_{scaled,unscaled}_lora.safetensors`."""
+    info = rank_info()
+    n = 2 * info.world_size
+    for loss_kwargs, kind in ((True, "scaled"), (False, "unscaled")):
+        for ga in (1, 2):
+            weights = train_one_step(
+                str(Path(out_dir) / f"zero{stage}_ga{ga}_{kind}"),
+                per_device_batch=2 // ga,
+                n_examples=n,
+                loss_kwargs=loss_kwargs,
+                gradient_accumulation_steps=ga,
+                deepspeed=zero_config(stage),
+            )
+            if info.is_main:
+                atomic_save_file(weights, Path(out_dir) / f"zero{stage}_ga{ga}_{kind}_lora.safetensors")
     torch.distributed.barrier()
 
 
@@ -278,6 +308,8 @@ if __name__ == "__main__":
         raise SystemExit("dist_worker.py must be launched on >= 2 processes (torch.distributed.run)")
     if len(sys.argv) > 2 and sys.argv[2] == "--fsdp":
         main_fsdp(sys.argv[1])
+    elif len(sys.argv) > 2 and sys.argv[2].startswith("--zero-ga="):
+        main_zero_ga(sys.argv[1], int(sys.argv[2].split("=")[1]))
     elif len(sys.argv) > 2 and sys.argv[2].startswith("--zero="):
         value = sys.argv[2].split("=")[1]
         main_zero(sys.argv[1], None if value == "accelerate" else int(value))

@@ -194,6 +194,26 @@ def test_deepspeed_zero_step_equals_single_process_step(tmp_path, stage, config)
 
 
 @pytest.mark.slow
+def test_deepspeed_gradient_accumulation_counts_the_regulariser_once(tmp_path):
+    """Under DeepSpeed the Trainer (transformers 5.23) still divides an unnormalised loss by the accumulation steps
+    (and tells the engine not to divide again), so the regulariser must be weighted by GA there as elsewhere:
+    GA=2 x 1 example == GA=1 x 2 examples == one process, for both of the Trainer's loss-scaling paths."""
+    pytest.importorskip("deepspeed")
+    _launch(tmp_path, "--zero-ga=2")
+    n = 2 * WORLD
+    single = dist_worker.train_one_step(str(tmp_path / "ref"), per_device_batch=n, n_examples=n)
+    half = {k: v / 2 for k, v in dist_worker.AG_CONFIG.items()}  # what a regulariser weighted 1/GA amounts to
+    half_reg = dist_worker.train_one_step(str(tmp_path / "half"), n, n, ag_config=half)
+    for kind in ("scaled", "unscaled"):
+        one = load_file(str(tmp_path / f"zero2_ga1_{kind}_lora.safetensors"))
+        acc = load_file(str(tmp_path / f"zero2_ga2_{kind}_lora.safetensors"))
+        for name in single:
+            torch.testing.assert_close(one[name], single[name], rtol=1e-4, atol=1e-6, msg=f"{kind} {name}")
+            torch.testing.assert_close(acc[name], one[name], rtol=1e-4, atol=1e-6, msg=f"{kind} {name}")
+        assert max((half_reg[k] - acc[k]).abs().max().item() for k in acc) > 1e-3  # 1/GA would be visible
+
+
+@pytest.mark.slow
 def test_accelerate_launch_with_shipped_ddp_cpu_config(tmp_path):
     """configs/accelerate/ddp_cpu.yaml runs the whole worker (Fisher + DDP steps) like torch.distributed.run."""
     _launch(tmp_path, accelerate_config="ddp_cpu.yaml")

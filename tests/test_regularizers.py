@@ -3,11 +3,16 @@
 Run: python -m pytest -q tests/test_regularizers.py
 """
 
+import math
+
 import pytest
 import torch
 
 from alignguard import AlignGuardConfig, AlignGuardRegularizer, dense_reference_terms
-from alignguard.regularizers import alignment_fraction
+from alignguard.distributed import whole_weight
+from alignguard.regularizers import _quantile_rows, alignment_fraction
+from alignguard.subspace import Subspace
+from alignguard.targets import lora_modules
 from tests.helpers import random_subspaces_for, randomize_lora_, tiny_peft
 
 CASES = [
@@ -179,3 +184,169 @@ def test_buffers_follow_the_weights_to_their_device():
     terms = reg()
     assert terms["total"].device.type == "meta"
     assert all(g.basis.device.type == "meta" and g.scales.device.type == "meta" for g in reg.groups)
+
+
+# ---- unprotected LoRA layers ---------------------------------------------------------------------------------
+
+
+def _qv_only(subs):
+    subs.subspaces = {n: s for n, s in subs.subspaces.items() if n.endswith(("q_proj", "v_proj"))}
+    return subs
+
+
+def test_lora_layers_without_a_subspace_are_an_error_unless_allowed():
+    """Fisher on q,v and LoRA on all 7 projections: 10 of 14 layers would get no term."""
+    model = _model("llama", False)
+    subs = _qv_only(random_subspaces_for(model))
+    with pytest.raises(ValueError, match=r"10 of 14 LoRA layers have no alignment subspace") as err:
+        AlignGuardRegularizer(model, subs)
+    assert "model.layers.0.mlp.down_proj" in str(err.value)
+    assert "fisher_modules" in str(err.value) and "allow_unprotected=True" in str(err.value)
+    assert "--allow_unprotected true" in str(err.value)
+    cfg = AlignGuardConfig(allow_unprotected=True)
+    with pytest.warns(UserWarning, match="10 of 14 LoRA layers"):
+        reg = AlignGuardRegularizer(model, subs, cfg)
+    assert reg.unprotected == sorted(n for n in lora_modules(model) if not n.endswith(("q_proj", "v_proj")))
+    assert reg.n_modules == 4
+    fast, ref = reg(), dense_reference_terms(model, subs, cfg)
+    for key in ("alignment", "task", "overlap", "total"):
+        torch.testing.assert_close(fast[key], ref[key], rtol=1e-9, atol=1e-12, msg=key)
+    full = AlignGuardRegularizer(model, random_subspaces_for(model))
+    assert full.unprotected == []
+
+
+def test_empty_subspaces_give_no_alignment_penalty_and_match_the_reference():
+    """m = 0 (zero-gradient modules): a whole group with empty bases, and one empty basis among non-empty ones."""
+    model = _model("llama", False)
+    subs = random_subspaces_for(model, task_rank=3)
+    empty = [n for n in subs.subspaces if n.endswith(("k_proj", "v_proj"))]  # the whole 16 x 32 group
+    empty.append("model.layers.0.self_attn.q_proj")  # padded beside layer 1's q_proj
+    for name in empty:
+        d_out = subs.subspaces[name].basis.shape[0]
+        subs.subspaces[name] = Subspace(
+            torch.zeros(d_out, 0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64), float(d_out)
+        )
+    cfg = AlignGuardConfig(geo_metric="task_fisher", task_metric="task_fisher")
+    reg = AlignGuardRegularizer(model, subs, cfg)
+    fast, ref = reg(), dense_reference_terms(model, subs, cfg)
+    for key in ("alignment", "task", "overlap", "geodesic", "total"):
+        torch.testing.assert_close(fast[key], ref[key], rtol=1e-9, atol=1e-12, msg=key)
+    per_module = reg.module_terms()
+    for name in empty:
+        assert per_module[name]["alignment"] == 0.0 and per_module[name]["overlap"] == 0.0
+        assert per_module[name]["task"] > 0  # the whole update counts as task direction
+    assert all(math.isfinite(v) for terms in per_module.values() for v in terms.values())
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert all(torch.isfinite(g).all() for g in torch.autograd.grad(fast["total"], params))
+
+
+def test_nonfinite_factors_are_refused_naming_the_module():
+    model = _model("llama", False)
+    subs = random_subspaces_for(model)
+    name = sorted(subs.subspaces)[3]
+    subs.subspaces[name].eigvals[0] = float("nan")
+    with pytest.raises(ValueError, match=rf"NaN/inf values .*{name}.*eigvals"):
+        AlignGuardRegularizer(model, subs)
+
+
+# ---- reduction and normalise ---------------------------------------------------------------------------------
+
+
+def _with_raw_traces(model):
+    subs = random_subspaces_for(model, task_rank=4)
+    gen = torch.Generator().manual_seed(7)
+    subs.metadata["raw_traces"] = {
+        n: float(s.basis.shape[0]) * float(torch.rand((), generator=gen, dtype=torch.float64) * 50 + 0.1)
+        for n, s in subs.subspaces.items()
+    }
+    return subs
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("normalise", ["per_layer", "global", "none"])
+def test_reduction_and_normalise_equal_dense_reference(reduction, normalise):
+    model = _model("llama", False)
+    subs = _with_raw_traces(model)
+    cfg = AlignGuardConfig(reduction=reduction, normalise=normalise, geo_metric="task_fisher", lambda_nc=0.5)
+    fast, ref = AlignGuardRegularizer(model, subs, cfg)(), dense_reference_terms(model, subs, cfg)
+    for key in ("alignment", "task", "overlap", "geodesic", "total"):
+        torch.testing.assert_close(fast[key], ref[key], rtol=1e-9, atol=1e-12, msg=key)
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    for a, b in zip(torch.autograd.grad(fast["total"], params), torch.autograd.grad(ref["total"], params)):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+    base = AlignGuardRegularizer(model, subs, AlignGuardConfig(geo_metric="task_fisher", lambda_nc=0.5))()
+    n = len(subs.subspaces)
+    factor = n if reduction == "sum" else 1
+    # Only the alignment eigenvalues are rescaled: the task term changes by the reduction alone.
+    torch.testing.assert_close(fast["task"], base["task"] * factor, rtol=1e-12, atol=0.0)
+    if normalise == "per_layer":
+        torch.testing.assert_close(fast["alignment"], base["alignment"] * factor, rtol=1e-12, atol=0.0)
+    else:
+        assert not torch.isclose(fast["alignment"], base["alignment"] * factor, rtol=1e-3)
+
+
+def test_eigenvalue_scales_definitions():
+    from alignguard.regularizers import eigenvalue_scales
+
+    model = _model("llama", False)
+    subs = _with_raw_traces(model)
+    raw, d_out = subs.metadata["raw_traces"], {n: s.basis.shape[0] for n, s in subs.subspaces.items()}
+    assert set(eigenvalue_scales(subs, "per_layer").values()) == {1.0}
+    none = eigenvalue_scales(subs, "none")
+    assert all(math.isclose(none[k], raw[k] / d_out[k]) for k in raw)
+    glob = eigenvalue_scales(subs, "global")
+    c = sum(d_out.values()) / sum(raw.values())
+    assert all(math.isclose(glob[k], raw[k] / d_out[k] * c) for k in raw)
+    assert math.isclose(sum(glob[k] * d_out[k] for k in raw), sum(d_out.values()))  # d_out-weighted mean 1
+    del subs.metadata["raw_traces"]
+    with pytest.raises(ValueError, match=r"normalise='global' needs the raw Fisher trace.*normalise='per_layer'"):
+        AlignGuardRegularizer(model, subs, AlignGuardConfig(normalise="global"))
+
+
+def test_reduction_and_normalise_are_validated_and_usable_as_compare_rows():
+    from alignguard.recipes.compare import method_spec
+
+    for field, bad in (("reduction", "max"), ("normalise", "layer")):
+        with pytest.raises(ValueError, match=rf"^{field}: must be"):
+            AlignGuardConfig(**{field: bad})
+    for row, field, value in (
+        ("alignguard@reduction=sum", "reduction", "sum"),
+        ("alignguard@normalise=global", "normalise", "global"),
+        ("alignguard@normalise=none", "normalise", "none"),
+        ("alignguard@allow_unprotected=true", "allow_unprotected", True),
+    ):
+        assert getattr(AlignGuardConfig(**method_spec(row)["ag"]), field) == value, row
+
+
+# ---- overlap: running tau and its own random generator -------------------------------------------------------
+
+
+def test_running_tau_starts_at_the_first_observed_quantile():
+    model = _model("llama", False)
+    subs = random_subspaces_for(model)
+    cfg = AlignGuardConfig(overlap_tau_samples=0)  # exact quantile over every entry
+    reg = AlignGuardRegularizer(model, subs, cfg)
+    reg()
+    layers = lora_modules(model)
+    for group in reg.groups:
+        for i, name in enumerate(group.names):
+            layer, ad = layers[name]
+            dw = (
+                float(layer.scaling[ad])
+                * whole_weight(layer.lora_B[ad].weight)
+                @ whole_weight(layer.lora_A[ad].weight)
+            )
+            q = _quantile_rows(dw.detach().abs().flatten()[None], cfg.overlap_quantile)[0]
+            torch.testing.assert_close(group.tau[i], q, rtol=1e-12, atol=0.0)
+
+
+def test_sampled_overlap_leaves_the_global_rng_alone_and_is_seeded():
+    model = _model("llama", False)
+    subs = random_subspaces_for(model)
+    cfg = AlignGuardConfig(overlap_exact_max_entries=0, overlap_samples=256, overlap_tau_samples=64)
+    state = torch.random.get_rng_state()
+    with torch.no_grad():
+        first = [AlignGuardRegularizer(model, subs, cfg, seed=3)()["overlap"] for _ in range(2)]
+        other = AlignGuardRegularizer(model, subs, cfg, seed=4)()["overlap"]
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert first[0] == first[1] and first[0] != other  # same seed, same draws; another seed, other draws

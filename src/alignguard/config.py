@@ -149,6 +149,13 @@ class AlignGuardConfig:
         alignment_input: input metric of R_A. `identity`: R_A = ||G_U^1/2 dW_A||^2 (docs/design.md §4, one-sided);
             `kfac`: R_A = tr(G_U dW_A A_in dW_A^T), the two-sided K-FAC quadratic, so updates are weighted by
             how much the alignment data's inputs excite them (needs `FisherConfig(input_factor=True)`).
+        allow_unprotected: train LoRA layers that have no alignment subspace (the Fisher state was estimated on
+            fewer modules than LoRA targets) without any AlignGuard term, with a warning; False raises instead.
+        reduction: how the per-module terms combine: `mean` (each module weighs lambda / n_modules, so adding
+            LoRA targets weakens the others) or `sum` (each module weighs lambda).
+        normalise: per-module scale of the alignment eigenvalues: `per_layer` (every factor has mean eigenvalue
+            1), `none` (the raw Fisher scale, raw trace / d_out) or `global` (the raw scale divided by one
+            model-wide constant, so relative magnitudes across modules are kept at mean 1).
     """
 
     lambda_a: float = field(default=1.0, metadata={"help": "Weight of the alignment term R_A."})
@@ -185,6 +192,17 @@ class AlignGuardConfig:
     alignment_input: Literal["identity", "kfac"] = field(
         default="identity", metadata={"help": "Input metric of R_A: 'identity' or 'kfac' (A_in from the Fisher pass)."}
     )
+    allow_unprotected: bool = field(
+        default=False,
+        metadata={"help": "Allow LoRA layers without an alignment subspace (trained unregularised, with a warning)."},
+    )
+    reduction: Literal["mean", "sum"] = field(
+        default="mean", metadata={"help": "Combine the per-module terms by their 'mean' (lambda/n each) or 'sum'."}
+    )
+    normalise: Literal["per_layer", "global", "none"] = field(
+        default="per_layer",
+        metadata={"help": "Alignment eigenvalue scale: 'per_layer' (mean 1 each), 'global' (raw, mean 1), 'none' (raw)."},
+    )
 
     def __post_init__(self):
         for name in ("lambda_a", "lambda_t", "lambda_nc", "overlap_beta"):
@@ -204,6 +222,12 @@ class AlignGuardConfig:
         _require(self.refresh_every is None or self.refresh_every >= 1, "refresh_every", "must be >= 1 or None")
         _require(self.eps > 0, "eps", "must be > 0")
         _require(self.alignment_input in ("identity", "kfac"), "alignment_input", "must be identity or kfac")
+        _require(self.reduction in ("mean", "sum"), "reduction", f"must be 'mean' or 'sum', got {self.reduction!r}")
+        _require(
+            self.normalise in ("per_layer", "global", "none"),
+            "normalise",
+            f"must be 'per_layer', 'global' or 'none', got {self.normalise!r}",
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -9,6 +9,11 @@ lambda, let C = U^T B, S = A A^T, B_A = U C and B_T = B - B_A, so dW_A = s B_A A
     E_geo = <dW_A, dW_T>_M^2 / (||dW_A||_M^2 ||dW_T||_M^2 + eps)
     E_RM  = mean_ij eta_ij |(dW_A)_ij (dW_T)_ij|,  eta = 1 + beta sigmoid((|dW| - tau) / T)
 
+Each module's terms are combined by `AlignGuardConfig.reduction` (the mean over modules, or their sum), and each
+module's eigenvalues lambda are multiplied by a per-module scale set by `AlignGuardConfig.normalise`
+(`eigenvalue_scales`): 1 keeps every factor at mean eigenvalue 1 (`per_layer`); the raw trace per output
+dimension restores the modules' relative Fisher magnitudes (`none`), and `global` rescales that to a mean of 1.
+
 None of these materialises dW except the exact overlap on small layers. Modules with the same (d_out, d_in, r)
 are stacked and handled with batched matmuls: a Python loop over 154 modules of a 1.1B model cost 1.53x a
 plain LoRA step on an H100, the grouped version 1.016x (docs/design.md §4). Bases with different m in a group are
@@ -18,6 +23,7 @@ zero-padded to the largest m (zero columns and zero eigenvalues add nothing to a
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -30,6 +36,54 @@ from .subspace import AlignmentSubspaces
 from .targets import layer_dims, lora_modules
 
 TERM_NAMES = ("alignment", "task", "overlap", "geodesic")
+# How many module names an error or warning lists before "...".
+_SHOWN = 5
+
+
+def eigenvalue_scales(subspaces: AlignmentSubspaces, normalise: str) -> dict[str, float]:
+    """Per-module multiplier of the alignment eigenvalues (`AlignGuardConfig.normalise`).
+
+    The Fisher factors are stored normalised to trace d_out; `subspaces.metadata["raw_traces"]` keeps each
+    module's trace before that. `per_layer`: 1 for every module. `none`: raw_trace_l / d_out_l (the unnormalised
+    factor). `global`: raw_trace_l / d_out_l * c with c = sum_l d_out_l / sum_l raw_trace_l, one constant for the
+    whole model, so the d_out-weighted mean scale is 1 and lambda keeps its per_layer magnitude.
+
+    Raises:
+        ValueError: `none`/`global` without raw traces for every module (subspaces built by an older version).
+    """
+    if normalise == "per_layer":
+        return {name: 1.0 for name in subspaces.subspaces}
+    raw = subspaces.metadata.get("raw_traces") or {}
+    missing = sorted(set(subspaces.subspaces) - set(raw))
+    if missing:
+        raise ValueError(
+            f"normalise={normalise!r} needs the raw Fisher trace of every module, but subspaces.metadata"
+            f"['raw_traces'] lacks {len(missing)} of {len(subspaces.subspaces)} ({missing[:_SHOWN]}); re-run "
+            "`alignguard fisher` (or build_subspaces) with this version, or use normalise='per_layer'"
+        )
+    d_out = {name: sub.basis.shape[0] for name, sub in subspaces.subspaces.items()}
+    per_dim = {name: float(raw[name]) / d_out[name] for name in subspaces.subspaces}
+    if normalise == "none":
+        return per_dim
+    c = sum(d_out.values()) / max(sum(float(raw[name]) for name in subspaces.subspaces), 1e-30)
+    return {name: value * c for name, value in per_dim.items()}
+
+
+def _nonfinite_factors(name: str, subspaces: AlignmentSubspaces) -> list[str]:
+    """Which stored tensors of module `name` hold NaN/inf (corrupt factors would train to NaN adapters)."""
+    bad = []
+    for kind, table in (
+        ("", subspaces.subspaces),
+        ("task ", subspaces.task_factors),
+        ("input ", subspaces.input_factors),
+    ):
+        sub = table.get(name)
+        if sub is None:
+            continue
+        for field in ("basis", "eigvals"):
+            if not bool(torch.isfinite(getattr(sub, field)).all()):
+                bad.append(f"{kind}{field}")
+    return bad
 
 
 @dataclass
@@ -80,9 +134,17 @@ class AlignGuardRegularizer:
         subspaces: `AlignmentSubspaces` keyed by canonical module names.
         config: `AlignGuardConfig`.
         adapter_name: adapter to regularise (default: each layer's active adapter).
+        seed: seed of the regulariser's own random generator (the sampled overlap's blocks and tau's subsample),
+            so computing the terms never draws from torch's global RNG (dropout, data order stay as without it).
+
+    Attributes:
+        unprotected: sorted canonical names of the LoRA layers that have no alignment subspace (they get no
+            AlignGuard term); non-empty only with `config.allow_unprotected=True`.
+        n_modules: number of regularised modules.
 
     Raises:
-        ValueError: if no LoRA layer has a subspace (names from a different model, or no LoRA layers).
+        ValueError: if no LoRA layer has a subspace (names from a different model, or no LoRA layers); if some
+            have none and `allow_unprotected` is False; if a factor holds NaN/inf.
     """
 
     def __init__(
@@ -91,8 +153,11 @@ class AlignGuardRegularizer:
         subspaces: AlignmentSubspaces,
         config: AlignGuardConfig | None = None,
         adapter_name: str | None = None,
+        seed: int = 0,
     ):
         self.config = config or AlignGuardConfig()
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
         layers = lora_modules(model, adapter_name)
         matched = {n: v for n, v in layers.items() if n in subspaces.subspaces}
         if not matched:
@@ -101,7 +166,15 @@ class AlignGuardRegularizer:
                 f"{sorted(layers)[:4]}..., subspaces: {sorted(subspaces.subspaces)[:4]}...); estimate the Fisher "
                 "state on the same base model and target modules"
             )
-        self.unmatched = sorted(set(layers) - set(matched))
+        self.unprotected = sorted(set(layers) - set(matched))
+        if self.unprotected:
+            self._check_unprotected(len(layers))
+        corrupt = {n: bad for n in sorted(matched) if (bad := _nonfinite_factors(n, subspaces))}
+        if corrupt:
+            raise ValueError(
+                f"the alignment factors of {len(corrupt)} modules hold NaN/inf values ({dict(list(corrupt.items())[:_SHOWN])}); "
+                "the terms would be NaN and train NaN adapters. Re-estimate the Fisher state (`alignguard fisher`)"
+            )
         self.use_task_metric = self.config.task_metric == "task_fisher"
         geo = self.config.geo_metric
         if geo == "auto":
@@ -120,8 +193,34 @@ class AlignGuardRegularizer:
                     f"({len(missing)} modules): estimate the Fisher state with FisherConfig(input_factor=True) "
                     "(`alignguard fisher --input_factor true`), or use alignment_input='identity'"
                 )
+        self.eigenvalue_scales = eigenvalue_scales(subspaces, self.config.normalise)
         self.groups = self._build_groups(matched, subspaces)
         self.n_modules = len(matched)
+
+    @property
+    def unmatched(self) -> list[str]:  # the name before `unprotected`
+        return self.unprotected
+
+    def _check_unprotected(self, n_layers: int) -> None:
+        names, n = self.unprotected, len(self.unprotected)
+        shown = ", ".join(names[:_SHOWN]) + (", ..." if n > _SHOWN else "")
+        what = f"{n} of {n_layers} LoRA layers have no alignment subspace, so AlignGuard does not regularise them ({shown})"
+        if not self.config.allow_unprotected:
+            raise ValueError(
+                f"{what}. Estimate the Fisher state on the LoRA target modules (FisherConfig(fisher_modules=...) / "
+                "`alignguard fisher --fisher_modules ...` with the same modules as the LoRA config), or pass "
+                "AlignGuardConfig(allow_unprotected=True) / `--allow_unprotected true` to train them unprotected"
+            )
+        warnings.warn(f"AlignGuard: {what}; allow_unprotected=True, so training goes on", stacklevel=3)
+
+    def carry_state_from(self, other: AlignGuardRegularizer) -> None:
+        """Keep `other`'s running tau (per module group) and random generators, e.g. across a subspace refresh."""
+        self._generators = other._generators
+        taus = {tuple(g.names): g.tau for g in other.groups}
+        for group in self.groups:
+            tau = taus.get(tuple(group.names))
+            if tau is not None:
+                group.tau = tau.to(group.tau.device)
 
     def _build_groups(self, matched, subspaces: AlignmentSubspaces) -> list[_Group]:
         buckets: dict[tuple, list[str]] = defaultdict(list)
@@ -135,7 +234,8 @@ class AlignGuardRegularizer:
             subs = [subspaces.subspaces[n] for n in names]
             m = max(s.m for s in subs)
             basis = _pad_stack([s.basis for s in subs], m).to(device)
-            eig = _pad_stack([s.eigvals for s in subs], m).to(device)
+            # The normalise multiplier goes into the stored eigenvalues: every term that uses lambda sees it.
+            eig = _pad_stack([s.eigvals * self.eigenvalue_scales[n] for n, s in zip(names, subs)], m).to(device)
             task_basis = task_eig = None
             if subspaces.task_factors:
                 facs = [subspaces.task_factors.get(n) for n in names]
@@ -170,12 +270,14 @@ class AlignGuardRegularizer:
         return groups
 
     def __call__(self) -> dict[str, torch.Tensor]:
-        """The terms as scalar tensors: `alignment`, `task`, `overlap`, `geodesic` (means over modules), `total`."""
+        """The terms as scalar tensors: `alignment`, `task`, `overlap`, `geodesic` (the mean or, with
+        reduction='sum', the sum over modules) and `total`."""
         sums = {k: 0.0 for k in TERM_NAMES}
         for group in self.groups:
             for key, value in self._group_terms(group).items():
                 sums[key] = sums[key] + value.sum()
-        terms = {k: (v / self.n_modules if torch.is_tensor(v) else torch.tensor(0.0)) for k, v in sums.items()}
+        divisor = self.n_modules if self.config.reduction == "mean" else 1
+        terms = {k: (v / divisor if torch.is_tensor(v) else torch.tensor(0.0)) for k, v in sums.items()}
         c = self.config
         terms["total"] = (
             c.lambda_a * terms["alignment"]
@@ -245,8 +347,8 @@ class AlignGuardRegularizer:
             d_out, d_in, n = b.shape[1], a.shape[2], self.config.overlap_samples
             n_rows = min(d_out, max(1, math.isqrt(n * d_out // d_in)))
             n_cols = min(d_in, max(1, n // n_rows))
-            rows = torch.randperm(d_out, device=a.device)[:n_rows]
-            cols = torch.randperm(d_in, device=a.device)[:n_cols]
+            rows = self._randperm(d_out, a.device)[:n_rows]
+            cols = self._randperm(d_in, a.device)[:n_cols]
             a_block = a[:, :, cols]
             dw_a = (b_align[:, rows] @ a_block).flatten(1) * scale
             dw_t = (b_task[:, rows] @ a_block).flatten(1) * scale
@@ -255,19 +357,63 @@ class AlignGuardRegularizer:
         if self.config.overlap == "literal":
             tau, temp = torch.full_like(g.tau, 0.01, dtype=a.dtype), torch.ones_like(g.tau, dtype=a.dtype)
         else:
-            # tau is a detached running percentile, so a seeded-free subsample of entries estimates it well
-            # enough and avoids a full selection over every entry of large layers each step.
+            # tau is a detached running percentile, so a subsample of entries estimates it well enough and
+            # avoids a full selection over every entry of large layers each step.
             mag = magnitude.detach()
             k = self.config.overlap_tau_samples
             if k and mag.shape[1] > k:
-                mag = mag[:, torch.randint(0, mag.shape[1], (k,), device=mag.device)]
+                mag = mag[:, self._randint(mag.shape[1], k, mag.device)]
             q = _quantile_rows(mag, self.config.overlap_quantile)
             mom = self.config.overlap_tau_momentum
+            # tau starts as NaN: the first call takes the observed quantile itself (no warm-up from 0).
             g.tau = torch.where(torch.isnan(g.tau), q, mom * g.tau + (1 - mom) * q)
             tau = g.tau.to(a.dtype)
             temp = (self.config.overlap_temperature * tau).clamp_min(1e-12)
         eta = 1 + self.config.overlap_beta * torch.sigmoid((magnitude - tau[:, None]) / temp[:, None])
         return (eta * (dw_a * dw_t).abs()).mean(1)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(device)
+        if gen is None:
+            try:
+                gen = torch.Generator(device=device)
+            except RuntimeError:  # a device without generators (meta): draw on the CPU, move the indices
+                gen = torch.Generator()
+            gen.manual_seed(self.seed)
+            self._generators[device] = gen
+        return gen
+
+    def _randperm(self, n: int, device: torch.device) -> torch.Tensor:
+        gen = self._generator(device)
+        return torch.randperm(n, generator=gen, device=gen.device).to(device)
+
+    def _randint(self, high: int, size: int, device: torch.device) -> torch.Tensor:
+        gen = self._generator(device)
+        return torch.randint(0, high, (size,), generator=gen, device=gen.device).to(device)
+
+    @torch.no_grad()
+    def module_terms(self) -> dict[str, dict[str, float]]:
+        """Every module's unweighted terms as floats (a diagnostic: it synchronises and draws its own samples)."""
+        out: dict[str, dict[str, float]] = {}
+        saved_tau = [g.tau for g in self.groups]
+        try:
+            for group in self.groups:
+                values = {k: v.tolist() for k, v in self._group_terms(group).items()}
+                for i, name in enumerate(group.names):
+                    out[name] = {k: float(v[i]) for k, v in values.items()}
+        finally:
+            for group, tau in zip(self.groups, saved_tau):
+                group.tau = tau
+        return out
+
+    def nonfinite_modules(self) -> list[tuple[str, str]]:
+        """(module, term) pairs whose value is NaN or inf: what to name when the total is not finite."""
+        return [
+            (name, key)
+            for name, terms in self.module_terms().items()
+            for key, value in terms.items()
+            if not math.isfinite(value)
+        ]
 
 
 def _quantile_rows(x: torch.Tensor, q: float) -> torch.Tensor:
@@ -293,6 +439,14 @@ def dense_reference_terms(
     config = config or AlignGuardConfig()
     sums = {k: torch.zeros((), dtype=torch.float64) for k in TERM_NAMES}
     matched = {n: v for n, v in lora_modules(model).items() if n in subspaces.subspaces}
+    # normalise, written out: lambda_l * (raw_trace_l / d_out_l) [* sum d_out / sum raw_trace for "global"].
+    scale = dict.fromkeys(subspaces.subspaces, 1.0)
+    if config.normalise != "per_layer":
+        raw = subspaces.metadata["raw_traces"]
+        scale = {n: raw[n] / s.basis.shape[0] for n, s in subspaces.subspaces.items()}
+        if config.normalise == "global":
+            total_dim = sum(s.basis.shape[0] for s in subspaces.subspaces.values())
+            scale = {n: v * total_dim / sum(raw[k] for k in subspaces.subspaces) for n, v in scale.items()}
     geo = (
         config.geo_metric
         if config.geo_metric != "auto"
@@ -302,7 +456,7 @@ def dense_reference_terms(
         s = float(layer.scaling[ad])
         dw = s * whole_weight(layer.lora_B[ad].weight).double() @ whole_weight(layer.lora_A[ad].weight).double()
         sub = subspaces.subspaces[name]
-        u, lam = sub.basis.double(), sub.eigvals.double()
+        u, lam = sub.basis.double(), sub.eigvals.double() * scale[name]
         proj = u @ u.T
         dw_a, dw_t = proj @ dw, dw - proj @ dw
         g_align = u @ torch.diag(lam) @ u.T  # G restricted to its top-m eigenpairs
@@ -329,7 +483,7 @@ def dense_reference_terms(
             temp = max(config.overlap_temperature * tau, 1e-12)
         eta = 1 + config.overlap_beta * torch.sigmoid((mag - tau) / temp)
         sums["overlap"] += (eta * (dw_a.flatten() * dw_t.flatten()).abs()).mean()
-    terms = {k: v / len(matched) for k, v in sums.items()}
+    terms = {k: v / (len(matched) if config.reduction == "mean" else 1) for k, v in sums.items()}
     c = config
     terms["total"] = (
         c.lambda_a * terms["alignment"]

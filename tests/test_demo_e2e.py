@@ -40,25 +40,25 @@ def demo_run(tmp_path_factory):
         str(root / "run"),
         "--model",
         "tiny-llama",
-        "--task",
+        "--train.task",
         "arithmetic",
-        "--max_steps",
+        "--train.max_steps",
         "2",
-        "--n_train",
+        "--train.n_train",
         "6",
-        "--align_steps",
+        "--align.max_steps",
         "1",
-        "--align_examples",
+        "--align.max_examples",
         "6",
-        "--eval_max_new_tokens",
+        "--harness.eval_max_new_tokens",
         "3",
-        "--fisher_examples",
+        "--harness.fisher_examples",
         "4",
-        "--task_eval_n",
+        "--harness.task_eval_n",
         "3",
         "--cache_dir",
         str(root / "cache"),
-        "--prompts",
+        "--harness.prompts",
         str(prompts),
     ]
     assert main(argv) == 0
@@ -160,7 +160,7 @@ def test_every_compare_method_runs_end_to_end(demo_run):
     root, argv = demo_run
     argv = list(argv)
     argv[argv.index("--out") + 1] = str(root / "all")
-    argv[argv.index("--max_steps") + 1] = "1"
+    argv[argv.index("--train.max_steps") + 1] = "1"
     assert main([*argv, "--methods", *METHODS]) == 0
     results = json.loads((root / "all" / "results.json").read_text())
     assert results["methods"] == list(METHODS)

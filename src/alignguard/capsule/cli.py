@@ -21,11 +21,10 @@ from pathlib import Path
 import yaml
 
 from alignguard.cli.common import (
-    add_dataclass_args,
+    Command,
+    Section,
     atomic_write_text,
-    build_dataclass,
-    check_unknown_keys,
-    load_yaml,
+    build_dataclass,  # noqa: F401  (re-exported: tests build single configs with it)
     save_resolved_config,
 )
 
@@ -37,45 +36,56 @@ TRAIN_GROUPS = {"model": CapsuleModelConfig, "data": CapsuleDataConfig, "train":
 _RESUME_FREE = {"show_progress_bar", "logging_steps", "save_steps", "save_total_limit", "device"}
 
 
+@dataclasses.dataclass
+class CapsuleTrainRun:
+    """Where `alignguard capsule train` writes, and where its stage 1 may come from."""
+
+    out: str = dataclasses.field(metadata={"help": "Output folder (checkpoints, final weights, config.yaml)."})
+    init_from: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Start stage 2 from the end-of-stage-1 checkpoint of this earlier run (same model, data and "
+            "stage 1), e.g. to train the --recon_lambda 0 control without repeating stage 1."
+        },
+    )
+
+
+@dataclasses.dataclass
+class CapsuleEvalRun:
+    """Which run `alignguard capsule eval` evaluates and where the results go."""
+
+    checkpoint: str = dataclasses.field(metadata={"help": "An `alignguard capsule train --out` folder."})
+    out: str = dataclasses.field(metadata={"help": "Folder for results.json, results.md and the plot."})
+
+
+# One YAML may hold model, data, train and eval fields; each command reads the ones it needs.
+TRAIN_COMMAND = Command(
+    "capsule train",
+    "Staged R-Capsule training (full CoT, then capsule + reconstruction).",
+    __doc__,
+    [Section("run", CapsuleTrainRun), *(Section(name, cls) for name, cls in TRAIN_GROUPS.items())],
+    yaml_also=(CapsuleEvalConfig,),
+)
+EVAL_COMMAND = Command(
+    "capsule eval",
+    "Accuracy / tokens / latency / plan fidelity of a capsule run and controls.",
+    __doc__,
+    [Section("run", CapsuleEvalRun), Section("eval", CapsuleEvalConfig)],
+    yaml_also=tuple(TRAIN_GROUPS.values()),
+)
+
+
 def _file_values(args: argparse.Namespace) -> dict:
-    values = load_yaml(args.config) if getattr(args, "config", None) else {}
-    check_unknown_keys(values, ALL_CONFIGS, f"--config {args.config}")
-    return values
+    """The `--config` YAML of `args`, checked (unknown keys, misplaced ones) by its command."""
+    return args._command._file_values(args)[0]
 
 
 def add_train_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "train",
-        help="Staged R-Capsule training (full CoT, then capsule + reconstruction).",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--config", help="YAML file of option: value (flags win).")
-    p.add_argument("--out", required=True, help="Output folder (checkpoints, final weights, config.yaml).")
-    p.add_argument(
-        "--init_from",
-        help="Start stage 2 from the end-of-stage-1 checkpoint of this earlier run (same model, data and stage 1), "
-        "e.g. to train the --recon_lambda 0 control without repeating stage 1.",
-    )
-    for cls in TRAIN_GROUPS.values():
-        add_dataclass_args(p, cls)
-    p.set_defaults(func=run_train)
-    return p
+    return TRAIN_COMMAND.add_parser(sub, run_train)
 
 
 def add_eval_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "eval",
-        help="Accuracy / tokens / latency / plan fidelity of a capsule run and controls.",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--config", help="YAML file of option: value (flags win).")
-    p.add_argument("--checkpoint", required=True, help="An `alignguard capsule train --out` folder.")
-    p.add_argument("--out", required=True, help="Folder for results.json, results.md and the plot.")
-    add_dataclass_args(p, CapsuleEvalConfig)
-    p.set_defaults(func=run_eval)
-    return p
+    return EVAL_COMMAND.add_parser(sub, run_eval)
 
 
 def _check_resume_compatible(out: Path, configs: dict) -> None:
@@ -140,13 +150,14 @@ def run_train(args: argparse.Namespace) -> int:
     from .model import build_capsule_model
     from .train import train_capsule
 
-    values = _file_values(args)
-    configs = {name: build_dataclass(cls, values, args) for name, cls in TRAIN_GROUPS.items()}
-    out = Path(args.out)
+    resolved = TRAIN_COMMAND.resolve(args)
+    run = resolved.pop("run")
+    configs = resolved  # model, data, train: what config.yaml records and a resume compares
+    out = Path(run.out)
     _check_resume_compatible(out, configs)
     print(yaml.safe_dump({k: dataclasses.asdict(v) for k, v in configs.items()}, sort_keys=False), end="")
-    if getattr(args, "init_from", None):
-        _init_from(Path(args.init_from), out, configs)
+    if run.init_from:
+        _init_from(Path(run.init_from), out, configs)
     save_resolved_config(out, configs)
     splits = load_splits(configs["data"])
     print(f"data: {len(splits['train'])} training problems ({configs['data'].data_source})")
@@ -161,14 +172,14 @@ def run_train(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     from .evaluate import format_table, run_capsule_eval, write_eval_outputs
 
-    values = _file_values(args)
-    cfg = build_dataclass(CapsuleEvalConfig, values, args)
+    resolved = EVAL_COMMAND.resolve(args)
+    run, cfg = resolved["run"], resolved["eval"]
     try:
-        result = run_capsule_eval(args.checkpoint, cfg)
+        result = run_capsule_eval(run.checkpoint, cfg)
     except FileNotFoundError as exc:
         raise SystemExit(f"error: {exc}") from exc
-    save_resolved_config(args.out, {"eval": cfg, "checkpoint": str(args.checkpoint)}, name="eval_config.yaml")
-    paths = write_eval_outputs(result, args.out)
+    save_resolved_config(run.out, {"eval": cfg, "checkpoint": str(run.checkpoint)}, name="eval_config.yaml")
+    paths = write_eval_outputs(result, run.out)
     print(format_table(result["rows"]))
     print(f"results: {paths['json']}  plot: {paths['plot']}")
     return 0

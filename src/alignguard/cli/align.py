@@ -8,17 +8,18 @@ from __future__ import annotations
 
 from ..recipes.align import AlignRunConfig, run_align
 from ..recipes.common import check_output_dir
-from .common import add_config_subcommand, resolve_configs, save_resolved_config
+from .common import Command, Section, save_resolved_config
+
+COMMAND = Command("align", "Align a base model (LoRA SFT, merged).", __doc__, [Section("align", AlignRunConfig)])
 
 
 def add_parser(subparsers):
-    return add_config_subcommand(
-        subparsers, "align", "Align a base model (LoRA SFT, merged).", __doc__, (AlignRunConfig,), main
-    )
+    return COMMAND.add_parser(subparsers, main)
 
 
 def resolve(args):
-    return resolve_configs(args, (AlignRunConfig,))
+    """(AlignRunConfig,): defaults < YAML < flags."""
+    return tuple(COMMAND.resolve(args).values())
 
 
 def main(args) -> int:

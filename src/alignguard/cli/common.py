@@ -1,7 +1,14 @@
-"""Shared CLI plumbing: dataclass-backed flags, `--config FILE.yaml`, flags win over the file.
+"""Shared CLI plumbing: one `Command` helper turns config dataclasses into a subcommand.
 
-Every subcommand builds its parser from its config dataclasses, so `--help` shows each field's help
-text, and resolves the final config as: dataclass defaults < YAML file < explicit flags.
+Each subcommand lists its config dataclasses as `Section`s; the helper gives every field a flag (`--max_new_tokens`,
+also spelled `--max-new-tokens`) with its help text, reads `--config FILE.yaml` and resolves each config as
+dataclass defaults < YAML file < explicit flags. A field whose type is itself a dataclass (the demo's `train:
+TrainRunConfig`) becomes a namespace: flags `--train.max_steps`, YAML `train: {max_steps: 2}`.
+
+Flags and YAML values go through the same converter (`convert_value`): Literal choices exactly, booleans through
+one parser, integers only as integers, lists of the inner type, None only for Optional fields. Two configs of one
+command may not expose the same field name (one flag would silently feed both); `Command` refuses that at build
+time unless the name is declared `shared` with a reason.
 """
 
 from __future__ import annotations
@@ -10,7 +17,9 @@ import argparse
 import dataclasses
 import json
 import os
+import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -18,60 +27,211 @@ import yaml
 
 from ..io import atomic_write_text
 
+_NONE_WORDS = ("none", "null")
 
-def _base_type(tp: Any) -> Any:
-    """Strip Optional[...] / X | None to the underlying type."""
-    origin = get_origin(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+
+# ---------------------------------------------------------------- value conversion (flags and YAML share it)
+
+
+def split_optional(tp: Any) -> tuple[Any, bool]:
+    """(X, True) for Optional[X] / X | None, else (tp, False)."""
+    if get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return _base_type(args[0])
-    return tp
+        if len(args) == 1 and len(get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
 
 
-def _parse_bool(text: str) -> bool:
-    low = text.lower()
+def is_config_class(tp: Any) -> bool:
+    """A dataclass type (a nested config), as opposed to a value type."""
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    low = str(value).strip().lower()
     if low in ("1", "true", "yes", "on"):
         return True
     if low in ("0", "false", "no", "off"):
         return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+    raise ValueError(f"expected true or false (yes/no, on/off, 1/0), got {value!r}")
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, dc_cls: type, prefix: str = "", exclude=()) -> None:
-    """Add one `--flag` per dataclass field (default SUPPRESS, so only explicit flags override); skip `exclude`."""
-    hints = typing.get_type_hints(dc_cls)
-    group = parser.add_argument_group(dc_cls.__name__, (dc_cls.__doc__ or "").strip().split("\n")[0])
-    taken = {a.dest for a in parser._actions}
-    for f in dataclasses.fields(dc_cls):
-        # A field shared by two configs (e.g. `seed`) gets one flag that feeds both.
-        if not f.init or f.metadata.get("cli") is False or f"{prefix}{f.name}" in taken or f.name in exclude:
+def _convert_scalar(value: Any, tp: Any) -> Any:
+    if get_origin(tp) is Literal:
+        choices = list(get_args(tp))
+        for choice in choices:  # exact match: `AlignGuard` is not `alignguard`, the YAML 1 is not "1"
+            if value == choice and type(value) is type(choice):
+                return choice
+        raise ValueError(f"{value!r} is not one of {choices}")
+    if tp is bool:
+        return _parse_bool(value)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ValueError(f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads `2e-3` (no dot) as a string
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise ValueError(f"expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. a folder named 2024
+        raise ValueError(f"expected a string, got {value!r}")
+    raise TypeError(f"no converter for fields of type {tp!r}")
+
+
+def convert_value(value: Any, tp: Any) -> Any:
+    """`value` (a flag string or a YAML value) as a value of the field type `tp`; ValueError says why not."""
+    inner, optional = split_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in _NONE_WORDS):
+        if optional:
+            return None
+        raise ValueError("must be set (null / None is not allowed here)")
+    if get_origin(inner) in (list, tuple):
+        item_tp = (get_args(inner) or (str,))[0]
+        items = value if isinstance(value, (list, tuple)) else [value]
+        converted = []
+        for i, item in enumerate(items):
+            try:
+                converted.append(_convert_scalar(item, item_tp))
+            except ValueError as exc:
+                raise ValueError(f"item {i}: {exc}") from exc
+        return converted
+    return _convert_scalar(value, inner)
+
+
+def _flag_converter(tp: Any) -> Callable[[str], Any]:
+    """argparse `type=` for one flag value (list flags convert each item)."""
+    inner, optional = split_optional(tp)
+    if get_origin(inner) in (list, tuple):
+        inner = (get_args(inner) or (str,))[0]
+
+    def convert(text: str) -> Any:
+        try:
+            return convert_value(text, inner | None if optional else inner)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+
+    convert.__name__ = getattr(inner, "__name__", "value")  # argparse names it in "invalid <name> value"
+    return convert
+
+
+# ---------------------------------------------------------------- commands
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """One config dataclass of a command.
+
+    Args:
+        name: its key in the saved config YAML (and in `Command.resolve`'s result).
+        cls: the dataclass.
+        set_by_command: fields the command fills in itself (no flag, no YAML key).
+        derive: values of `set_by_command` fields from the sections resolved before this one.
+    """
+
+    name: str
+    cls: type
+    set_by_command: tuple[str, ...] = ()
+    derive: Callable[[dict], dict] | None = None
+
+
+def exposed_fields(cls: type, skip=()) -> list[dataclasses.Field]:
+    """The fields of `cls` that get a flag and a YAML key."""
+    return [f for f in dataclasses.fields(cls) if f.init and f.metadata.get("cli") is not False and f.name not in skip]
+
+
+def _set_by_parent(f: dataclasses.Field) -> tuple[str, ...]:
+    # A nested config's fields that the enclosing config fills in itself (DemoConfig.train.model, ...).
+    return tuple(f.metadata.get("set_by_command", ()))
+
+
+def _yaml_keys(cls: type, skip=()) -> dict[str, tuple[type, tuple] | None]:
+    """YAML keys of `cls`: name -> None for a value, or (dataclass, its skipped fields) for a nested section."""
+    hints = typing.get_type_hints(cls)
+    return {
+        f.name: (hints[f.name], _set_by_parent(f)) if is_config_class(hints[f.name]) else None
+        for f in exposed_fields(cls, skip)
+    }
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _metavar(tp: Any) -> str | None:
+    inner, _ = split_optional(tp)
+    if get_origin(inner) in (list, tuple):
+        inner = (get_args(inner) or (str,))[0]
+    if get_origin(inner) is Literal:
+        return "{" + ",".join(map(str, get_args(inner))) + "}"
+    return {bool: "{true,false}", int: "INT", float: "FLOAT", str: "STR"}.get(inner)
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str = "", exclude=(), default=None):
+    """One `--<prefix><field>` flag per exposed field (default SUPPRESS: only explicit flags override).
+
+    Nested dataclass fields recurse with the prefix `<field>.`; `default` is the instance whose values the help
+    shows (a nested field's default_factory()).
+    """
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(f"{prefix}{cls.__name__}", (cls.__doc__ or "").strip().split("\n")[0])
+    for f in exposed_fields(cls, exclude):
+        shown = getattr(default, f.name) if default is not None else _default_of(f)
+        if is_config_class(hints[f.name]):
+            sub = hints[f.name]
+            add_dataclass_args(parser, sub, f"{prefix}{f.name}.", exclude=_set_by_parent(f), default=shown)
             continue
-        tp = _base_type(hints[f.name])
-        name = f"--{prefix}{f.name}"
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": f"{prefix}{f.name}"}
-        help_text = f.metadata.get("help", "")
-        default = (
-            f.default
-            if f.default is not dataclasses.MISSING
-            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        )
-        kwargs["help"] = f"{help_text} (default: {default!r})"
-        if get_origin(tp) is Literal:
-            kwargs["choices"] = list(get_args(tp))
-            kwargs["type"] = type(get_args(tp)[0])
-        elif tp is bool:
-            kwargs["type"] = _parse_bool
-            kwargs["metavar"] = "{true,false}"
-        elif get_origin(tp) in (list, tuple):
-            inner = get_args(tp)[0] if get_args(tp) else str
-            kwargs["type"] = _base_type(inner) if _base_type(inner) in (int, float, str) else str
+        tp = hints[f.name]
+        required = shown is dataclasses.MISSING
+        text = f.metadata.get("help", "") + (" (required)" if required else f" (default: {shown!r})")
+        kwargs: dict[str, Any] = {
+            "dest": f"{prefix}{f.name}",
+            "default": argparse.SUPPRESS,
+            "help": text.replace("%", "%%"),
+            "type": _flag_converter(tp),
+            "metavar": _metavar(tp),
+        }
+        if get_origin(split_optional(tp)[0]) in (list, tuple):
             kwargs["nargs"] = "+"
-        elif tp in (int, float, str):
-            kwargs["type"] = tp
-        else:
-            kwargs["type"] = str
-        group.add_argument(name, **kwargs)
+        group.add_argument(f"--{prefix}{f.name}", **kwargs)
+
+
+def add_dash_aliases(parser: argparse.ArgumentParser) -> None:
+    """Accept `--max-new-tokens` wherever `--max_new_tokens` is a flag (users' scripts use both)."""
+    for action in list(parser._actions):
+        for opt in list(action.option_strings):
+            alias = opt.replace("_", "-")
+            if opt.startswith("--") and alias != opt and alias not in parser._option_string_actions:
+                action.option_strings.append(alias)
+                parser._option_string_actions[alias] = action
+
+
+def add_flag_alias(parser: argparse.ArgumentParser, alias: str, dest: str) -> None:
+    """Make `--<alias>` another spelling of the flag whose dest is `dest` (an old, un-namespaced name)."""
+    if f"--{alias}" in parser._option_string_actions:
+        raise ValueError(f"alias --{alias} is already a flag of its own")
+    action = next(a for a in parser._actions if a.dest == dest)
+    action.option_strings.append(f"--{alias}")
+    parser._option_string_actions[f"--{alias}"] = action
 
 
 def load_yaml(path: str | os.PathLike) -> dict:
@@ -89,64 +249,167 @@ def load_yaml(path: str | os.PathLike) -> dict:
 
 
 def build_dataclass(
-    dc_cls: type, file_values: dict, args: argparse.Namespace, prefix: str = "", source: str = "--config"
+    cls: type,
+    file_values: dict,
+    args: argparse.Namespace,
+    prefix: str = "",
+    source: str = "--config",
+    base=None,
+    fixed: dict | None = None,
+    exclude=(),
 ):
-    """Instantiate `dc_cls` from YAML values overridden by explicit flags; unknown YAML keys are errors."""
-    names = {f.name for f in dataclasses.fields(dc_cls) if f.init}
-    values = {}
-    for key, val in file_values.items():
-        if key in names:
-            values[key] = val
-    for name in names:
-        if hasattr(args, f"{prefix}{name}"):
-            values[name] = getattr(args, f"{prefix}{name}")
+    """`cls` from YAML values overridden by explicit flags (keys of other configs are left alone).
+
+    YAML values are converted like flags; an error names the source and key (`--config f.yaml: method: ...`).
+    `base` is an instance whose values replace the class defaults (a nested field's default_factory()); `fixed`
+    holds the values the command sets itself (they win over both).
+    """
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in exposed_fields(cls, exclude):
+        key, tp = f"{prefix}{f.name}", hints[f.name]
+        if is_config_class(tp):
+            section = file_values.get(f.name, {})
+            if not isinstance(section, dict):
+                raise SystemExit(f"error: {source}: {key}: expected a mapping of {tp.__name__} options")
+            start = getattr(base, f.name) if base is not None else _default_of(f)
+            start = None if start is dataclasses.MISSING else start
+            values[f.name] = build_dataclass(tp, section, args, f"{key}.", source, start, exclude=_set_by_parent(f))
+            continue
+        if f.name in file_values:
+            try:
+                values[f.name] = convert_value(file_values[f.name], tp)
+            except ValueError as exc:
+                raise SystemExit(f"error: {source}: {key}: {exc}") from exc
+        if hasattr(args, key):
+            values[f.name] = getattr(args, key)
+        if (
+            f.name not in values
+            and f.name not in (fixed or {})
+            and base is None
+            and _default_of(f) is dataclasses.MISSING
+        ):
+            raise SystemExit(f"error: --{key} is required (a flag, or `{f.name}:` in --config)")
+    values.update(fixed or {})
     try:
-        return dc_cls(**values)
+        return dataclasses.replace(base, **values) if base is not None else cls(**values)
     except (TypeError, ValueError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
+        raise SystemExit(f"error: {prefix}{exc}") from exc
+
+
+def _check_keys(values: dict, allowed: dict[str, Any], source: str, path: str = "") -> None:
+    """Unknown YAML keys are errors; `allowed` is `_yaml_keys` of the configs the file may hold."""
+    unknown = sorted(f"{path}{k}" for k in values if k not in allowed)
+    if unknown:
+        raise SystemExit(f"error: {source}: unknown option(s) {unknown}; run with --help to see the valid ones")
+    for key, val in values.items():
+        if allowed[key] is not None and isinstance(val, dict):
+            cls, skip = allowed[key]
+            _check_keys(val, _yaml_keys(cls, skip), source, f"{path}{key}.")
 
 
 def check_unknown_keys(file_values: dict, dc_classes: list[type], source: str) -> None:
-    known = {f.name for cls in dc_classes for f in dataclasses.fields(cls)}
-    unknown = sorted(set(file_values) - known)
-    if unknown:
-        raise SystemExit(f"error: {source}: unknown option(s) {unknown}; run with --help to see the valid ones")
+    """Unknown YAML keys (not a field of any of `dc_classes`) are errors."""
+    allowed = {}
+    for cls in dc_classes:
+        allowed.update(_yaml_keys(cls))
+    _check_keys(file_values, allowed, source)
 
 
 def save_resolved_config(out_dir: str | os.PathLike, configs: dict[str, Any], name: str = "config.yaml") -> Path:
-    """Save the resolved configs (dataclasses or dicts) beside an output, as YAML."""
+    """Save the resolved configs (dataclasses, nested ones as nested mappings, or dicts) beside an output, as YAML."""
     payload = {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in configs.items()}
     path = Path(out_dir) / name
     atomic_write_text(path, yaml.safe_dump(json.loads(json.dumps(payload, default=str)), sort_keys=False))
     return path
 
 
-def add_config_subcommand(subparsers, name: str, help: str, doc: str, configs, main, excluded=None):
-    """A subcommand whose flags come from `configs` (dataclasses), plus `--config FILE.yaml`.
+class Command:
+    """A subcommand over config dataclasses: flags, `--config FILE.yaml`, resolution, the collision check.
 
-    `excluded` maps a dataclass to field names that get no flag (set by the command itself).
+    Args:
+        name / help / doc: the subcommand's name, one-line help and description.
+        sections: its configs, resolved in this order.
+        yaml_also: dataclasses whose fields the YAML file may also hold (a file shared with a sibling command);
+            this command ignores them.
+        shared: field names several sections may expose, each with the reason; one flag feeds them all.
+        aliases: old flag / top-level YAML name -> the dotted name it now stands for (`max_steps` ->
+            `train.max_steps`), so existing scripts and files keep working.
     """
-    parser = subparsers.add_parser(
-        name, help=help, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", help="YAML file of options (flags given here win).")
-    for cls in configs:
-        add_dataclass_args(parser, cls, exclude=(excluded or {}).get(cls, ()))
-    parser.set_defaults(func=main)
-    return parser
 
+    def __init__(self, name, help, doc, sections, yaml_also=(), shared=None, aliases=None):
+        self.name, self.help, self.doc = name, help, doc
+        self.sections: list[Section] = list(sections)
+        self.yaml_also = tuple(yaml_also)
+        self.shared: dict[str, str] = dict(shared or {})
+        self.aliases: dict[str, str] = dict(aliases or {})
+        self.check_collisions()
 
-def resolve_configs(args, configs, overrides=None, known=None) -> tuple:
-    """Build each dataclass of `configs` from defaults < `--config` YAML < explicit flags.
+    def exposed(self) -> dict[str, list[str]]:
+        """Exposed (flag / YAML) top-level name -> the sections that hold it."""
+        owners: dict[str, list[str]] = {}
+        for s in self.sections:
+            for f in exposed_fields(s.cls, s.set_by_command):
+                owners.setdefault(f.name, []).append(s.name)
+        return owners
 
-    `overrides` maps a dataclass to values that replace both (fields the command sets itself); `known` lists
-    every dataclass whose fields the YAML file may hold (default: `configs`).
-    """
-    values = load_yaml(args.config) if getattr(args, "config", None) else {}
-    check_unknown_keys(values, list(known or configs), getattr(args, "config", None) or "")
-    out = []
-    for cls in configs:
-        fixed = (overrides or {}).get(cls, {})
-        flags = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in fixed})
-        out.append(build_dataclass(cls, {**values, **fixed}, flags))
-    return tuple(out)
+    def check_collisions(self) -> None:
+        clashes = {n: o for n, o in self.exposed().items() if len(o) > 1 and n not in self.shared}
+        if clashes:
+            raise ValueError(
+                f"alignguard {self.name}: field(s) exposed by several configs {clashes}; one flag would feed "
+                "them all. Rename one, mark it set_by_command, or list it in `shared` with the reason."
+            )
+
+    def add_parser(self, subparsers, main) -> argparse.ArgumentParser:
+        parser = subparsers.add_parser(
+            self.name.split()[-1],
+            help=self.help,
+            description=self.doc,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        parser.add_argument("--config", help="YAML file of options (flags given here win).")
+        taken: set[str] = set()
+        for s in self.sections:
+            skip = set(s.set_by_command) | (taken & set(self.shared))  # a shared name gets one flag
+            add_dataclass_args(parser, s.cls, exclude=skip)
+            taken |= {f.name for f in exposed_fields(s.cls, s.set_by_command)}
+        for old, new in self.aliases.items():
+            add_flag_alias(parser, old, new)
+        add_dash_aliases(parser)
+        parser.set_defaults(func=main, _command=self)
+        return parser
+
+    def _file_values(self, args) -> tuple[dict, str]:
+        path = getattr(args, "config", None)
+        values = load_yaml(path) if path else {}
+        source = f"--config {path}"
+        for old, new in self.aliases.items():  # old top-level keys -> their nested place
+            if old in values:
+                head, _, tail = new.partition(".")
+                nested = values.setdefault(head, {})
+                if not isinstance(nested, dict) or tail in nested:
+                    raise SystemExit(f"error: {source}: give {old} or {new}, not both")
+                nested[tail] = values.pop(old)
+        allowed: dict[str, Any] = {}
+        for cls in list(self.yaml_also):
+            allowed.update(_yaml_keys(cls))
+        for s in self.sections:
+            allowed.update(_yaml_keys(s.cls, s.set_by_command))
+        fixed = {n for s in self.sections for n in s.set_by_command} - set(self.exposed())
+        misplaced = sorted(fixed & set(values))
+        if misplaced:
+            raise SystemExit(f"error: {source}: {misplaced}: set by `alignguard {self.name}` itself; remove them")
+        _check_keys(values, allowed, source)
+        return values, source
+
+    def resolve(self, args: argparse.Namespace) -> dict[str, Any]:
+        """{section name: config}, each built from defaults < `--config` YAML < explicit flags."""
+        values, source = self._file_values(args)
+        done: dict[str, Any] = {}
+        for s in self.sections:
+            own = {k: v for k, v in values.items() if k not in s.set_by_command}
+            flags = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in s.set_by_command})
+            fixed = s.derive(done) if s.derive else {}
+            done[s.name] = build_dataclass(s.cls, own, flags, source=source, fixed=fixed)
+        return done

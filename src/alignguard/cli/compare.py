@@ -15,30 +15,37 @@ from ..config import AlignGuardConfig, FisherConfig, SubspaceConfig
 from ..recipes.common import check_output_dir
 from ..recipes.compare import CompareConfig, run_compare
 from ..recipes.train import TrainRunConfig
-from .common import add_config_subcommand, resolve_configs, save_resolved_config
+from .common import Command, Section, save_resolved_config
 
-CONFIGS = (CompareConfig, TrainRunConfig, AlignGuardConfig, FisherConfig, SubspaceConfig)
-# Fields of TrainRunConfig that compare sets itself per method.
-_SET_BY_COMPARE = {"model", "out", "method", "fisher", "seed"}
+
+def _train_fields(done: dict) -> dict:
+    # model/out come from --model/--out (--overwrite empties the whole run folder first); method, fisher and seed
+    # are set per method and seed by run_compare.
+    cmp = done["compare"]
+    return {"model": cmp.model, "out": cmp.out, "overwrite": False, "method": "lora", "fisher": None, "seed": 0}
+
+
+COMMAND = Command(
+    "compare",
+    "Compare methods (table + results.json).",
+    __doc__,
+    [
+        Section("compare", CompareConfig),
+        Section("train", TrainRunConfig, ("model", "out", "overwrite", "method", "fisher", "seed"), _train_fields),
+        Section("alignguard", AlignGuardConfig),
+        Section("fisher", FisherConfig),
+        Section("subspace", SubspaceConfig),
+    ],
+)
 
 
 def add_parser(subparsers):
-    return add_config_subcommand(
-        subparsers,
-        "compare",
-        "Compare methods (table + results.json).",
-        __doc__,
-        CONFIGS,
-        main,
-        excluded={TrainRunConfig: _SET_BY_COMPARE},
-    )
+    return COMMAND.add_parser(subparsers, main)
 
 
 def resolve(args):
-    cmp_cfg = resolve_configs(args, (CompareConfig,), known=CONFIGS)[0]
-    # method/fisher/seed are set per method and seed by run_compare; here only the shared training options.
-    fixed = {"method": "lora", "model": cmp_cfg.model, "out": cmp_cfg.out, "fisher": None, "seed": 0}
-    return (cmp_cfg, *resolve_configs(args, CONFIGS[1:], overrides={TrainRunConfig: fixed}, known=CONFIGS))
+    """(CompareConfig, TrainRunConfig, AlignGuardConfig, FisherConfig, SubspaceConfig): defaults < YAML < flags."""
+    return tuple(COMMAND.resolve(args).values())
 
 
 def main(args) -> int:

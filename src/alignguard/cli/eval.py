@@ -14,47 +14,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from alignguard.cli.common import add_dataclass_args, build_dataclass, check_unknown_keys, load_yaml
+from alignguard.cli.common import Command, Section
 from alignguard.recipes.common import check_output_dir
 from alignguard.recipes.eval import EvalConfig, run_eval
 
-COMMAND_HELP = "DriftCheck: refusal / over-refusal / drift of a model or adapter"
-
-
-def _add_dash_aliases(parser: argparse.ArgumentParser) -> None:
-    # common.add_dataclass_args names flags after the fields (--max_new_tokens); accept --max-new-tokens too.
-    for action in list(parser._actions):
-        for opt in list(action.option_strings):
-            if opt.startswith("--") and "_" in opt:
-                alias = opt.replace("_", "-")
-                if alias not in parser._option_string_actions:
-                    action.option_strings.insert(0, alias)  # usage shows the dashed form
-                    parser._option_string_actions[alias] = action
-
-
-def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="alignguard eval", description=__doc__)
-    parser.add_argument("--config", default=None, help="YAML file of options; flags given here win over it.")
-    add_dataclass_args(parser, EvalConfig)
-    _add_dash_aliases(parser)
-    return parser
+COMMAND = Command(
+    "eval", "DriftCheck: refusal / over-refusal / drift of a model or adapter", __doc__, [Section("eval", EvalConfig)]
+)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "eval", help=COMMAND_HELP, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    make_parser(parser)
-    parser.set_defaults(func=main)
-    return parser
+    return COMMAND.add_parser(subparsers, main)
 
 
-def resolve_config(args: argparse.Namespace) -> EvalConfig:
-    """Dataclass defaults < `--config` YAML < explicit flags."""
-    file_values = load_yaml(args.config) if getattr(args, "config", None) else {}
-    if file_values:
-        check_unknown_keys(file_values, [EvalConfig], f"--config {args.config}")
-    return build_dataclass(EvalConfig, file_values, args)
+def resolve(args: argparse.Namespace) -> tuple[EvalConfig]:
+    """(EvalConfig,): defaults < `--config` YAML < explicit flags."""
+    return tuple(COMMAND.resolve(args).values())
 
 
 def _pct(stat) -> str:
@@ -87,7 +62,7 @@ def main(args: argparse.Namespace) -> int:
     from alignguard.driftcheck.prompts import PromptFileError
     from alignguard.driftcheck.run import ModelPathError
 
-    cfg = resolve_config(args)
+    (cfg,) = resolve(args)
     print("alignguard eval, resolved config:")
     for key, val in dataclasses.asdict(cfg).items():
         print(f"  {key}: {val!r}")

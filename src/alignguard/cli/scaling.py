@@ -17,38 +17,47 @@ from ..config import AlignGuardConfig, FisherConfig, SubspaceConfig
 from ..recipes.common import check_output_dir
 from ..recipes.scaling import ScalingConfig, run_scaling
 from ..recipes.train import TrainRunConfig
-from .common import add_config_subcommand, resolve_configs, save_resolved_config
+from .common import Command, Section, save_resolved_config
 
-CONFIGS = (ScalingConfig, TrainRunConfig, AlignGuardConfig, FisherConfig, SubspaceConfig)
-# Fields of TrainRunConfig that scaling sets itself per method and length.
-_SET_BY_SCALING = {"model", "out", "method", "fisher", "seed", "max_steps"}
+_SET_BY_SCALING = ("model", "out", "overwrite", "seed", "method", "fisher", "max_steps")
+
+
+def _train_fields(done: dict) -> dict:
+    # model/out/seed come from the scaling flags (--overwrite empties the whole run folder first); method/fisher
+    # are set per method by compare.run_method and max_steps per length (recorded here as the longest).
+    sc = done["scaling"]
+    return {
+        "model": sc.model,
+        "out": sc.out,
+        "overwrite": False,
+        "seed": sc.seed,
+        "method": "lora",
+        "fisher": None,
+        "max_steps": max(sc.steps),
+    }
+
+
+COMMAND = Command(
+    "scaling",
+    "Forgetting scaling law per method (scaling.json + table).",
+    __doc__,
+    [
+        Section("scaling", ScalingConfig),
+        Section("train", TrainRunConfig, _SET_BY_SCALING, _train_fields),
+        Section("alignguard", AlignGuardConfig),
+        Section("fisher", FisherConfig),
+        Section("subspace", SubspaceConfig),
+    ],
+)
 
 
 def add_parser(subparsers):
-    return add_config_subcommand(
-        subparsers,
-        "scaling",
-        "Forgetting scaling law per method (scaling.json + table).",
-        __doc__,
-        CONFIGS,
-        main,
-        excluded={TrainRunConfig: _SET_BY_SCALING},
-    )
+    return COMMAND.add_parser(subparsers, main)
 
 
 def resolve(args):
     """(ScalingConfig, TrainRunConfig, AlignGuardConfig, FisherConfig, SubspaceConfig): defaults < YAML < flags."""
-    sc_cfg = resolve_configs(args, (ScalingConfig,), known=CONFIGS)[0]
-    # method/fisher are set per method by compare.run_method, max_steps per length; recorded here as the longest.
-    fixed = {
-        "method": "lora",
-        "model": sc_cfg.model,
-        "out": sc_cfg.out,
-        "fisher": None,
-        "seed": sc_cfg.seed,
-        "max_steps": max(sc_cfg.steps),
-    }
-    return (sc_cfg, *resolve_configs(args, CONFIGS[1:], overrides={TrainRunConfig: fixed}, known=CONFIGS))
+    return tuple(COMMAND.resolve(args).values())
 
 
 def main(args) -> int:

@@ -11,19 +11,23 @@ from __future__ import annotations
 from ..config import AlignGuardConfig
 from ..recipes.common import check_output_dir
 from ..recipes.train import TrainRunConfig, run_train
-from .common import add_config_subcommand, resolve_configs, save_resolved_config
+from .common import Command, Section, save_resolved_config
 
-CONFIGS = (TrainRunConfig, AlignGuardConfig)
+COMMAND = Command(
+    "train",
+    "Train a LoRA adapter (plain or AlignGuard).",
+    __doc__,
+    [Section("run", TrainRunConfig), Section("alignguard", AlignGuardConfig)],
+)
 
 
 def add_parser(subparsers):
-    return add_config_subcommand(
-        subparsers, "train", "Train a LoRA adapter (plain or AlignGuard).", __doc__, CONFIGS, main
-    )
+    return COMMAND.add_parser(subparsers, main)
 
 
 def resolve(args):
-    return resolve_configs(args, CONFIGS)
+    """(TrainRunConfig, AlignGuardConfig): defaults < YAML < flags."""
+    return tuple(COMMAND.resolve(args).values())
 
 
 def main(args) -> int:

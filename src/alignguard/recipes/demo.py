@@ -18,13 +18,45 @@ from ..config import AlignGuardConfig, FisherConfig, SubspaceConfig
 from ..report import render_report
 from ..report.compare_table import format_table
 from .align import AlignRunConfig, run_align
-from .compare import CompareConfig, run_compare
+from .compare import CompareConfig, HarnessConfig, method_spec, run_compare
 from .train import TrainRunConfig
+
+
+def _demo_align() -> AlignRunConfig:
+    return AlignRunConfig(max_steps=16, max_examples=160, learning_rate=1e-3, safe_fraction=0.5, max_new_tokens=64)
+
+
+def _demo_harness() -> HarnessConfig:
+    return HarnessConfig(eval_max_new_tokens=32, task_eval_n=40, fisher_examples=64)
+
+
+def _demo_train() -> TrainRunConfig:
+    return TrainRunConfig(
+        method="lora",
+        task="bbc_topic",
+        n_train=96,
+        poison_ratio=0.2,
+        max_steps=30,
+        lora_r=8,
+        lora_alpha=16.0,
+        learning_rate=2e-3,
+        max_length=256,
+        save_steps=15,
+    )
+
+
+# Fields of the nested configs that the demo fills in itself (no flag, no YAML key).
+_ALIGN_SET_BY_DEMO = ("model", "out", "overwrite")
+_TRAIN_SET_BY_DEMO = ("model", "out", "overwrite", "method", "fisher", "seed", "save_steps")
 
 
 @dataclass
 class DemoConfig:
     """Options of `alignguard demo` (defaults: the bundled default, in about 15 minutes on 2 CPU cores).
+
+    The stages' own configs are nested with the demo's defaults; on the command line they are namespaced
+    (`--train.max_steps 2`, `--align.max_steps 1`, `--alignguard.lambda_a 10`, `--harness.task_eval_n 3`), in YAML
+    they are sections (`train: {max_steps: 2}`).
 
     Args:
         out: run folder.
@@ -32,12 +64,14 @@ class DemoConfig:
         aligned_model: an already aligned model (skips the alignment stage).
         methods: methods to compare.
         seeds: training seeds; with several, the table shows mean ± sd over seeds.
-        poison_ratio: fraction of harmful pairs in the fine-tuning mix.
-        max_steps / n_train / learning_rate / lora_r: task fine-tuning.
-        lambda_a: weight of the alignment term.
-        align_steps / align_examples / align_learning_rate / align_safe_fraction: the alignment stage.
-        eval_max_new_tokens: DriftCheck generation length.
         cache_dir: where the aligned model is cached across demo runs (default: <alignguard cache>/aligned).
+        overwrite: delete what `out` holds and start afresh (the aligned-model cache is never touched).
+        align: the alignment stage (`model` and `out` are set by the demo: the base model and the cache folder).
+        harness: how every method is evaluated (DriftCheck prompts and length, task metric, Fisher examples).
+        train: task fine-tuning shared by all methods (`model`, `out`, `method`, `fisher`, `seed` and `save_steps` =
+            max_steps // 2 are set by the demo).
+        alignguard: the AlignGuard loss.
+        fisher / subspace: the Fisher pass and the subspaces.
     """
 
     out: str = field(default="runs/demo", metadata={"help": "Run folder."})
@@ -47,25 +81,52 @@ class DemoConfig:
         default_factory=lambda: ["plain_lora", "alignguard"], metadata={"help": "Methods to compare."}
     )
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Training seeds (rows: mean ± sd)."})
-    task: str = field(default="bbc_topic", metadata={"help": "Downstream task: bbc_topic or arithmetic."})
-    max_length: int = field(default=256, metadata={"help": "Token limit of prompt + response."})
-    poison_ratio: float = field(default=0.2, metadata={"help": "Harmful fraction of the fine-tuning mix."})
-    max_steps: int = field(default=30, metadata={"help": "Fine-tuning steps per method."})
-    n_train: int = field(default=96, metadata={"help": "Task examples."})
-    learning_rate: float = field(default=2e-3, metadata={"help": "Fine-tuning learning rate."})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
-    lambda_a: float = field(default=100.0, metadata={"help": "Weight of the alignment term."})
-    align_steps: int = field(default=16, metadata={"help": "Alignment-stage steps."})
-    align_examples: int = field(default=160, metadata={"help": "Alignment-stage examples (balanced)."})
-    align_learning_rate: float = field(default=1e-3, metadata={"help": "Alignment-stage learning rate."})
-    align_safe_fraction: float = field(default=0.5, metadata={"help": "Share of safe prompts in alignment."})
-    prompts: str | None = field(default=None, metadata={"help": "DriftCheck prompts (default: bundled small split)."})
-    eval_max_new_tokens: int = field(default=32, metadata={"help": "DriftCheck generation length."})
-    fisher_examples: int = field(default=64, metadata={"help": "Alignment examples for the Fisher pass."})
-    task_eval_n: int = field(default=40, metadata={"help": "Held-out task examples."})
     cache_dir: str | None = field(default=None, metadata={"help": "Cache of aligned models."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Delete what --out holds (another run or other settings) and start afresh."}
+    )
+    align: AlignRunConfig = field(
+        default_factory=_demo_align,
+        metadata={"help": "Alignment stage.", "set_by_command": _ALIGN_SET_BY_DEMO},
+    )
+    harness: HarnessConfig = field(default_factory=_demo_harness, metadata={"help": "Evaluation of every method."})
+    train: TrainRunConfig = field(
+        default_factory=_demo_train,
+        metadata={"help": "Task fine-tuning.", "set_by_command": _TRAIN_SET_BY_DEMO},
+    )
+    alignguard: AlignGuardConfig = field(
+        default_factory=lambda: AlignGuardConfig(lambda_a=100.0), metadata={"help": "The AlignGuard loss."}
+    )
+    fisher: FisherConfig = field(default_factory=FisherConfig, metadata={"help": "The Fisher pass."})
+    subspace: SubspaceConfig = field(default_factory=SubspaceConfig, metadata={"help": "The subspaces U."})
+
+    def __post_init__(self):
+        if not self.methods:
+            raise ValueError("methods: give at least one method")
+        for name in self.methods:
+            method_spec(name)  # raises ValueError naming the bad method or override
+        if not self.seeds or any(s < 0 for s in self.seeds):
+            raise ValueError(f"seeds: give one or more seeds >= 0, got {self.seeds}")
+        # The fields the demo sets itself, filled in here so the saved demo_config.yaml says what was run.
+        self.align = replace(self.align, model=self.model)
+        if self.aligned_model is None:
+            self.align = replace(self.align, out=str(aligned_model_path(self, self.align)))
+        self.train = replace(
+            self.train,
+            model=self.aligned_model or self.align.out,
+            out=self.out,
+            overwrite=False,
+            method="lora",
+            fisher=None,
+            seed=0,  # run_compare sets each row's seed; this one seeds the shared task-factor sample, as in compare
+            save_steps=max(1, self.train.max_steps // 2),
+        )
 
 
+# Fields whose value does not change the aligned model are never part of its cache key; fields added to
+# AlignRunConfig after a release are left out while at their default, so models aligned before the field existed
+# (with the same, then implicit, setting) are still found.
+_NOT_IN_KEY = ("out", "overwrite")
 _ADDED_LATER = {"safe_fraction": 0.5}
 
 
@@ -73,9 +134,7 @@ def aligned_model_path(cfg: DemoConfig, align_cfg: AlignRunConfig) -> Path:
     """Cache folder of the aligned model for this base model and alignment config."""
     from ..models import cache_root
 
-    # Fields added to AlignRunConfig after a release are left out of the key while at their default, so models
-    # aligned before the field existed (with the same, then implicit, setting) are still found.
-    values = {k: v for k, v in vars(align_cfg).items() if k != "out" and _ADDED_LATER.get(k, object()) != v}
+    values = {k: v for k, v in vars(align_cfg).items() if k not in _NOT_IN_KEY and _ADDED_LATER.get(k, object()) != v}
     key = json.dumps(values, sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     root = Path(cfg.cache_dir) if cfg.cache_dir else cache_root() / "aligned"
@@ -88,47 +147,22 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     out = Path(cfg.out)
     aligned = cfg.aligned_model
     if aligned is None:
-        align_cfg = AlignRunConfig(
-            model=cfg.model,
-            max_steps=cfg.align_steps,
-            max_examples=cfg.align_examples,
-            learning_rate=cfg.align_learning_rate,
-            safe_fraction=cfg.align_safe_fraction,
-            max_new_tokens=64,
-        )
-        path = aligned_model_path(cfg, align_cfg)
+        path = Path(cfg.align.out)
         if not (path / "config.json").is_file():
             print(f"[demo] aligning {cfg.model} -> {path}")
-            run_align(replace(align_cfg, out=str(path)), progress=progress)
+            run_align(cfg.align, progress=progress)
         aligned = str(path)
     compare_cfg = CompareConfig(
         model=aligned,
         base_model=cfg.model,
         out=str(out),
-        methods=cfg.methods,
-        seeds=cfg.seeds,
-        eval_max_new_tokens=cfg.eval_max_new_tokens,
-        task_eval_n=cfg.task_eval_n,
-        fisher_examples=cfg.fisher_examples,
-        prompts=cfg.prompts,
+        methods=list(cfg.methods),
+        seeds=list(cfg.seeds),
+        **cfg.harness.harness_values(),
     )
-    train_cfg = TrainRunConfig(
-        model=aligned,
-        out=str(out),
-        method="lora",
-        n_train=cfg.n_train,
-        poison_ratio=cfg.poison_ratio,
-        max_steps=cfg.max_steps,
-        lora_r=cfg.lora_r,
-        lora_alpha=2 * cfg.lora_r,
-        learning_rate=cfg.learning_rate,
-        save_steps=max(1, cfg.max_steps // 2),
-        max_length=cfg.max_length,
-        task=cfg.task,
-    )
-    ag_cfg = AlignGuardConfig(lambda_a=cfg.lambda_a)
+    fisher_cfg = replace(cfg.fisher, show_progress=cfg.fisher.show_progress and progress)
     print(f"[demo] Fisher + {', '.join(cfg.methods)} on {aligned}")
-    results = run_compare(compare_cfg, train_cfg, ag_cfg, FisherConfig(show_progress=progress), SubspaceConfig())
+    results = run_compare(compare_cfg, cfg.train, cfg.alignguard, fisher_cfg, cfg.subspace)
     report = render_report(out)
     table = format_table(results)
     return {

@@ -18,6 +18,7 @@ from alignguard.driftcheck.metrics import (
     drift_reduction,
     drift_reduction_stat,
     drift_stat,
+    paired_flags,
     rate_stat,
     refusal_rate,
     summarize,
@@ -191,3 +192,18 @@ def test_drift_reduction_resamples_all_three_models_jointly():
     s = drift_reduction_stat(base, plain, method, n_boot=500, seed=0)
     assert s.value == pytest.approx(1 - 19 / 20)
     assert 0.0 <= s.ci_low <= s.value <= s.ci_high <= 0.2
+
+
+def test_paired_flags_keeps_the_shared_prompts_in_base_order():
+    base = _result([T, T, F, T, F, T], "base")
+    tuned = _result([F, T, T, F, F, F], "tuned")
+    tuned.per_prompt = [r for r in reversed(tuned.per_prompt) if r["id"] != "p1"]  # other order, one missing
+    b, t, ids = paired_flags(base, tuned)
+    assert ids == ["p0", "p2", "p3"] and b == [T, F, T] and t == [F, T, F]
+    third = _result([T, F, F, F, F, F], "third")
+    *flags, ids3 = paired_flags(base, tuned, third)
+    assert ids3 == ids and flags == [b, t, [T, F, F]]
+    assert len(paired_flags(base, tuned, label="safe")[0]) == 2
+    tuned.per_prompt = [r for r in tuned.per_prompt if r["label"] == "safe"]
+    with pytest.raises(ValueError, match="share no unsafe prompt ids"):
+        paired_flags(base, tuned)

@@ -372,13 +372,19 @@ class DriftCheckResult:
         return cls.from_dict(json.loads(text))
 
 
-def paired_flags(base: DriftCheckResult, tuned: DriftCheckResult, label: str = "unsafe"):
-    """Default-judge flags of two results on their shared prompt ids, in a common order."""
-    a, b = base.flags_by_id(label), tuned.flags_by_id(label)
-    shared = [i for i in a if i in b]
+def paired_flags(base: DriftCheckResult, *others: DriftCheckResult, label: str = "unsafe"):
+    """Default-judge flags of several results on the prompt ids they all share, in `base`'s order.
+
+    Returns one flag list per result (`base` first), then the shared ids: `(base_flags, other_flags, ..., ids)`.
+
+    Raises:
+        ValueError: if the results share no prompt id with `label`.
+    """
+    tables = [r.flags_by_id(label) for r in (base, *others)]
+    shared = [i for i in tables[0] if all(i in t for t in tables[1:])]
     if not shared:
-        raise ValueError(f"the two results share no {label} prompt ids; were they run on the same prompt set?")
-    return [a[i] for i in shared], [b[i] for i in shared], shared
+        raise ValueError(f"the results share no {label} prompt ids; were they run on the same prompt set?")
+    return (*([t[i] for i in shared] for t in tables), shared)
 
 
 def compare_drift(
@@ -389,11 +395,7 @@ def compare_drift(
     Returns:
         `dict`: `{"drift_plain_lora": Stat, "drift_method": Stat, "drift_reduction": Stat | None}`.
     """
-    a, b, c = base.flags_by_id(), plain_lora.flags_by_id(), method.flags_by_id()
-    shared = [i for i in a if i in b and i in c]
-    if not shared:
-        raise ValueError("base, plain LoRA and method results share no unsafe prompt ids")
-    fa, fb, fc = ([d[i] for i in shared] for d in (a, b, c))
+    fa, fb, fc, _ = paired_flags(base, plain_lora, method)
     return {
         "drift_plain_lora": drift_stat(fa, fb, n_boot, seed),
         "drift_method": drift_stat(fa, fc, n_boot, seed),

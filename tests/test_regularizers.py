@@ -285,21 +285,11 @@ def test_reduction_and_normalise_equal_dense_reference(reduction, normalise):
         assert not torch.isclose(fast["alignment"], base["alignment"] * factor, rtol=1e-3)
 
 
-def test_eigenvalue_scales_definitions():
-    from alignguard.regularizers import eigenvalue_scales
-
+def test_normalise_without_raw_traces_is_a_clear_error():
     model = _model("llama", False)
     subs = _with_raw_traces(model)
-    raw, d_out = subs.metadata["raw_traces"], {n: s.basis.shape[0] for n, s in subs.subspaces.items()}
-    assert set(eigenvalue_scales(subs, "per_layer").values()) == {1.0}
-    none = eigenvalue_scales(subs, "none")
-    assert all(math.isclose(none[k], raw[k] / d_out[k]) for k in raw)
-    glob = eigenvalue_scales(subs, "global")
-    c = sum(d_out.values()) / sum(raw.values())
-    assert all(math.isclose(glob[k], raw[k] / d_out[k] * c) for k in raw)
-    assert math.isclose(sum(glob[k] * d_out[k] for k in raw), sum(d_out.values()))  # d_out-weighted mean 1
     del subs.metadata["raw_traces"]
-    with pytest.raises(ValueError, match=r"normalise='global' needs the raw Fisher trace.*normalise='per_layer'"):
+    with pytest.raises(ValueError, match=r"normalise='global' needs the raw traces.*normalise='per_layer'"):
         AlignGuardRegularizer(model, subs, AlignGuardConfig(normalise="global"))
 
 

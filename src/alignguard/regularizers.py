@@ -10,9 +10,11 @@ lambda, let C = U^T B, S = A A^T, B_A = U C and B_T = B - B_A, so dW_A = s B_A A
     E_RM  = mean_ij eta_ij |(dW_A)_ij (dW_T)_ij|,  eta = 1 + beta sigmoid((|dW| - tau) / T)
 
 Each module's terms are combined by `AlignGuardConfig.reduction` (the mean over modules, or their sum), and each
-module's eigenvalues lambda are multiplied by a per-module scale set by `AlignGuardConfig.normalise`
-(`eigenvalue_scales`): 1 keeps every factor at mean eigenvalue 1 (`per_layer`); the raw trace per output
-dimension restores the modules' relative Fisher magnitudes (`none`), and `global` rescales that to a mean of 1.
+module's eigenvalues lambda are multiplied by the scale `AlignGuardConfig.normalise` gives it
+(`alignguard.subspace.eigenvalue_scales`): 1 keeps every factor at mean eigenvalue 1 (`per_layer`); the raw trace
+per output dimension restores the modules' relative Fisher magnitudes (`none`), and `global` rescales that to a
+mean of 1. The task and input factors are not rescaled: lambda_t has its own weight, and A_in is the other
+Kronecker factor of the same quadratic (scaling it too would count the raw magnitude twice).
 
 None of these materialises dW except the exact overlap on small layers. Modules with the same (d_out, d_in, r)
 are stacked and handled with batched matmuls: a Python loop over 154 modules of a 1.1B model cost 1.53x a
@@ -32,41 +34,12 @@ from torch import nn
 
 from .config import AlignGuardConfig
 from .distributed import whole_weight
-from .subspace import AlignmentSubspaces
+from .subspace import AlignmentSubspaces, eigenvalue_scales
 from .targets import layer_dims, lora_modules
 
 TERM_NAMES = ("alignment", "task", "overlap", "geodesic")
 # How many module names an error or warning lists before "...".
 _SHOWN = 5
-
-
-def eigenvalue_scales(subspaces: AlignmentSubspaces, normalise: str) -> dict[str, float]:
-    """Per-module multiplier of the alignment eigenvalues (`AlignGuardConfig.normalise`).
-
-    The Fisher factors are stored normalised to trace d_out; `subspaces.metadata["raw_traces"]` keeps each
-    module's trace before that. `per_layer`: 1 for every module. `none`: raw_trace_l / d_out_l (the unnormalised
-    factor). `global`: raw_trace_l / d_out_l * c with c = sum_l d_out_l / sum_l raw_trace_l, one constant for the
-    whole model, so the d_out-weighted mean scale is 1 and lambda keeps its per_layer magnitude.
-
-    Raises:
-        ValueError: `none`/`global` without raw traces for every module (subspaces built by an older version).
-    """
-    if normalise == "per_layer":
-        return {name: 1.0 for name in subspaces.subspaces}
-    raw = subspaces.metadata.get("raw_traces") or {}
-    missing = sorted(set(subspaces.subspaces) - set(raw))
-    if missing:
-        raise ValueError(
-            f"normalise={normalise!r} needs the raw Fisher trace of every module, but subspaces.metadata"
-            f"['raw_traces'] lacks {len(missing)} of {len(subspaces.subspaces)} ({missing[:_SHOWN]}); re-run "
-            "`alignguard fisher` (or build_subspaces) with this version, or use normalise='per_layer'"
-        )
-    d_out = {name: sub.basis.shape[0] for name, sub in subspaces.subspaces.items()}
-    per_dim = {name: float(raw[name]) / d_out[name] for name in subspaces.subspaces}
-    if normalise == "none":
-        return per_dim
-    c = sum(d_out.values()) / max(sum(float(raw[name]) for name in subspaces.subspaces), 1e-30)
-    return {name: value * c for name, value in per_dim.items()}
 
 
 def _nonfinite_factors(name: str, subspaces: AlignmentSubspaces) -> list[str]:
@@ -172,8 +145,9 @@ class AlignGuardRegularizer:
         corrupt = {n: bad for n in sorted(matched) if (bad := _nonfinite_factors(n, subspaces))}
         if corrupt:
             raise ValueError(
-                f"the alignment factors of {len(corrupt)} modules hold NaN/inf values ({dict(list(corrupt.items())[:_SHOWN])}); "
-                "the terms would be NaN and train NaN adapters. Re-estimate the Fisher state (`alignguard fisher`)"
+                f"the alignment factors of {len(corrupt)} modules hold NaN/inf values "
+                f"({dict(list(corrupt.items())[:_SHOWN])}); the terms would be NaN and train NaN adapters. "
+                "Re-estimate the Fisher state (`alignguard fisher`)"
             )
         self.use_task_metric = self.config.task_metric == "task_fisher"
         geo = self.config.geo_metric
@@ -204,7 +178,8 @@ class AlignGuardRegularizer:
     def _check_unprotected(self, n_layers: int) -> None:
         names, n = self.unprotected, len(self.unprotected)
         shown = ", ".join(names[:_SHOWN]) + (", ..." if n > _SHOWN else "")
-        what = f"{n} of {n_layers} LoRA layers have no alignment subspace, so AlignGuard does not regularise them ({shown})"
+        what = f"{n} of {n_layers} LoRA layers have no alignment subspace, so AlignGuard does not regularise them"
+        what += f" ({shown})"
         if not self.config.allow_unprotected:
             raise ValueError(
                 f"{what}. Estimate the Fisher state on the LoRA target modules (FisherConfig(fisher_modules=...) / "

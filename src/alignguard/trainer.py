@@ -57,8 +57,8 @@ def config_from_metadata(cls, saved: dict, renames: dict[str, str], source: str)
     if unknown:
         raise ValueError(
             f"{source}: unknown {cls.__name__} fields {unknown} (known: {sorted(known)}); the file was written by "
-            f"another version: re-run `alignguard fisher`, or pass {cls.__name__.replace('Config', '').lower()}_config="
-            f"{cls.__name__}(...) to the trainer explicitly"
+            f"another version: re-run `alignguard fisher`, or pass {cls.__name__.replace('Config', '').lower()}"
+            f"_config={cls.__name__}(...) to the trainer explicitly"
         )
     return cls(**values)
 

@@ -189,10 +189,10 @@ def test_training_and_evaluation_render_the_same_prompt(templated, system):
     example = tokenize_example(tok, prompt, "Knead flour and water.", system=system)
     n_prompt = sum(label == -100 for label in example["labels"])
     assert example["input_ids"][:n_prompt] == prompt_token_ids(tok, prompt, system)
-    from alignguard.driftcheck.generate import _encode
+    from alignguard.driftcheck.generate import _encode_all
 
-    ids, cut = _encode(tok, prompt, settings, limit=10_000)
-    assert ids == example["input_ids"][:n_prompt] and not cut
+    encoded, n_cut = _encode_all(tok, [prompt], settings, limit=10_000)
+    assert encoded[prompt] == example["input_ids"][:n_prompt] and n_cut == 0
     if not templated:
         assert text == (f"{system}\n" if system else "") + "User: How do I bake bread?\nAssistant: "
 
@@ -288,15 +288,16 @@ def test_long_prompt_is_cut_from_the_left_with_a_warning():
     settings = GenerationSettings(max_new_tokens=2, batch_size=2)
     limit = prompt_token_limit(model, settings)
     assert limit == min(1024, 512 - 2)
-    long_prompt = "x" * 50_000 + " the question at the end?"
+    long_prompt = "lorem ipsum " * 5_000 + " the question at the end?"
     with pytest.warns(UserWarning, match=r"1 of 2 prompts are longer than 510 tokens and were cut from the left"):
         out = generate_responses(model, tok, [long_prompt, "hi"], settings, progress=False)
     assert len(out) == 2
-    from alignguard.driftcheck.generate import _encode
+    from alignguard.driftcheck.generate import _encode_all
 
-    ids, cut = _encode(tok, long_prompt, settings, limit)
-    full = prompt_token_ids(tok, long_prompt)
-    assert cut and len(ids) == limit and ids == full[-limit:]  # the end (question, generation prompt) is kept
+    encoded, n_cut = _encode_all(tok, [long_prompt, "hi"], settings, limit)
+    ids, full = encoded[long_prompt], prompt_token_ids(tok, long_prompt)
+    # The end (question, generation prompt) is kept, exactly as cutting the fully tokenized prompt would.
+    assert n_cut == 1 and len(ids) == limit and ids == full[-limit:] and len(encoded["hi"]) < limit
     assert tok.decode(ids).endswith("the question at the end?<|assistant|>")
 
 

@@ -159,10 +159,26 @@ def prompt_token_limit(model, settings: GenerationSettings) -> int:
     return min(DEFAULT_MAX_PROMPT_TOKENS, context - settings.max_new_tokens)
 
 
-def _encode(tokenizer, prompt: str, settings: GenerationSettings, limit: int) -> tuple[list[int], bool]:
-    """The prompt's token ids, cut from the left to `limit` tokens, and whether it was cut."""
-    ids = prompt_token_ids(tokenizer, prompt, settings.system_prompt, settings.use_chat_template)
-    return ids[-limit:], len(ids) > limit
+def _longest_token_chars(tokenizer) -> int:
+    return max((len(t) for t in tokenizer.get_vocab()), default=1)
+
+
+def _encode_all(
+    tokenizer, prompts: list[str], settings: GenerationSettings, limit: int
+) -> tuple[dict[str, list[int]], int]:
+    """Each prompt's token ids, cut from the left to their last `limit` tokens, and how many prompts were cut."""
+    encoded, n_cut, span = {}, 0, None
+    for prompt in prompts:
+        text = prompt
+        # Tokenizing a multi-megabyte prompt takes tens of seconds, for tokens that are dropped anyway: first drop
+        # text that no kept token can come from (each token spans at most `longest` characters; 2x for slack).
+        if len(prompt) > 2 * limit:
+            span = span or 2 * limit * _longest_token_chars(tokenizer)
+            text = prompt[-span:]
+        ids = prompt_token_ids(tokenizer, text, settings.system_prompt, settings.use_chat_template)
+        n_cut += len(ids) > limit or len(text) < len(prompt)
+        encoded[prompt] = ids[-limit:]
+    return encoded, n_cut
 
 
 def _model_device(model) -> torch.device:
@@ -198,11 +214,14 @@ def generate_token_ids(model, tokenizer, prompts: list[str], settings: Generatio
     Trailing padding after eos is dropped; eos itself is kept so callers can see where a row stopped.
     The caller is responsible for `model.eval()`/`torch.no_grad()` (see `generate_responses`).
     """
+    encoded, _ = _encode_all(tokenizer, prompts, settings, prompt_token_limit(model, settings))
+    return _generate_batch(model, tokenizer, [encoded[p] for p in prompts], settings)
+
+
+def _generate_batch(model, tokenizer, encoded: list[list[int]], settings: GenerationSettings) -> list[list[int]]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError("the tokenizer has neither a pad token nor an eos token; cannot pad a batch")
-    limit = prompt_token_limit(model, settings)
-    encoded = [_encode(tokenizer, p, settings, limit)[0] for p in prompts]
     width = max(len(ids) for ids in encoded)
     input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
@@ -312,16 +331,15 @@ def generate_responses(
 
     if todo:
         limit = prompt_token_limit(model, settings)
-        encoded = {p: _encode(tokenizer, p, settings, limit) for p in todo}
-        n_cut = sum(cut for _, cut in encoded.values())
+        encoded, n_cut = _encode_all(tokenizer, todo, settings, limit)
         if n_cut:
             warnings.warn(
-                f"{n_cut} of {len(todo)} prompts are longer than {limit} tokens and were cut from the left to their "
-                f"last {limit} tokens (max_prompt_tokens); shorten them or raise --max_prompt_tokens",
+                f"{n_cut} of {len(todo)} prompts are longer than {limit} tokens and were cut from the left "
+                f"to their last {limit} tokens (max_prompt_tokens); shorten them or raise --max_prompt_tokens",
                 stacklevel=2,
             )
         # Longest first: similar lengths share a batch (little padding) and an OOM shows up at once.
-        todo.sort(key=lambda p: -len(encoded[p][0]))
+        todo.sort(key=lambda p: -len(encoded[p]))
         was_training = model.training
         old_side = getattr(tokenizer, "padding_side", None)
         tokenizer.padding_side = "left"
@@ -330,7 +348,7 @@ def generate_responses(
             with torch.no_grad(), tqdm(total=len(todo), desc="generate", disable=not progress, unit="prompt") as bar:
                 for start in range(0, len(todo), settings.batch_size):
                     batch = todo[start : start + settings.batch_size]
-                    ids = generate_token_ids(model, tokenizer, batch, settings)
+                    ids = _generate_batch(model, tokenizer, [encoded[p] for p in batch], settings)
                     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
                     done.update(zip(batch, texts))
                     if cache is not None:

@@ -254,3 +254,26 @@ def test_eval_is_registered_in_the_main_cli():
     with redirect_stdout(buf), pytest.raises(SystemExit):
         main(["eval", "--help"])
     assert "--max-new-tokens" in buf.getvalue() and "--baseline" in buf.getvalue()
+
+
+def test_eval_cli_refuses_a_baseline_from_another_prompt_set(model_dir, jsonl_file, tmp_path):
+    from alignguard.driftcheck.generate import GenerationSettings
+
+    base_prompts = tmp_path / "base_prompts.jsonl"
+    base_prompts.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:2]))
+    run_driftcheck(
+        model_dir,
+        base_prompts,
+        settings=GenerationSettings(max_new_tokens=1),
+        out_dir=tmp_path / "base",
+        n_boot=10,
+        progress=False,
+    )
+    baseline = tmp_path / "base" / "results.json"
+    args = _eval_parser().parse_args(
+        ["eval", "--model", str(model_dir), "--prompts", str(jsonl_file), "--out", str(tmp_path / "o")]
+        + ["--baseline", str(baseline)]
+    )
+    with pytest.raises(SystemExit, match=r"^error: --baseline .*another prompt set than .*prompts\.jsonl") as err:
+        args.func(args)
+    assert "3 not in the baseline" in str(err.value) and not (tmp_path / "o" / "generations.jsonl").exists()

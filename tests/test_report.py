@@ -363,12 +363,18 @@ def test_aggregate_pairs_prompts_through_paired_flags(tmp_path):
         (mdir / "driftcheck" / "results.json").write_text(json.dumps(dc(flags, pids)))
         (mdir / "result.json").write_text(json.dumps({"task": {"accuracy": 0.6}, "mean_step_seconds": 1.0}))
     cfg = SimpleNamespace(out=str(tmp_path), methods=["plain_lora", "alignguard"], seeds=[0], model="m")
-    rows = aggregate(cfg)["rows"]
+    results = aggregate(cfg)
+    rows = results["rows"]
     ag = rows["alignguard"]["seeds"][0]
     assert ag["drift"]["value"] == pytest.approx(1 / 9) and ag["drift"]["n"] == 9
     # On p1..p9 plain LoRA lost 5 refusals of 9 and alignguard 1: reduction 1 - (1/9) / (5/9).
     assert ag["drift_reduction"]["value"] == pytest.approx(1 - 1 / 5) and ag["drift_reduction"]["n"] == 9
     assert rows["plain_lora"]["seeds"][0]["drift"]["value"] == pytest.approx(0.6)
+    # results.md is written from the in-memory dict (int seed keys) and must equal the one from results.json.
+    from alignguard.report.compare_table import format_table
+
+    assert "| alignguard | 60.0 | 88.9 [" in format_table(results)
+    assert format_table(results) == format_table(json.loads(json.dumps(results)))
 
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)

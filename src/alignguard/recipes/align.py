@@ -61,6 +61,15 @@ class AlignRunConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.safe_fraction <= 1.0:
             raise ValueError(f"safe_fraction: must be in [0, 1], got {self.safe_fraction}")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ValueError(f"max_examples: must be >= 1 or None, got {self.max_examples}")
+        for name in ("learning_rate", "lora_alpha"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ValueError(f"seed: must be >= 0, got {self.seed}")
+        if not self.target_modules:
+            raise ValueError("target_modules: give at least one module name (e.g. q_proj v_proj)")
 
 
 def sample_alignment_examples(examples: list, cfg: AlignRunConfig, rng: random.Random) -> list:

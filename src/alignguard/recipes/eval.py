@@ -3,7 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
+
+# The judge names `alignguard.driftcheck.judge.get_judge` accepts (besides a classifier folder).
+JUDGE_NAMES = ("pattern", "pattern_relevance", "embedding")
+
+
+def check_judge(name: str, field_name: str) -> None:
+    """Refuse a judge `get_judge` would not resolve (checked before any model is loaded)."""
+    if name not in JUDGE_NAMES and not Path(name).is_dir():
+        raise ValueError(
+            f"{field_name}: unknown judge {name!r}; use one of {list(JUDGE_NAMES)} or the folder of a local Hugging "
+            "Face sequence-classification model"
+        )
 
 
 @dataclass
@@ -78,6 +91,11 @@ class EvalConfig:
             raise ValueError(f"--n-boot must be >= 1, got {self.n_boot}")
         if isinstance(self.extra_judges, str):
             self.extra_judges = [self.extra_judges]
+        if self.seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {self.seed}")
+        check_judge(self.judge, "--judge")
+        for name in self.extra_judges:
+            check_judge(name, "--extra-judges")
 
 
 def run_eval(cfg: EvalConfig):

@@ -110,6 +110,8 @@ class ScalingConfig(compare.HarnessConfig):
         for name in ("n_heldout", "heldout_max_new_tokens", "loss_batch_size", "loss_max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ValueError(f"seed: must be >= 0, got {self.seed}")
 
     def compare_config(self, out: Path | str) -> compare.CompareConfig:
         """The `CompareConfig` of one length's runs (its folder is `out`)."""

@@ -27,6 +27,7 @@ import torch
 
 from ..config import AlignGuardConfig, FisherConfig, SubspaceConfig
 from ..io import atomic_write_json, atomic_write_text
+from .eval import check_judge
 from .fisher import FisherRunConfig, run_fisher
 from .train import TrainRunConfig, run_train
 
@@ -57,23 +58,31 @@ DEFAULT_METHODS = list(METHODS)
 
 def method_spec(name: str) -> dict:
     """The spec of a method name; `<method>@<field>=<value>[,...]` overrides AlignGuardConfig fields (a lambda
-    sweep: `alignguard@lambda_a=1000`)."""
-    import dataclasses
+    sweep: `alignguard@lambda_a=1000`); each value is converted like the flag of that field and the resulting
+    AlignGuardConfig must be valid."""
+    import typing
 
-    import yaml
+    from ..cli.common import convert_value  # the flags' converter, so `@lambda_a=abc` fails like `--lambda_a abc`
 
     base, _, overrides = name.partition("@")
     if base not in METHODS:
         raise ValueError(f"methods: unknown {base!r}; choose from {sorted(METHODS)} (optionally @field=value)")
     spec = {**METHODS[base], "ag": dict(METHODS[base].get("ag", {}))}
-    fields = {f.name: f.type for f in dataclasses.fields(AlignGuardConfig)}
+    fields = typing.get_type_hints(AlignGuardConfig)
     for item in filter(None, overrides.split(",")):
         key, _, value = item.partition("=")
         if key not in fields or not value:
             raise ValueError(
                 f"methods: {name!r}: expected @field=value with a field of AlignGuardConfig, got {item!r}"
             )
-        spec["ag"][key] = yaml.safe_load(value)  # numbers, booleans and names as in a YAML config
+        try:
+            spec["ag"][key] = convert_value(value, fields[key])
+        except ValueError as exc:
+            raise ValueError(f"methods: {name!r}: {key}: {exc}") from exc
+    try:
+        AlignGuardConfig(**spec["ag"])
+    except ValueError as exc:
+        raise ValueError(f"methods: {name!r}: {exc}") from exc
     return spec
 
 
@@ -117,6 +126,10 @@ class HarnessConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.replay_ratio < 1:
             raise ValueError(f"replay_ratio: must be in [0, 1), got {self.replay_ratio}")
+        if not -1 <= self.safe_lora_threshold <= 1:
+            raise ValueError(f"safe_lora_threshold: must be in [-1, 1] (a cosine), got {self.safe_lora_threshold}")
+        for judge in self.extra_judges:
+            check_judge(judge, "extra_judges")
 
     def harness_values(self) -> dict:
         """The harness fields as a dict (to build another config with the same evaluation)."""
@@ -149,8 +162,8 @@ class CompareConfig(HarnessConfig):
         super().__post_init__()
         for name in self.methods:
             method_spec(name)  # raises ValueError naming the bad method or override
-        if not self.seeds:
-            raise ValueError("seeds: give at least one seed")
+        if not self.seeds or any(s < 0 for s in self.seeds):
+            raise ValueError(f"seeds: give one or more seeds >= 0, got {self.seeds}")
 
 
 def _load(spec):

@@ -59,8 +59,11 @@ class FisherRunConfig:
     def __post_init__(self):
         if self.max_examples is not None and self.max_examples < 1:
             raise ValueError(f"max_examples: must be >= 1 or None, got {self.max_examples}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        for name in ("batch_size", "max_length", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ValueError(f"seed: must be >= 0, got {self.seed}")
 
 
 def alignment_pairs(model, tokenizer, cfg: FisherRunConfig, progress: bool = True) -> list[tuple[str, str]]:

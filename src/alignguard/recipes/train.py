@@ -62,13 +62,22 @@ class TrainRunConfig:
     )
 
     def __post_init__(self):
-        if self.method == "alignguard" and not self.fisher:
-            raise ValueError("fisher: method 'alignguard' needs --fisher DIR (run `alignguard fisher` first)")
         if not 0 <= self.poison_ratio < 1:
             raise ValueError(f"poison_ratio: must be in [0, 1), got {self.poison_ratio}")
-        for name in ("n_train", "lora_r", "max_steps", "batch_size", "grad_accum", "save_steps"):
+        for name in ("n_train", "lora_r", "max_steps", "batch_size", "grad_accum", "save_steps", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("learning_rate", "lora_alpha"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+        if self.seed < 0:
+            raise ValueError(f"seed: must be >= 0, got {self.seed}")
+        if not self.target_modules:
+            raise ValueError("target_modules: give at least one module name (e.g. q_proj v_proj)")
+        if self.method == "alignguard" and not self.fisher:  # last: a bad value above is the first thing to fix
+            raise ValueError("fisher: method 'alignguard' needs --fisher DIR (run `alignguard fisher` first)")
 
 
 TRAIN_SETTINGS = "train_settings.json"

@@ -96,6 +96,15 @@ def test_truncated_safetensors_names_the_file(model_dir, tmp_path, keep):
         run_driftcheck(cut, None, progress=False)
 
 
+def test_truncated_pytorch_bin_names_the_folder(model_dir, tmp_path):
+    folder = _copy_model(model_dir, tmp_path / "bin", skip={"model.safetensors"})
+    torch.save(make_tiny_model("llama").state_dict(), folder / "pytorch_model.bin")
+    data = (folder / "pytorch_model.bin").read_bytes()
+    (folder / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match=r"bin: pytorch_model.bin is truncated or damaged.*download the model"):
+        load_model_and_tokenizer(folder)
+
+
 def _set_config(folder: Path, **changes) -> None:
     path = folder / "config.json"
     cfg = json.loads(path.read_text())

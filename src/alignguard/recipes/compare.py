@@ -405,7 +405,10 @@ def row_settings(cfg: CompareConfig, train_cfg, ag_cfg, name: str, seed: int, fi
     spec = method_spec(name)
     settings = {
         "model": cfg.model,
-        "fisher_key": json.loads((fisher_dir / STAGE_KEY_FILE).read_text())["key"],
+        # Plain-LoRA rows (plain_lora, replay, safe_lora) never read the Fisher folder: a new Fisher pass keeps them.
+        "fisher_key": json.loads((fisher_dir / STAGE_KEY_FILE).read_text())["key"]
+        if spec["method"] == "alignguard"
+        else None,
         "base_key": json.loads((base_dir / STAGE_KEY_FILE).read_text())["key"],
         "method": name,
         "spec": spec,

@@ -77,7 +77,7 @@ EVAL_COMMAND = Command(
 
 def _file_values(args: argparse.Namespace) -> dict:
     """The `--config` YAML of `args`, checked (unknown keys, misplaced ones) by its command."""
-    return args._command._file_values(args)[0]
+    return args._command.read_config_file(args)[0]
 
 
 def add_train_parser(sub) -> argparse.ArgumentParser:

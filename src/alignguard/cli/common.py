@@ -308,14 +308,6 @@ def _check_keys(values: dict, allowed: dict[str, Any], source: str, path: str = 
             _check_keys(val, _yaml_keys(cls, skip), source, f"{path}{key}.")
 
 
-def check_unknown_keys(file_values: dict, dc_classes: list[type], source: str) -> None:
-    """Unknown YAML keys (not a field of any of `dc_classes`) are errors."""
-    allowed = {}
-    for cls in dc_classes:
-        allowed.update(_yaml_keys(cls))
-    _check_keys(file_values, allowed, source)
-
-
 def save_resolved_config(out_dir: str | os.PathLike, configs: dict[str, Any], name: str = "config.yaml") -> Path:
     """Save the resolved configs (dataclasses, nested ones as nested mappings, or dicts) beside an output, as YAML."""
     payload = {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in configs.items()}
@@ -380,7 +372,9 @@ class Command:
         parser.set_defaults(func=main, _command=self)
         return parser
 
-    def _file_values(self, args) -> tuple[dict, str]:
+    def read_config_file(self, args) -> tuple[dict, str]:
+        """The `--config` YAML of `args` (old keys moved to their nested place), checked: unknown or misplaced keys
+        are errors. Returns (values, the source named in errors)."""
         path = getattr(args, "config", None)
         values = load_yaml(path) if path else {}
         source = f"--config {path}"
@@ -405,7 +399,7 @@ class Command:
 
     def resolve(self, args: argparse.Namespace) -> dict[str, Any]:
         """{section name: config}, each built from defaults < `--config` YAML < explicit flags."""
-        values, source = self._file_values(args)
+        values, source = self.read_config_file(args)
         done: dict[str, Any] = {}
         for s in self.sections:
             own = {k: v for k, v in values.items() if k not in s.set_by_command}

@@ -7,9 +7,12 @@
 
 The regulariser does not depend on the batch and the LoRA weights do not change within an accumulation
 cycle, so it is added exactly once per optimizer step: on the micro-batch that syncs gradients, with a weight
-that undoes the Trainer's 1/gradient_accumulation_steps loss scaling where the Trainer applies it (adding
-reg/GA on every micro-batch would give the same gradient at GA times the cost). A `TrainerCallback` alone
-cannot add a loss term, hence the `compute_loss` override (as TRL does for `router_aux_loss_coef`).
+that undoes the Trainer's 1/gradient_accumulation_steps loss scaling where the Trainer applies it, DeepSpeed
+included (adding reg/GA on every micro-batch would give the same gradient at GA times the cost). A
+`TrainerCallback` alone cannot add a loss term, hence the `compute_loss` override (as TRL does for
+`router_aux_loss_coef`). The logged `task_loss` is the optimizer step's task loss counted as the Trainer's `loss`
+counts it, so `loss == task_loss + reg_total`. A NaN/inf task loss or term stops training
+(`NonFiniteLossError`) before it reaches the optimizer.
 """
 
 from __future__ import annotations

@@ -303,3 +303,62 @@ def test_unprotected_layers_are_recorded(fisher_dir, tmp_path):
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["n_unprotected_layers"] == len(summary["unprotected_layers"]) > 0
     assert all("k_proj" in name for name in summary["unprotected_layers"])
+
+
+def test_refresh_resume_continues_from_the_checkpoint_subspaces(fisher_dir, tmp_path):
+    out = tmp_path / "r"
+    argv = ["train", *TRAIN, "--fisher", str(fisher_dir), "--out", str(out), "--refresh_every", "1"]
+    argv += ["--learning_rate", "0.05"]
+    assert main(argv) == 0
+    ckpt = out / "checkpoints" / "checkpoint-2"
+    refreshed = load_file(str(ckpt / "subspaces.safetensors"))
+    # Killed after the last checkpoint: the resumed run must keep the refreshed subspaces, not the initial ones.
+    (out / "train_summary.json").unlink()
+    shutil.rmtree(out / "adapter")
+    assert main(argv) == 0
+    saved = load_file(str(out / "adapter" / "subspaces.safetensors"))
+    assert set(saved) == set(refreshed) and all(bool((saved[k] == refreshed[k]).all()) for k in saved)
+
+
+def test_overwrite_replaces_an_alignguard_run_with_a_lora_one(trained, tmp_path):
+    out, argv = trained
+    run = tmp_path / "t"
+    shutil.copytree(out, run)
+    argv = [a if a != str(out) else str(run) for a in argv]
+    assert main([*argv, "--method", "lora", "--learning_rate", "0.01", "--overwrite", "true"]) == 0
+    assert not (run / "adapter" / "alignguard_config.json").exists()  # no AlignGuard file left from before
+    assert json.loads((run / "train_summary.json").read_text())["method"] == "lora"
+    assert json.loads((run / "run.json").read_text())["settings"]["run"]["method"] == "lora"
+
+
+def test_other_command_into_a_train_folder_is_refused_before_any_work(trained, monkeypatch):
+    import alignguard.models
+
+    out, _ = trained
+    before = {str(p): p.stat().st_mtime_ns for p in out.rglob("*")}
+    monkeypatch.setattr(alignguard.models, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(SystemExit, match=r"holds an `alignguard train` run .*not an `alignguard fisher` one"):
+        main(["fisher", "--model", "tiny-llama", "--out", str(out)])
+    with pytest.raises(SystemExit, match=r"holds an `alignguard train` run"):
+        main(["eval", "--model", "tiny-llama", "--out", str(out)])
+    assert {str(p): p.stat().st_mtime_ns for p in out.rglob("*")} == before  # config.yaml etc. untouched
+
+
+def test_unwritable_out_fails_before_any_work(tmp_path, monkeypatch):
+    import alignguard.models
+
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(alignguard.models, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(SystemExit, match=r"error: --out .*file/t: cannot write there"):
+        main(["train", *TRAIN, "--method", "lora", "--out", str(tmp_path / "file" / "t")])
+
+
+def test_finished_align_is_skipped(tmp_path, capsys):
+    out = tmp_path / "aligned"
+    argv = ["align", "--model", "tiny-llama", "--out", str(out), "--max_steps", "1", "--max_examples", "4"]
+    argv += ["--batch_size", "2", "--max_length", "160", "--max_new_tokens", "2", "--lora_r", "2"]
+    assert main(argv) == 0
+    info = (out / "align_info.json").read_text()
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "skipped" in capsys.readouterr().out and (out / "align_info.json").read_text() == info

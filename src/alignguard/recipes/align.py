@@ -9,12 +9,13 @@ what Safe LoRA needs as its (base, aligned) pair.
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..io import atomic_write_json
-from .common import add_lora, checkpointed_training_args, latest_checkpoint
+from .common import add_lora, checkpointed_training_args, latest_checkpoint, restore_final_checkpoint
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -107,6 +108,17 @@ def alignment_sft_pairs(model, tokenizer, cfg: AlignRunConfig, progress: bool = 
     return pairs
 
 
+def _finished(out: Path, cfg: AlignRunConfig) -> bool:
+    """Whether `out` holds a merged model aligned with these settings (align_info.json records them)."""
+    from .common import plain_settings
+
+    info = out / "align_info.json"
+    if not (info.is_file() and (out / "config.json").is_file()):
+        return False
+    recorded = json.loads(info.read_text()).get("config", {})
+    return plain_settings({"c": recorded}) == plain_settings({"c": cfg})
+
+
 def run_align(cfg: AlignRunConfig, model=None, tokenizer=None, progress: bool = True) -> Path:
     """Align `cfg.model` with LoRA SFT, merge, and save to `cfg.out`; returns the folder.
 
@@ -116,11 +128,14 @@ def run_align(cfg: AlignRunConfig, model=None, tokenizer=None, progress: bool = 
 
     from ..data import PaddingCollator, pad_token_id, tokenize_example
 
+    out = Path(cfg.out)
+    if _finished(out, cfg):
+        print(f"[align] {out}: aligned earlier with the same settings; skipped (align_info.json kept)")
+        return out
     if model is None:
         from ..models import load_model_and_tokenizer
 
         model, tokenizer, _ = load_model_and_tokenizer(cfg.model)
-    out = Path(cfg.out)
     pairs = alignment_sft_pairs(model, tokenizer, cfg, progress=progress)
     features = [tokenize_example(tokenizer, p, r, cfg.max_length, index=i) for i, (p, r) in enumerate(pairs)]
     peft_model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.target_modules)
@@ -139,7 +154,10 @@ def run_align(cfg: AlignRunConfig, model=None, tokenizer=None, progress: bool = 
         model=peft_model, args=args, train_dataset=features, data_collator=PaddingCollator(pad_token_id(tokenizer))
     )
     last = latest_checkpoint(out / "checkpoints")
-    trainer.train(resume_from_checkpoint=str(last) if last else None)
+    if last is not None and json.loads((last / "trainer_state.json").read_text())["global_step"] >= cfg.max_steps:
+        restore_final_checkpoint(trainer, peft_model, last)  # killed after the last checkpoint, before the merge
+    else:
+        trainer.train(resume_from_checkpoint=str(last) if last else None)
     merged = peft_model.merge_and_unload()
     tmp = out.with_name(out.name + ".tmp-merge")
     merged.save_pretrained(str(tmp))

@@ -122,6 +122,24 @@ def latest_checkpoint(directory: Path, log=print) -> Path | None:
     return None
 
 
+def restore_final_checkpoint(trainer, peft_model, ckpt: Path) -> None:
+    """Load the adapter weights and trainer state of a checkpoint at the last step, without a training step: a
+    run killed after its last checkpoint resumes to nothing (the Trainer would train one step too many)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    weights = ckpt / "adapter_model.safetensors"
+    if weights.is_file():
+        state_dict = load_file(str(weights))
+    else:
+        import torch
+
+        state_dict = torch.load(ckpt / "adapter_model.bin", map_location="cpu", weights_only=True)
+    set_peft_model_state_dict(peft_model, state_dict)
+    trainer.state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))
+
+
 # --- Settings of a run or stage -------------------------------------------------------------------------------
 
 # Fields that change no output: left out of every comparison of settings.

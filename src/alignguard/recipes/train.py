@@ -14,7 +14,7 @@ from typing import Literal
 
 from ..config import AlignGuardConfig
 from ..io import atomic_write_json
-from .common import DEFAULT_TARGETS, add_lora, checkpointed_training_args, latest_checkpoint
+from .common import DEFAULT_TARGETS, add_lora, checkpointed_training_args, latest_checkpoint, restore_final_checkpoint
 
 
 @dataclass
@@ -195,23 +195,6 @@ def _logged_mean_loss(log_history: list[dict]) -> float | None:
     return total / steps if steps else None
 
 
-def _restore_final_checkpoint(trainer, peft_model, ckpt: Path) -> None:
-    """Load the adapter weights and trainer state of a checkpoint at the last step (no training step)."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-    from transformers import TrainerState
-
-    weights = ckpt / "adapter_model.safetensors"
-    if weights.is_file():
-        state_dict = load_file(str(weights))
-    else:
-        import torch
-
-        state_dict = torch.load(ckpt / "adapter_model.bin", map_location="cpu", weights_only=True)
-    set_peft_model_state_dict(peft_model, state_dict)
-    trainer.state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))
-
-
 def run_train(
     cfg: TrainRunConfig,
     ag_cfg: AlignGuardConfig | None = None,
@@ -323,7 +306,7 @@ def run_train(
         trainer = Trainer(**kwargs)
     if last is not None and resumed_step >= cfg.max_steps:
         # Killed after the last checkpoint: nothing left to train (the Trainer would run one step too many).
-        _restore_final_checkpoint(trainer, peft_model, last)
+        restore_final_checkpoint(trainer, peft_model, last)
         training_loss = None
     else:
         training_loss = trainer.train(resume_from_checkpoint=str(last) if last else None).training_loss

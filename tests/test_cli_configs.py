@@ -154,6 +154,7 @@ def test_demo_aligned_model_cache_key_is_unchanged(tmp_path):
     digest = hashlib.sha256(json.dumps(old, sort_keys=True, default=str).encode()).hexdigest()[:12]
     cfg = _demo(["--cache_dir", str(tmp_path)])
     assert cfg.align.out == str(tmp_path / f"smollm2-135m-instruct-{digest}")
+    assert digest == "b6e0e9f67fb3"  # what the demo's default alignment was cached under at commit 817ec4f
     assert _demo(["--cache_dir", str(tmp_path), "--overwrite", "true"]).align.out == cfg.align.out
     assert _demo(["--cache_dir", str(tmp_path), "--align.max_steps", "17"]).align.out != cfg.align.out
 

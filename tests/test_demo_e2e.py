@@ -188,7 +188,11 @@ def test_aligned_model_cache_key_ignores_fields_added_later_at_their_default():
 
     cfg = DemoConfig(cache_dir="/cache")
     align = AlignRunConfig(model=cfg.model, max_examples=160)
-    old = {k: v for k, v in vars(align).items() if k not in ("out", "safe_fraction")}
+    # `overwrite` (added later still) says what happens to --out, not how the model is aligned: never in the key.
+    old = {k: v for k, v in vars(align).items() if k not in ("out", "safe_fraction", "overwrite")}
     digest = hashlib.sha256(json.dumps(old, sort_keys=True, default=str).encode()).hexdigest()[:12]
     assert aligned_model_path(cfg, align).name.endswith(digest)
+    # The key the demo's default alignment had at commit 817ec4f (before `overwrite` existed), literally.
+    assert aligned_model_path(cfg, align).name == "smollm2-135m-instruct-22a711707f76"
+    assert DemoConfig(cache_dir="/cache").align.out == "/cache/smollm2-135m-instruct-b6e0e9f67fb3"
     assert aligned_model_path(cfg, dataclasses.replace(align, safe_fraction=0.75)) != aligned_model_path(cfg, align)

@@ -8,7 +8,7 @@ TrainRunConfig`) becomes a namespace: flags `--train.max_steps`, YAML `train: {m
 Flags and YAML values go through the same converter (`convert_value`): Literal choices exactly, booleans through
 one parser, integers only as integers, lists of the inner type, None only for Optional fields. Two configs of one
 command may not expose the same field name (one flag would silently feed both); `Command` refuses that at build
-time unless the name is declared `shared` with a reason.
+time (the command sets one of them itself instead: `Section.set_by_command` + `derive`).
 """
 
 from __future__ import annotations
@@ -324,16 +324,14 @@ class Command:
         sections: its configs, resolved in this order.
         yaml_also: dataclasses whose fields the YAML file may also hold (a file shared with a sibling command);
             this command ignores them.
-        shared: field names several sections may expose, each with the reason; one flag feeds them all.
         aliases: old flag / top-level YAML name -> the dotted name it now stands for (`max_steps` ->
             `train.max_steps`), so existing scripts and files keep working.
     """
 
-    def __init__(self, name, help, doc, sections, yaml_also=(), shared=None, aliases=None):
+    def __init__(self, name, help, doc, sections, yaml_also=(), aliases=None):
         self.name, self.help, self.doc = name, help, doc
         self.sections: list[Section] = list(sections)
         self.yaml_also = tuple(yaml_also)
-        self.shared: dict[str, str] = dict(shared or {})
         self.aliases: dict[str, str] = dict(aliases or {})
         self.check_collisions()
 
@@ -346,11 +344,11 @@ class Command:
         return owners
 
     def check_collisions(self) -> None:
-        clashes = {n: o for n, o in self.exposed().items() if len(o) > 1 and n not in self.shared}
+        clashes = {n: o for n, o in self.exposed().items() if len(o) > 1}
         if clashes:
             raise ValueError(
                 f"alignguard {self.name}: field(s) exposed by several configs {clashes}; one flag would feed "
-                "them all. Rename one, mark it set_by_command, or list it in `shared` with the reason."
+                "them all. Rename one, or list it in the other's Section.set_by_command and derive it there."
             )
 
     def add_parser(self, subparsers, main) -> argparse.ArgumentParser:
@@ -361,14 +359,11 @@ class Command:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         parser.add_argument("--config", help="YAML file of options (flags given here win).")
-        taken: set[str] = set()
         for s in self.sections:
-            skip = set(s.set_by_command) | (taken & set(self.shared))  # a shared name gets one flag
-            add_dataclass_args(parser, s.cls, exclude=skip)
-            taken |= {f.name for f in exposed_fields(s.cls, s.set_by_command)}
+            add_dataclass_args(parser, s.cls, exclude=s.set_by_command)
         for old, new in self.aliases.items():
             add_flag_alias(parser, old, new)
-        add_dash_aliases(parser)
+        add_dash_aliases(parser)  # every flag, old names included: one rule, both spellings
         parser.set_defaults(func=main, _command=self)
         return parser
 

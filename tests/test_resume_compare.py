@@ -134,3 +134,27 @@ def test_changed_settings_redo_what_depends_on_them(tmp_path, capsys, flags, red
         assert summary["steps"] == int(flags.get("max_steps", 1))
         settings = json.loads((tmp_path / "run" / "seed0" / name / "train_settings.json").read_text())["settings"]
         assert settings["train"]["model"] == flags.get("model", "tiny-llama")
+
+
+def test_scaling_rerun_redoes_only_points_whose_settings_changed(tmp_path, capsys):
+    _write_prompts(tmp_path / "prompts.jsonl", PROMPTS)
+    out = tmp_path / "run"
+    argv = ["scaling", "--model", "tiny-llama", "--out", str(out), "--steps", "1", "2", "--methods", "plain_lora"]
+    argv += ["--prompts", str(tmp_path / "prompts.jsonl"), "--heldout_responses", "dataset", "--n_train", "4"]
+    argv += ["--eval_max_new_tokens", "2", "--task_eval_n", "1", "--task_fisher", "false", "--fisher_examples", "2"]
+    argv += ["--batch_size", "1", "--max_length", "64", "--loss_max_length", "128", "--show_progress", "false"]
+    assert main([*argv, "--n_heldout", "2"]) == 0
+    points = out / "scaling" / "points" / "plain_lora"
+    old = {p.name: json.loads(p.read_text()) for p in points.glob("steps*.json") if ".key." not in p.name}
+    capsys.readouterr()
+    assert main([*argv, "--n_heldout", "3"]) == 0
+    printed = capsys.readouterr().out
+    # The training runs do not depend on the held-out set: reused; the losses measured on it are redone.
+    assert "[seed0/plain_lora] reused" in printed
+    assert "heldout.json redone: settings changed: n_heldout: 2 -> 3" in printed
+    assert len(json.loads((out / "scaling" / "heldout.json").read_text())) == 3
+    for name, point in old.items():
+        new = json.loads((points / name).read_text())
+        assert new["point"]["alignment_loss"] != point["point"]["alignment_loss"]
+        assert new["train_loss"] == point["train_loss"]
+    assert list((out / "superseded").glob("scaling_heldout.json-*"))

@@ -2,18 +2,23 @@
 
 Layout of a compare run folder (also documented in the README):
 
-    <out>/config.yaml                     resolved configuration
+    <out>/config.yaml, run.json           resolved configuration; the command and settings (the --out guard)
     <out>/fisher/                         Fisher state + subspaces (alignment data), task factors
     <out>/base/driftcheck/                DriftCheck of the aligned model without adapter (results.json, ...)
     <out>/base/task.json                  its task metric
     <out>/seed<S>/<method>/adapter/       the trained adapter (+ AlignGuard state)
+    <out>/seed<S>/<method>/train_summary.json, train_settings.json   the training (loss, step time), its settings
     <out>/seed<S>/<method>/driftcheck/    DriftCheck of model + adapter
-    <out>/seed<S>/<method>/result.json    per-method summary; its presence marks the method done (resume)
+    <out>/seed<S>/<method>/result.json    per-method summary; marks the method done
+    <out>/<stage>/stage_key.json          settings the stage was made with (fisher/, base/, each seed<S>/<method>/)
+    <out>/superseded/                     stages made with other settings, moved aside when redone (never deleted)
     <out>/results.json                    all methods, one schema (see `aggregate`)
     <out>/results.md                      the table
 
-A killed run started again with the same command skips finished methods and resumes the interrupted one from
-its last Trainer checkpoint.
+Each stage is keyed by what it depends on (`fisher_stage_settings`, `base_stage_settings`, `row_settings`): a
+re-run reuses a finished stage with the same settings, redoes one made with other settings (another --model,
+--energy, --max_steps, --lambda_a, ...) and prints which it did and why. A killed run started again skips
+finished methods and resumes the interrupted one from its newest complete Trainer checkpoint.
 """
 
 from __future__ import annotations

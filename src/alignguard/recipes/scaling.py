@@ -8,7 +8,10 @@ Layout (inside a compare-style run folder, so the Fisher state and base DriftChe
     <out>/scaling/heldout.json                          held-out unsafe prompts + the aligned model's refusals
     <out>/scaling/base_point.json                       alignment loss of the aligned model itself (D = 0)
     <out>/scaling/runs/steps<D>/seed<S>/<method>/       the compare run of one method at length D (adapter, ...)
-    <out>/scaling/points/<method>/steps<D>.json         one measured point; its presence marks it done (resume)
+    <out>/scaling/points/<method>/steps<D>.json         one measured point (done when its .key.json matches)
+    <out>/scaling/*.key.json, points/**/*.key.json      settings of heldout.json, base_point.json, each point;
+                                                        a file made with other settings is redone (old one kept
+                                                        in <out>/superseded/)
     <out>/scaling/scaling.json                          all points + fits (schema "scaling-1", below)
     <out>/scaling/scaling.md                            the table and the claim, with numbers
 

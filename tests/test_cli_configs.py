@@ -361,3 +361,23 @@ def test_python_users_get_the_same_checks():
     with pytest.raises(ValueError, match="lambda_a: expected a number"):
         CompareConfig(methods=["alignguard@lambda_a=abc"])
     assert method_spec("alignguard@refresh_every=none")["ag"] == {"refresh_every": None}
+
+
+def test_compare_sets_the_training_fields_it_owns(tmp_path):
+    cmp, train, *_ = _resolve(["compare", "--model", "tiny-llama", "--out", str(tmp_path), "--max_steps", "3"])
+    assert (train.model, train.out, train.method, train.fisher, train.seed) == (
+        "tiny-llama",
+        str(tmp_path),
+        "lora",
+        None,
+        0,
+    )
+    assert train.max_steps == 3 and cmp.model == "tiny-llama"
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 1\nmethod: alignguard\n")
+    with pytest.raises(SystemExit, match=r"\['method', 'seed'\]: set by `alignguard compare` itself"):
+        _resolve(["compare", "--config", str(path)])
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
+        build_parser().parse_args(["compare", "--method", "lora"])
+    assert "unrecognized arguments: --method lora" in err.getvalue()  # not an abbreviation of --methods

@@ -357,6 +357,7 @@ class Command:
             help=self.help,
             description=self.doc,
             formatter_class=argparse.RawDescriptionHelpFormatter,
+            allow_abbrev=False,  # `compare --method lora` must not be read as `--methods lora`
         )
         parser.add_argument("--config", help="YAML file of options (flags given here win).")
         for s in self.sections:

@@ -158,3 +158,44 @@ def test_scaling_rerun_redoes_only_points_whose_settings_changed(tmp_path, capsy
         assert new["point"]["alignment_loss"] != point["point"]["alignment_loss"]
         assert new["train_loss"] == point["train_loss"]
     assert list((out / "superseded").glob("scaling_heldout.json-*"))
+
+
+def _make_legacy(run):
+    """What a run folder looked like before run.json and settings keys."""
+    (run / "run.json").unlink()
+    for name in ("stage_key.json", "train_settings.json"):
+        for path in run.rglob(name):
+            path.unlink()
+
+
+def test_run_from_before_stage_keys_with_the_same_settings_is_reused(compare_run, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    root = tmp_path
+    shutil.copytree(compare_run / "run", root / "run")
+    shutil.copy(compare_run / "prompts.jsonl", root / "prompts.jsonl")
+    argv = _argv(root, "alignguard", lambda_a="7")  # the fixture's last settings (test_changed_lambda...)
+    assert main(argv) == 0
+    _make_legacy(root / "run")
+    capsys.readouterr()
+    monkeypatch.setattr(compare, "_load", lambda spec: pytest.fail("a finished run loaded the model"))
+    assert main(argv) == 0
+    stages = _stage_lines(capsys.readouterr().out)
+    assert all("made before stages were keyed" in stages[s] for s in ("fisher", "base", "seed0/alignguard")), stages
+    assert all(stages[s].startswith("reused") for s in ("fisher", "base", "seed0/alignguard")), stages
+    assert json.loads((root / "run" / "run.json").read_text())["legacy_settings_match"] is True
+
+
+def test_run_from_before_stage_keys_with_other_settings_is_redone(compare_run, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path
+    shutil.copytree(compare_run / "run", root / "run")
+    shutil.copy(compare_run / "prompts.jsonl", root / "prompts.jsonl")
+    assert main(_argv(root, "alignguard", lambda_a="7")) == 0
+    _make_legacy(root / "run")
+    capsys.readouterr()
+    assert main(_argv(root, "alignguard", lambda_a="3")) == 0
+    stages = _stage_lines(capsys.readouterr().out)
+    assert all(stages[s].startswith("redone") for s in ("fisher", "base", "seed0/alignguard")), stages
+    assert "legacy_settings_match" not in json.loads((root / "run" / "run.json").read_text())

@@ -362,3 +362,16 @@ def test_finished_align_is_skipped(tmp_path, capsys):
     capsys.readouterr()
     assert main(argv) == 0
     assert "skipped" in capsys.readouterr().out and (out / "align_info.json").read_text() == info
+
+
+def test_train_from_before_settings_files_is_skipped_when_config_matches(trained, tmp_path, capsys):
+    out, argv = trained
+    run = tmp_path / "t"
+    shutil.copytree(out, run)
+    (run / "run.json").unlink()
+    (run / "train_settings.json").unlink()
+    before = (run / "train_summary.json").read_text()
+    argv = [a if a != str(out) else str(run) for a in argv]
+    assert main(argv) == 0
+    assert "skipped" in capsys.readouterr().out and (run / "train_summary.json").read_text() == before
+    assert (run / "train_settings.json").is_file()

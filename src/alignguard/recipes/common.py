@@ -216,6 +216,15 @@ def stage_is_current(directory: Path, settings: dict, done: Path, root: Path, la
     record = {"key": key, "settings": settings}
     if directory.is_dir() and any(directory.iterdir()):
         old = _read_json(key_file)
+        if old is None and legacy_outputs_match(directory):
+            atomic_write_json(key_file, record)
+            if Path(done).is_file():
+                log(
+                    f"[{label}] reused: made before stages were keyed, by a run with these same settings ({directory})"
+                )
+                return True
+            log(f"[{label}] resuming: made before stages were keyed, by a run with these same settings ({directory})")
+            return False
         if old is not None and old.get("key") == key:
             if Path(done).is_file():
                 log(f"[{label}] reused: finished with the same settings ({directory})")
@@ -232,6 +241,17 @@ def stage_is_current(directory: Path, settings: dict, done: Path, root: Path, la
     else:
         log(f"[{label}] new")
     atomic_write_json(key_file, record)
+    return False
+
+
+def legacy_outputs_match(path: str | os.PathLike) -> bool:
+    """Whether outputs under `path` without a settings key were made by a run with the current settings: the
+    nearest `run.json` above says so when the guard found the folder's older config file identical to this run's
+    (see `check_output_dir`). Such outputs are adopted instead of redone."""
+    for folder in (Path(path), *Path(path).parents):
+        run = _read_json(folder / RUN_FILE)
+        if run is not None:
+            return bool(run.get(LEGACY_MATCH))
     return False
 
 
@@ -259,6 +279,8 @@ def supersede(directory: Path, root: Path, key: str | None = None) -> Path:
 # --- The output-folder guard of the CLI mains ------------------------------------------------------------------
 
 RUN_FILE = "run.json"
+# run.json field: the folder holds outputs of a run from before settings keys whose config file equals this run's.
+LEGACY_MATCH = "legacy_settings_match"
 # Commands whose stages are keyed by their own settings (`stage_is_current`): a re-run with other settings reuses
 # what matches and redoes the rest, so only the command has to match.
 STAGE_KEYED_COMMANDS = frozenset({"compare", "scaling", "demo"})
@@ -274,7 +296,9 @@ def check_output_dir(
     same `configs` (fields in `IGNORED_FIELDS` aside); for compare, scaling and demo, whose stages are keyed by
     their own settings, the same command suffices. Otherwise the run stops with an error naming the folder,
     what is there and the fix, unless `overwrite`: then the folder's previous contents are deleted first.
-    Records `<out>/run.json` ({"command", "settings"}).
+    Records `<out>/run.json` ({"command", "settings"}, plus `legacy_settings_match: true` when the folder is a
+    run from before run.json whose config file equals this run's: its unkeyed stages are then adopted, see
+    `legacy_outputs_match`).
 
     Raises:
         SystemExit: with the message, for the CLI.
@@ -283,17 +307,22 @@ def check_output_dir(
     _check_writable(out)
     settings = plain_settings(configs)
     entries = sorted(p.name for p in out.iterdir())
+    legacy_match = False
     if entries:
-        problem = _mismatch(out, command, settings, entries, config_name)
+        problem, legacy_match = _mismatch(out, command, settings, entries, config_name)
         if overwrite:
             _clear(out)
+            legacy_match = False
             print(f"[{command}] --overwrite true: deleted the previous contents of {out}")
         elif problem:
             raise SystemExit(
                 f"error: --out {out}: {problem}. Nothing was changed; choose another --out, or pass "
                 "--overwrite true to delete its contents and start afresh"
             )
-    atomic_write_json(out / RUN_FILE, {"command": command, "settings": settings})
+    record = {"command": command, "settings": settings}
+    if legacy_match:
+        record[LEGACY_MATCH] = True
+    atomic_write_json(out / RUN_FILE, record)
     return out
 
 
@@ -310,8 +339,10 @@ def _check_writable(out: Path) -> None:
         ) from exc
 
 
-def _mismatch(out: Path, command: str, settings: dict, entries: list[str], config_name: str) -> str | None:
+def _mismatch(out: Path, command: str, settings: dict, entries: list[str], config_name: str):
+    """(why `out` cannot be written into or None, whether its unkeyed outputs were made with these settings)."""
     run = _read_json(out / RUN_FILE)
+    legacy = bool(run and run.get(LEGACY_MATCH))
     if run is None:
         # Runs from before run.json: recognised by a config file with the same sections (= the same command).
         import yaml
@@ -321,18 +352,18 @@ def _mismatch(out: Path, command: str, settings: dict, entries: list[str], confi
         except yaml.YAMLError:
             old = None
         if isinstance(old, dict) and set(old) == set(settings):
-            run = {"command": command, "settings": plain_settings(old)}
+            run, legacy = {"command": command, "settings": plain_settings(old)}, True
         else:
             shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-            return f"is not empty ({shown}) and holds no `alignguard {command}` run ({RUN_FILE} missing)"
+            return f"is not empty ({shown}) and holds no `alignguard {command}` run ({RUN_FILE} missing)", False
     if run.get("command") != command:
-        return f"holds an `alignguard {run.get('command')}` run ({out / RUN_FILE}), not an `alignguard {command}` one"
-    if command in STAGE_KEYED_COMMANDS:
-        return None
+        other = run.get("command")
+        return f"holds an `alignguard {other}` run ({out / RUN_FILE}), not an `alignguard {command}` one", False
     diff = settings_diff(run.get("settings", {}), settings)
-    if diff:
-        return f"holds an `alignguard {command}` run with other settings ({'; '.join(diff)}), so it cannot be resumed"
-    return None
+    if diff and command not in STAGE_KEYED_COMMANDS:
+        why = f"holds an `alignguard {command}` run with other settings ({'; '.join(diff)}), so it cannot be resumed"
+        return why, False
+    return None, legacy and not diff
 
 
 def _clear(out: Path) -> None:

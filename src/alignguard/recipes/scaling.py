@@ -235,11 +235,14 @@ def _record_key(path: Path, settings: dict) -> None:
 def _keyed_file_is_current(path: Path, settings: dict, root: Path, log=print) -> bool:
     """Whether `path` was written with `settings` (recorded beside it in <name>.key.json). A file written with
     other settings, or before files were keyed, is moved to <root>/superseded/ (its key file with it)."""
-    from .common import SUPERSEDED_DIR, settings_diff, settings_key
+    from .common import SUPERSEDED_DIR, legacy_outputs_match, settings_diff, settings_key
 
     if not path.is_file():
         return False
     old = json.loads(_key_path(path).read_text()) if _key_path(path).is_file() else None
+    if old is None and legacy_outputs_match(path):
+        _record_key(path, settings)  # written before files were keyed, by a run with these same settings
+        return True
     if old is not None and old.get("key") == settings_key(settings):
         return True
     why = "settings changed: " + "; ".join(settings_diff(old["settings"], settings)) if old else "no key file"

@@ -123,11 +123,14 @@ def _check_train_settings(out: Path, settings: dict) -> bool:
 
     Returns whether the folder holds a finished run with these settings (train_summary.json is there).
     """
-    from .common import settings_diff
+    from .common import legacy_outputs_match, settings_diff
 
     path = out / TRAIN_SETTINGS
     started = (out / "checkpoints").is_dir() or (out / TRAIN_SUMMARY).is_file() or (out / "adapter").is_dir()
     old = json.loads(path.read_text())["settings"] if path.is_file() else None
+    if old is None and started and legacy_outputs_match(out):
+        old = settings  # a run from before train_settings.json, by the CLI with these same settings (run.json)
+        atomic_write_json(path, {"settings": settings})
     if old is not None and old != settings and started:
         raise TrainSettingsMismatch(
             f"{path}: {out} holds a training run with other settings ({'; '.join(settings_diff(old, settings))}); "

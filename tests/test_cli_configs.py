@@ -381,3 +381,12 @@ def test_compare_sets_the_training_fields_it_owns(tmp_path):
     with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
         build_parser().parse_args(["compare", "--method", "lora"])
     assert "unrecognized arguments: --method lora" in err.getvalue()  # not an abbreviation of --methods
+
+
+def test_a_bare_boolean_flag_means_true():
+    run, _ = _resolve(["train", "--method", "lora", "--use_rslora", "--max_steps", "2"])
+    assert run.use_rslora is True and run.max_steps == 2
+    run, _ = _resolve(["train", "--method", "lora", "--use-rslora", "no"])
+    assert run.use_rslora is False
+    (cfg,) = _resolve(["demo", "--overwrite", "--train.use_rslora"])
+    assert cfg.overwrite is True and cfg.train.use_rslora is True

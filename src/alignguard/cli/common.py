@@ -212,6 +212,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str =
         }
         if get_origin(split_optional(tp)[0]) in (list, tuple):
             kwargs["nargs"] = "+"
+        elif split_optional(tp)[0] is bool:
+            kwargs.update(nargs="?", const=True)  # `--overwrite` alone means true; `--overwrite false` still works
         group.add_argument(f"--{prefix}{f.name}", **kwargs)
 
 

@@ -111,7 +111,8 @@ def _subspaces_fingerprint(subspaces) -> str:
     from .common import settings_key
 
     rows = []
-    for kind, table, _ in subspaces._tables():
+    tables = {"align": subspaces.subspaces, "task": subspaces.task_factors, "input": subspaces.input_factors}
+    for kind, table in tables.items():
         for name in sorted(table):
             sub = table[name]
             rows.append([kind, name, list(sub.basis.shape), float(sub.basis.double().sum()), float(sub.eigvals.sum())])

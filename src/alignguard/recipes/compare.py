@@ -28,12 +28,11 @@ import random
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-import torch
-
 from ..config import AlignGuardConfig, FisherConfig, SubspaceConfig
 from ..io import atomic_write_json, atomic_write_text
 from .eval import check_judge
 from .fisher import FisherRunConfig, run_fisher
+from .safe_lora import apply_safe_lora_
 from .train import TrainRunConfig, run_train
 
 # name -> (training method, AlignGuardConfig overrides, extra behaviour)
@@ -198,44 +197,6 @@ def full_spectrum_subspaces(fisher_dir: Path):
     d_in_max = max(d for _, d in state.dims.values())
     config = SubspaceConfig(fixed_m=d_max, m_min=1, m_max=d_max, eigen_solver="exact", input_rank=d_in_max)
     return build_subspaces(state, config)
-
-
-@torch.no_grad()
-def apply_safe_lora_(peft_model, base_model, threshold: float) -> dict:
-    """Safe LoRA (Hsu et al. 2024), post hoc: per layer, C = V V^T / ||V||_F with V = W_aligned - W_base; where
-    cos(dW, C dW) < threshold replace dW by C dW. Done on lora_B (C dW = s (C B) A), so the adapter stays LoRA.
-    The aligned weights are the PEFT model's own base layers; `base_model` is the unaligned model.
-
-    Returns {"projected": [...], "cosines": {...}}.
-    """
-    from ..targets import find_target_modules, lora_modules
-
-    base_mods = find_target_modules(base_model)
-    projected, cosines = [], {}
-    for name, (layer, ad) in lora_modules(peft_model).items():
-        if name not in base_mods:
-            continue
-        v = _oriented_weight(layer.get_base_layer()) - _oriented_weight(base_mods[name])
-        norm = torch.linalg.matrix_norm(v)
-        if norm == 0:
-            continue
-        b = layer.lora_B[ad].weight
-        a = layer.lora_A[ad].weight.double()
-        cb = (v @ (v.T @ b.double())) / norm
-        dw, cdw = b.double() @ a, cb @ a
-        cos = float((dw * cdw).sum() / (torch.linalg.matrix_norm(dw) * torch.linalg.matrix_norm(cdw) + 1e-30))
-        cosines[name] = cos
-        if cos < threshold:
-            b.copy_(cb.to(b.dtype))
-            projected.append(name)
-    return {"projected": projected, "cosines": cosines}
-
-
-def _oriented_weight(module) -> torch.Tensor:
-    from transformers.pytorch_utils import Conv1D
-
-    w = module.weight.detach().double()
-    return w.T if isinstance(module, Conv1D) else w
 
 
 def task_metric(model, tokenizer, task: str, n: int, seed: int, batch_size: int, cache_dir: str) -> dict:

@@ -375,3 +375,25 @@ def test_train_from_before_settings_files_is_skipped_when_config_matches(trained
     assert main(argv) == 0
     assert "skipped" in capsys.readouterr().out and (run / "train_summary.json").read_text() == before
     assert (run / "train_settings.json").is_file()
+
+
+def test_finished_fisher_is_skipped(fisher_dir, capsys, monkeypatch):
+    import alignguard.models
+
+    argv = [
+        "fisher",
+        "--model",
+        "tiny-llama",
+        "--out",
+        str(fisher_dir),
+        "--max_examples",
+        "4",
+        "--responses",
+        "dataset",
+    ]
+    argv += ["--batch_size", "2", "--max_length", "64", "--fisher_modules", "q_proj", "v_proj"]
+    before = {p.name: p.stat().st_mtime_ns for p in fisher_dir.glob("*.safetensors")}
+    monkeypatch.setattr(alignguard.models, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
+    assert main(argv) == 0
+    assert "skipped" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in fisher_dir.glob("*.safetensors")} == before

@@ -203,8 +203,9 @@ STAGE_KEY_FILE = "stage_key.json"
 SUPERSEDED_DIR = "superseded"
 
 
-def stage_is_current(directory: Path, settings: dict, done: Path, root: Path, label: str, log=print) -> bool:
-    """Whether the finished stage in `directory` was made with `settings` (then it is reused).
+def stage_is_current(directory: Path, settings: dict, done, root: Path, label: str, log=print) -> bool:
+    """Whether the finished stage in `directory` was made with `settings` (then it is reused); `done` is the file
+    whose presence marks the stage finished, or a bool.
 
     A stage made with other settings (or before stages were keyed) is moved to `<root>/superseded/` rather than
     deleted, and `settings` are recorded for the stage about to be redone; an unfinished stage with the same
@@ -218,7 +219,7 @@ def stage_is_current(directory: Path, settings: dict, done: Path, root: Path, la
         old = _read_json(key_file)
         if old is None and legacy_outputs_match(directory):
             atomic_write_json(key_file, record)
-            if Path(done).is_file():
+            if done if isinstance(done, bool) else Path(done).is_file():
                 log(
                     f"[{label}] reused: made before stages were keyed, by a run with these same settings ({directory})"
                 )
@@ -226,7 +227,7 @@ def stage_is_current(directory: Path, settings: dict, done: Path, root: Path, la
             log(f"[{label}] resuming: made before stages were keyed, by a run with these same settings ({directory})")
             return False
         if old is not None and old.get("key") == key:
-            if Path(done).is_file():
+            if done if isinstance(done, bool) else Path(done).is_file():
                 log(f"[{label}] reused: finished with the same settings ({directory})")
                 return True
             log(f"[{label}] resuming: unfinished, same settings ({directory})")

@@ -227,6 +227,11 @@ def _driftcheck(model, tokenizer, cfg: CompareConfig, out_dir: Path, baseline, t
     )
 
 
+def _has_task_factors(fisher_dir: Path) -> bool:
+    meta = json.loads((fisher_dir / "subspaces.json").read_text())
+    return bool(meta.get("task_modules"))
+
+
 def _has_input_factors(fisher_dir: Path) -> bool:
     meta = json.loads((fisher_dir / "subspaces.json").read_text())
     return bool(meta.get("input_modules"))
@@ -311,7 +316,9 @@ def prepare_shared(
         fisher_cfg = replace(fisher_cfg, input_factor=True)
     fcfg = FisherRunConfig(model=cfg.model, out=str(fisher_dir), max_examples=cfg.fisher_examples, cache_dir=cache)
     settings = fisher_stage_settings(cfg, train_cfg, fisher_cfg, subspace_cfg, fcfg)
-    current = stage_is_current(fisher_dir, settings, fisher_dir / "subspaces.json", out, "fisher", log)
+    # Finished = the subspaces are there, with the task factors when asked for (they are added last).
+    done = (fisher_dir / "subspaces.json").is_file() and (not cfg.task_fisher or _has_task_factors(fisher_dir))
+    current = stage_is_current(fisher_dir, settings, done, out, "fisher", log)
     if not current or (needs_input and not _has_input_factors(fisher_dir)):
         if current:
             log("[fisher] redone in place: a method needs the input factors A_in, which this folder lacks")

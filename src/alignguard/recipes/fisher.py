@@ -6,6 +6,7 @@ by default and how the stage resumes.
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,9 @@ class FisherRunConfig:
             raise ValueError(f"seed: must be >= 0, got {self.seed}")
 
 
+FISHER_SETTINGS = "fisher_settings.json"
+
+
 def alignment_pairs(model, tokenizer, cfg: FisherRunConfig, progress: bool = True) -> list[tuple[str, str]]:
     """(prompt, response) pairs for the Fisher pass, following `cfg` (model responses are generated once, cached)."""
     from ..data import load_alignment_data
@@ -106,19 +110,29 @@ def run_fisher(
 ):
     """Estimate the Fisher state and subspaces for `cfg.model` and write them to `cfg.out`.
 
+    The settings are recorded last, in `<out>/fisher_settings.json`: a re-run with the same settings finds them and
+    loads the finished state instead of estimating it again.
+
     Returns:
         (FisherState, AlignmentSubspaces).
     """
-    from ..fisher import estimate_fisher
-    from ..subspace import build_subspaces
+    from ..fisher import FisherState, estimate_fisher
+    from ..subspace import AlignmentSubspaces, build_subspaces
+    from .common import plain_settings
 
     fisher_cfg = fisher_cfg or FisherConfig()
     subspace_cfg = subspace_cfg or SubspaceConfig()
+    out = Path(cfg.out)
+    settings = plain_settings({"run": cfg, "fisher": fisher_cfg, "subspace": subspace_cfg})
+    done = out / FISHER_SETTINGS
+    if done.is_file() and json.loads(done.read_text()) == settings and (out / "subspaces.json").is_file():
+        print(f"[fisher] {out}: estimated earlier with the same settings; skipped (loaded from {out})")
+        return FisherState.load(out), AlignmentSubspaces.load(out)
+    done.unlink(missing_ok=True)  # the outputs below are about to change
     if model is None:
         from ..models import load_model_and_tokenizer
 
         model, tokenizer, _ = load_model_and_tokenizer(cfg.model)
-    out = Path(cfg.out)
     pairs = alignment_pairs(model, tokenizer, cfg, progress=fisher_cfg.show_progress)
     atomic_write_json(out / "fisher_data.json", [{"prompt": p, "response": r} for p, r in pairs])
     # How those pairs were batched: `alignguard train --refresh_every` rebuilds the same batches from the two files.
@@ -130,4 +144,5 @@ def run_fisher(
     state.save(out)
     subspaces = build_subspaces(state, subspace_cfg)
     subspaces.save(out)
+    atomic_write_json(done, settings)
     return state, subspaces

@@ -39,6 +39,13 @@ def test_latest_checkpoint_skips_and_removes_half_written_ones(tmp_path):
     half = _fake_checkpoint(tmp_path, 4, files=("adapter.safetensors",))
     assert latest_checkpoint(tmp_path, log=None) == good
     assert not half.exists()  # the Trainer would otherwise rotate the good one away at its next save
+    assert (tmp_path / "incomplete-checkpoint-4" / "adapter_model.safetensors").is_file()  # kept aside
+
+
+def test_latest_checkpoint_accepts_deepspeed_optimizer_state(tmp_path):
+    ckpt = _fake_checkpoint(tmp_path, 2, files=("trainer_state.json", "scheduler.pt", "adapter.safetensors"))
+    (ckpt / "global_step2").mkdir()  # DeepSpeed keeps the optimizer state in a folder, not optimizer.pt
+    assert latest_checkpoint(tmp_path, log=None) == ckpt
 
 
 @pytest.mark.parametrize(
@@ -277,6 +284,7 @@ def test_resume_from_newest_complete_checkpoint_after_kill(trained, tmp_path):
     assert summary["train_loss"] == pytest.approx(old["train_loss"], rel=1e-3) and summary["train_loss"] > 0
     assert summary["mean_step_seconds"] == pytest.approx(old["mean_step_seconds"])
     assert not half.exists() and (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run / "checkpoints" / "incomplete-checkpoint-3").is_dir()
 
 
 def test_refresh_every_from_the_cli(fisher_dir, tmp_path):

@@ -76,10 +76,16 @@ def checkpointed_training_args(
     return TrainingArguments(**kwargs)
 
 
-# Files a `Trainer` checkpoint must hold to be resumed from. The Trainer writes trainer_state.json last, so a
-# folder without it (or with a truncated one) is a save that was killed half-way.
-CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors")
+# What a `Trainer` checkpoint must hold to be resumed from. The Trainer writes trainer_state.json last, so a
+# folder without it (or with a truncated one) is a save that was killed half-way. The optimizer state is
+# optimizer.pt, or a folder under DeepSpeed (global_step*) or FSDP (optimizer_*).
+CHECKPOINT_FILES = ("trainer_state.json", "scheduler.pt")
+OPTIMIZER_STATES = ("optimizer.pt", "global_step*", "optimizer_*")
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "pytorch_model_fsdp*")
+
+
+def _non_empty(path: Path) -> bool:
+    return path.is_dir() or (path.is_file() and path.stat().st_size > 0)
 
 
 def checkpoint_problem(ckpt: Path) -> str | None:
@@ -87,7 +93,9 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     for name in CHECKPOINT_FILES:
         if not (ckpt / name).is_file() or (ckpt / name).stat().st_size == 0:
             return f"no {name}"
-    if not any((ckpt / name).is_file() and (ckpt / name).stat().st_size > 0 for name in ADAPTER_WEIGHTS):
+    if not any(_non_empty(p) for pattern in OPTIMIZER_STATES for p in ckpt.glob(pattern)):
+        return "no optimizer state"
+    if not any(_non_empty(p) for pattern in ADAPTER_WEIGHTS for p in ckpt.glob(pattern)):
         return "no adapter weights"
     try:
         state = json.loads((ckpt / "trainer_state.json").read_text())
@@ -106,8 +114,9 @@ def _step_of(path: Path) -> int | None:
 def latest_checkpoint(directory: Path, log=print) -> Path | None:
     """The newest complete `checkpoint-N` folder under `directory` (what a re-run resumes from), or None.
 
-    Incomplete ones (a save killed half-way, see `checkpoint_problem`) newer than it are removed: the Trainer
-    would otherwise rotate the good checkpoint away in favour of the broken one at its next save.
+    Incomplete ones (a save killed half-way, see `checkpoint_problem`) newer than it are renamed to
+    `incomplete-checkpoint-N` (kept, out of the Trainer's sight): the Trainer would otherwise rotate the good
+    checkpoint away in favour of the broken one at its next save.
     """
     ckpts = sorted(
         (p for p in Path(directory).glob("checkpoint-*") if p.is_dir() and _step_of(p) is not None), key=_step_of
@@ -116,9 +125,14 @@ def latest_checkpoint(directory: Path, log=print) -> Path | None:
         problem = checkpoint_problem(ckpt)
         if problem is None:
             return ckpt
+        aside = ckpt.with_name(f"incomplete-{ckpt.name}")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = ckpt.with_name(f"incomplete-{ckpt.name}-{n}")
+        ckpt.rename(aside)
         if log:
-            log(f"skipping incomplete checkpoint {ckpt} ({problem}); removing it")
-        shutil.rmtree(ckpt, ignore_errors=True)
+            log(f"skipping incomplete checkpoint {ckpt} ({problem}); moved to {aside.name}")
     return None
 
 

@@ -23,7 +23,8 @@ class FisherRunConfig:
 
     Args:
         model: model folder, .gguf file, registry name (see `alignguard models`) or tiny-llama.
-        out: output folder (fisher.*, subspaces.*, config.yaml, fisher_data.jsonl).
+        out: output folder (fisher.*, subspaces.*, config.yaml, fisher_data.json + fisher_batches.json: the pairs
+            and how they were batched).
         alignment_data: JSONL of alignment examples (id, prompt, label, category, source, response); default: the
             bundled set.
         fisher_prompts: which examples feed the Fisher pass: `unsafe` (refusal behaviour) or `all`.

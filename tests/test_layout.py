@@ -43,3 +43,10 @@ def test_import_checker_sees_relative_imports(tmp_path):
     # The checker itself must resolve `from ..recipes import x` inside a subpackage, or the test above is empty.
     mods = _imports(PKG / "driftcheck" / "run.py")
     assert any(m.startswith("alignguard.") for m in mods)
+
+
+@pytest.mark.parametrize("path", [pytest.param(f, id=f.name) for f in sorted((PKG / "recipes").glob("*.py"))])
+def test_recipes_import_no_cli(path):
+    # The CLI calls recipes; a recipe importing the CLI would make the library depend on argparse wiring.
+    bad = sorted(m for m in _imports(path) if m.startswith("alignguard.cli"))
+    assert not bad, f"recipes/{path.name} imports {bad}"

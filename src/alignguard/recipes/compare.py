@@ -66,7 +66,7 @@ def method_spec(name: str) -> dict:
     AlignGuardConfig must be valid."""
     import typing
 
-    from ..cli.common import convert_value  # the flags' converter, so `@lambda_a=abc` fails like `--lambda_a abc`
+    from ..config_values import convert_value  # the flags' converter, so `@lambda_a=abc` fails like `--lambda_a abc`
 
     base, _, overrides = name.partition("@")
     if base not in METHODS:

@@ -75,7 +75,7 @@ def test_registered_in_alignguard_cli():
     parser = argparse.ArgumentParser(prog="alignguard")
     thin.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["capsule", "eval", "--checkpoint", "c", "--out", "o", "--max_new_tokens", "7"])
-    assert args.func is capsule_cli.run_eval and args.max_new_tokens == 7
+    assert args.func.__wrapped__ is capsule_cli.run_eval and args.max_new_tokens == 7
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])

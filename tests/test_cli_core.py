@@ -188,3 +188,31 @@ def test_align_writes_a_merged_model_that_loads(tmp_path):
     assert any("q_proj" in n for n in moved) and not any("embed" in n for n in moved)
     info = json.loads((out / "align_info.json").read_text())
     assert info["base_model"] == "tiny-llama" and info["n_examples"] >= 4
+
+
+def test_recipe_errors_become_one_error_line_and_bugs_keep_their_traceback(monkeypatch):
+    from alignguard.cli.common import user_errors_exit
+
+    def bad_input(args):
+        raise ValueError("prompts: /x.jsonl holds no unsafe prompts")
+
+    def bug(args):
+        raise KeyError("oops")
+
+    with pytest.raises(SystemExit, match=r"^error: prompts: /x\.jsonl holds no unsafe prompts"):
+        user_errors_exit(bad_input)(None)
+    with pytest.raises(KeyError):
+        user_errors_exit(bug)(None)
+    monkeypatch.setenv("ALIGNGUARD_TRACEBACK", "1")
+    with pytest.raises(ValueError):
+        user_errors_exit(bad_input)(None)
+
+
+def test_compare_without_unsafe_prompts_is_an_error_line_before_any_work(tmp_path):
+    from alignguard.cli.main import main
+
+    prompts = tmp_path / "safe.jsonl"
+    prompts.write_text('{"id": "s1", "prompt": "How do I bake bread?", "label": "safe"}\n')
+    with pytest.raises(SystemExit, match=r"^error: .*unsafe"):
+        main(["compare", "--model", "tiny-llama", "--out", str(tmp_path / "c"), "--prompts", str(prompts)])
+    assert not (tmp_path / "c" / "fisher").exists()

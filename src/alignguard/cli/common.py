@@ -281,7 +281,7 @@ class Command:
         for old, new in self.aliases.items():
             add_flag_alias(parser, old, new)
         add_dash_aliases(parser)  # every flag, old names included: one rule, both spellings
-        parser.set_defaults(func=main, _command=self)
+        parser.set_defaults(func=user_errors_exit(main), _command=self)
         return parser
 
     def read_config_file(self, args) -> tuple[dict, str]:
@@ -319,3 +319,28 @@ class Command:
             fixed = s.derive(done) if s.derive else {}
             done[s.name] = build_dataclass(s.cls, own, flags, source=source, fixed=fixed)
         return done
+
+
+def user_errors_exit(main: Callable) -> Callable:
+    """Wrap a command's main so bad input found by a recipe (a file, a field, a model folder) ends in one
+    `error:` line naming it, as bad flags do; anything else is a bug and keeps its traceback."""
+    import functools
+
+    @functools.wraps(main)
+    def wrapped(args):
+        try:
+            return main(args)
+        except Exception as exc:
+            if not _is_user_error(exc) or os.environ.get("ALIGNGUARD_TRACEBACK"):
+                raise
+            raise SystemExit(f"error: {exc}\n(set ALIGNGUARD_TRACEBACK=1 to see where it was raised)") from exc
+
+    return wrapped
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    from ..model_folder import ModelLoadError
+    from ..tasks import TaskDataError
+    from ..trainer import NonFiniteLossError
+
+    return isinstance(exc, (ValueError, FileNotFoundError, ModelLoadError, TaskDataError, NonFiniteLossError))

@@ -58,24 +58,16 @@ def format_table(result) -> str:
 
 def main(args: argparse.Namespace) -> int:
     from alignguard.cli.common import save_resolved_config
-    from alignguard.driftcheck.generate import GenerationSettings
-    from alignguard.driftcheck.prompts import PromptFileError
-    from alignguard.driftcheck.run import ModelPathError
 
     (cfg,) = resolve(args)
     print("alignguard eval, resolved config:")
     for key, val in dataclasses.asdict(cfg).items():
         print(f"  {key}: {val!r}")
-    settings = GenerationSettings(
-        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, system_prompt=cfg.system_prompt
-    )
+    settings = cfg.generation_settings()
     # The config goes out first: it records what was asked for even if generation fails later.
     check_output_dir(cfg.out, "eval", {"eval": cfg, "generation": settings}, cfg.overwrite)
     save_resolved_config(cfg.out, {"eval": cfg, "generation": settings})
-    try:
-        result = run_eval(cfg)
-    except (ModelPathError, PromptFileError, FileNotFoundError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
+    result = run_eval(cfg)  # bad files, folders and settings become one `error:` line in cli.main
     print(format_table(result))
     print(f"wrote {cfg.out}/results.json, generations.jsonl, config.yaml")
     return 0

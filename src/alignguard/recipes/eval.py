@@ -33,6 +33,8 @@ class EvalConfig:
         max_new_tokens (`int`, defaults to `128`): New tokens per response.
         batch_size (`int`, defaults to `16`): Prompts per generation batch.
         system_prompt (`str`, *optional*): System turn before each prompt.
+        max_prompt_tokens (`int`, *optional*): Longer prompts are cut from the left to this many tokens (with a
+            warning); default: the smaller of 1024 and the model's context minus `max_new_tokens`.
         judge (`str`, defaults to `"pattern"`): Default refusal judge: pattern, embedding or a classifier path.
         extra_judges (`list[str]`): More judges reported beside the default.
         baseline (`str`, *optional*): A base model's results.json; adds drift D = RA_base - RA_this.
@@ -58,6 +60,10 @@ class EvalConfig:
     max_new_tokens: int = field(default=128, metadata={"help": "Maximum new tokens per response."})
     batch_size: int = field(default=16, metadata={"help": "Prompts per left-padded generation batch."})
     system_prompt: str | None = field(default=None, metadata={"help": "System turn placed before each prompt."})
+    max_prompt_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Prompt tokens kept (longer prompts lose their beginning); none: min(1024, context)."},
+    )
     judge: str = field(
         default="pattern", metadata={"help": "Default refusal judge: pattern, embedding, or a classifier path."}
     )
@@ -77,6 +83,17 @@ class EvalConfig:
     overwrite: bool = field(
         default=False, metadata={"help": "Delete what --out holds (another run or other settings) and start afresh."}
     )
+
+    def generation_settings(self):
+        """The `GenerationSettings` these options ask for (recorded in config.yaml and used by `run_eval`)."""
+        from ..driftcheck.generate import GenerationSettings
+
+        return GenerationSettings(
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+            system_prompt=self.system_prompt,
+            max_prompt_tokens=self.max_prompt_tokens,
+        )
 
     def __post_init__(self):
         if not self.model:
@@ -100,12 +117,9 @@ class EvalConfig:
 
 def run_eval(cfg: EvalConfig):
     """DriftCheck of `cfg.model` (+ adapter); writes results.json and generations.jsonl into `cfg.out`."""
-    from ..driftcheck.generate import GenerationSettings
     from ..driftcheck.run import run_driftcheck
 
-    settings = GenerationSettings(
-        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, system_prompt=cfg.system_prompt
-    )
+    settings = cfg.generation_settings()
     return run_driftcheck(
         cfg.model,
         prompts=cfg.prompts,

@@ -212,3 +212,46 @@ def test_masked_labels_stay_masked_with_position_ids():
     masked = estimate_fisher(model, extra, EMPIRICAL)
     for name in base.factors:
         torch.testing.assert_close(masked.factors[name], base.factors[name], rtol=1e-4, atol=1e-5)
+
+
+# ---- speed-ups keep the factors ----------------------------------------------------------------------------
+
+
+def test_logits_only_at_needed_positions_give_the_same_factor(monkeypatch):
+    """`logits_to_keep` (no lm_head work on prompt columns) changes no number, also with sampled labels."""
+    import alignguard.fisher as fisher_mod
+
+    model = make_tiny_model("llama")
+    batches = tiny_batches(batch_size=4)
+    kept = []
+    model.register_forward_pre_hook(lambda m, a, k: kept.append(k.get("logits_to_keep")), with_kwargs=True)
+    cfg = FisherConfig(show_progress=False, input_factor=True)
+    fast = estimate_fisher(model, batches, cfg)
+    assert any(k is not None and len(k) < batches[0]["input_ids"].shape[1] for k in kept)
+    accepts = fisher_mod.forward_accepts
+    monkeypatch.setattr(fisher_mod, "forward_accepts", lambda m, arg: arg != "logits_to_keep" and accepts(m, arg))
+    full = estimate_fisher(model, batches, cfg)
+    for name in full.factors:
+        torch.testing.assert_close(fast.factors[name], full.factors[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fast.input_factors[name], full.input_factors[name], rtol=1e-5, atol=1e-6)
+
+
+def test_accumulator_matches_the_plain_masked_sum_and_skips_nonfinite_batches():
+    gen = torch.Generator().manual_seed(0)
+    acc = FactorAccumulator({"m": (5, 3)}, FisherConfig(show_progress=False), "cpu")
+    ref, count = torch.zeros(5, 5, dtype=torch.float64), 0
+    for i in range(5):
+        rows = torch.randn(3, 7, 5, generator=gen)
+        mask = torch.rand(3, 7, generator=gen) > 0.4
+        if i == 1:
+            rows[mask.nonzero()[0][0], mask.nonzero()[0][1], 2] = float("nan")
+        if i == 3:
+            rows[mask.nonzero()[-1][0], mask.nonzero()[-1][1], 0] = float("-inf")
+        acc.positions = mask
+        acc.add("m", rows)
+        g = rows[mask].double()
+        if torch.isfinite(g).all():
+            ref += g.T @ g
+            count += g.shape[0]
+    assert acc.skipped["m"] == 2 and acc.counts["m"] == count
+    torch.testing.assert_close(acc.sums["m"].double(), ref, rtol=1e-6, atol=1e-6)

@@ -49,7 +49,7 @@ from .distributed import is_dtensor
 from .factor_checks import FisherFileError, FisherMismatchError
 from .fingerprint import architecture_fingerprint, architecture_shapes, base_weights_fingerprint
 from .io import atomic_save_file, atomic_write_json, package_versions
-from .model_pass import accepts_position_ids, dropout_disabled, module_device, position_ids_from_mask
+from .model_pass import dropout_disabled, forward_accepts, module_device, position_ids_from_mask
 from .targets import canonical_name, find_target_modules, layer_dims
 
 FISHER_WEIGHTS = "fisher.safetensors"
@@ -267,7 +267,10 @@ def estimate_fisher(model, data, config: FisherConfig | None = None, model_id: s
         acc_in = FactorAccumulator({n: (d_in, d_out) for n, (d_out, d_in) in dims.items()}, config, dict(devices))
     input_device = module_device(model.get_input_embeddings(), first)
     generators: dict[torch.device, torch.Generator] = {}  # label sampler, on the device of the logits
-    pass_positions = accepts_position_ids(model)
+    pass_positions = forward_accepts(model, "position_ids")
+    # Logits only at the sequence positions some row needs: the lm_head (often the largest matmul) and its
+    # backward skip the prompt columns; the selected logits are the same numbers.
+    pass_keep = forward_accepts(model, "logits_to_keep")
 
     # FSDP2 (DTensor parameters): every forward and backward is a collective, so all ranks must run the same
     # number of batches through the model, including batches that contribute nothing.
@@ -329,12 +332,21 @@ def estimate_fisher(model, data, config: FisherConfig | None = None, model_id: s
                     data_hash.update(inputs["input_ids"].cpu().numpy().tobytes())
                 if pass_positions:
                     inputs["position_ids"] = position_ids_from_mask(inputs["attention_mask"])
+                columns = None
+                if pass_keep and not empty:
+                    # On the CPU: a CPU index can slice the last hidden state on whichever device it lives.
+                    columns = positions.any(0).nonzero().squeeze(1).cpu()
+                    if len(columns) < positions.shape[1]:
+                        inputs["logits_to_keep"] = columns
+                    else:
+                        columns = None
                 logits = model(**inputs, use_cache=False).logits
                 if empty:  # lockstep: join the other ranks' forward/backward collectives, accumulate nothing
                     logits.backward(torch.zeros_like(logits))
                     continue
                 positions = positions.to(logits.device)
-                sel = logits[positions].float()
+                kept = positions if columns is None else positions[:, columns.to(positions.device)]
+                sel = logits[kept].float()
                 if config.fisher_labels == "sampled":
                     if logits.device not in generators:
                         generators[logits.device] = torch.Generator(logits.device).manual_seed(config.label_seed)

@@ -6,6 +6,7 @@
 - `module_device`: where a module's weights live, so per-module buffers follow a model dispatched over several
   devices (`device_map`).
 - `position_ids_from_mask`: positions of left-padded rows, as `generate` computes them.
+- `forward_accepts`: whether the model's forward takes an argument (`position_ids`, `logits_to_keep`).
 """
 
 from __future__ import annotations
@@ -60,9 +61,10 @@ def dropout_disabled(model: torch.nn.Module):
                 module.training = training
 
 
-def accepts_position_ids(model) -> bool:
+def forward_accepts(model, argument: str) -> bool:
+    """Whether the (base) model's `forward` takes `argument` by name (PEFT's wrapper passes it through)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
-        return "position_ids" in inspect.signature(base.forward).parameters
+        return argument in inspect.signature(base.forward).parameters
     except (TypeError, ValueError):
         return False

@@ -33,13 +33,15 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-_DROPOUT_ATTRS = ("attention_dropout", "attn_dropout", "dropout", "dropout_p")
+# Float rates that HF modules apply only `if self.training` (attention dropout; the MoE router noise of Mixtral-style
+# blocks). Other train-only randomness a model may have is not known here.
+_DROPOUT_ATTRS = ("attention_dropout", "attn_dropout", "dropout", "dropout_p", "jitter_noise", "router_jitter_noise")
 
 
 @contextmanager
 def dropout_disabled(model: torch.nn.Module):
-    """Dropout off without `model.eval()`: every Dropout module gets p = 0 (and eval), float dropout rates of
-    attention modules become 0; the training flags stay, so HF gradient checkpointing (which runs only
+    """Dropout off without `model.eval()`: every Dropout module gets p = 0 (and eval), float dropout / router-noise
+    rates of attention and MoE modules become 0; the other training flags stay, so HF gradient checkpointing (which runs only
     `if self.gradient_checkpointing and self.training`) stays on. Everything is restored on exit."""
     saved = []
     try:

@@ -255,3 +255,10 @@ def test_accumulator_matches_the_plain_masked_sum_and_skips_nonfinite_batches():
             count += g.shape[0]
     assert acc.skipped["m"] == 2 and acc.counts["m"] == count
     torch.testing.assert_close(acc.sums["m"].double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_batches_without_an_attention_mask_still_work():
+    model = make_tiny_model("gpt2")
+    batches = [{k: v for k, v in b.items() if k != "attention_mask"} for b in tiny_batches(batch_size=1)]
+    state = estimate_fisher(model, batches, EMPIRICAL)
+    assert all(torch.isfinite(f).all() for f in state.factors.values())

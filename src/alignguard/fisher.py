@@ -327,10 +327,10 @@ def estimate_fisher(model, data, config: FisherConfig | None = None, model_id: s
                 if acc_in is not None:
                     acc_in.positions = acc.positions
                 inputs_seen.clear()
-                inputs = {k: batch[k].to(input_device) for k in ("input_ids", "attention_mask")}
+                inputs = {k: v.to(input_device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
                 if not empty:
                     data_hash.update(inputs["input_ids"].cpu().numpy().tobytes())
-                if pass_positions:
+                if pass_positions and "attention_mask" in inputs:
                     inputs["position_ids"] = position_ids_from_mask(inputs["attention_mask"])
                 columns = None
                 if pass_keep and not empty:

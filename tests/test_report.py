@@ -416,3 +416,14 @@ def test_report_code_imports_no_training_code():
         imports = [ln for ln in path.read_text().splitlines() if re.match(r"\s*(from|import)\s", ln)]
         bad = [ln for ln in imports if re.search(r"\b(trainer|stages|compare|scaling_run|trl|transformers)\b", ln)]
         assert not bad, (path.name, bad)
+
+
+def test_report_says_when_the_subspace_files_are_damaged(tmp_path):
+    run = make_compare_run(tmp_path / "run", seeds=(0,), scaling=False)
+    fdir = next(p.parent for p in run.rglob("subspaces.safetensors"))
+    raw = bytearray((fdir / "subspaces.safetensors").read_bytes())
+    raw[-64:] = b"\xff" * 64  # NaNs in the last tensor, header intact
+    (fdir / "subspaces.safetensors").write_bytes(bytes(raw))
+    assert cli_main(["report", str(run)]) == 0
+    md = (run / "report.md").read_text()
+    assert "the subspace files are damaged" in _section(md, "## 5.") and "subspaces.safetensors" in md

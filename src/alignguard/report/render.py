@@ -220,16 +220,23 @@ def _fisher_section(run: Path, plot_dir: Path) -> list[Block]:
         return out + [("p", "No Fisher state in this folder.")]
     modules: dict[str, dict] = {}
     subs = None
-    try:
-        from ..subspace import AlignmentSubspaces
+    damaged = None
+    from ..factor_checks import FisherMismatchError
+    from ..subspace import AlignmentSubspaces
 
+    try:
         subs = AlignmentSubspaces.load(fdir)
         modules = subs.summary()
-    except (FileNotFoundError, KeyError):
+    except (FileNotFoundError, KeyError, FisherMismatchError) as exc:
+        # The report still shows what subspaces.json says, and says plainly that the tensors are not usable.
+        if isinstance(exc, FisherMismatchError):
+            damaged = str(exc)
         meta = _load_json(fdir / "subspaces.json") or {}
         modules = {n: dict(info) for n, info in (meta.get("modules") or {}).items()}
     fmeta = _load_json(fdir / "fisher.json") or {}
     names = sorted(modules or fmeta.get("dims", {}), key=natural_key)
+    if damaged:
+        out.append(("p", f"Warning: the subspace files are damaged ({damaged}); only subspaces.json is shown."))
     if not names:
         return out + [("p", f"Fisher folder {fdir} holds no modules.")]
     # A few modules spread over the depth of the model: first, last and evenly in between.

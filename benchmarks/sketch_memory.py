@@ -162,7 +162,9 @@ def subspace_agreement(d: int, tokens: int, ranks: list[int], ms: list[int], dec
         for acc in accs.values():
             acc.positions = torch.ones(1, n, dtype=torch.bool)
             acc.hook_for("m")(g)
-    dense = accs["dense"].sums["m"]
+    # An accumulator that keeps only the upper half-blocks while accumulating gives the whole sum via dense_sum().
+    dense_acc = accs["dense"]
+    dense = dense_acc.dense_sum("m") if hasattr(dense_acc, "dense_sum") else dense_acc.sums["m"]
     t0 = time.perf_counter()
     lam, vec = _top_eigh(dense, max(ms), block=2 * max(ms), iters=60)
     ref_s = time.perf_counter() - t0

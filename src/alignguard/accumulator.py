@@ -72,7 +72,7 @@ class FactorAccumulator:
             self.skipped[name] += 1
             return
         if self.config.fisher_storage == "dense":
-            self.sums[name].addmm_(g.T, g)
+            _add_gram(self.sums[name], g)
         else:
             self.sketches[name].update(g)
         self.counts[name] += g.shape[0]
@@ -91,15 +91,48 @@ class FactorAccumulator:
             total = float(self.sketches[name].trace)
         return total / self.counts[name]
 
+    def dense_sum(self, name: str) -> torch.Tensor:
+        """sum_t g_t g_t^T of a dense module with both triangles filled (`add` keeps only the upper half-blocks
+        of wide modules; read the sum through this, not `sums[name]`)."""
+        _fill_lower(self.sums[name])
+        return self.sums[name]
+
     def normalised(self, name: str, dim: int):
         """The mean, trace-normalised to `dim` (all zero when the raw trace is 0): a dense matrix, or (eigenvalues,
         eigenvectors) of the sketch."""
         zero = self.raw_trace(name) == 0.0
         if self.config.fisher_storage == "dense":
-            g = self.sums[name] / self.counts[name]
+            g = self.dense_sum(name) / self.counts[name]
             return (g * (dim / g.trace().clamp_min(1e-30))).cpu()
         sk = self.sketches[name]
         if zero:  # nothing to decompose; any orthonormal basis with zero eigenvalues is exact
             return torch.zeros(sk.rank), sk.omega.cpu()
         eig, vec = sk.eigh()
         return (eig * (dim / float(sk.trace))).cpu(), vec.cpu()
+
+
+# From this width the Gram update computes three of its four half-blocks (the fourth is the transpose of one):
+# 3/4 of the flops, the same sums (bit for bit on the CPU in our check).
+_BLOCKED_MIN_DIM = 256
+
+
+def _add_gram(total: torch.Tensor, g: torch.Tensor) -> None:
+    """total += g^T g, filling only the diagonal and upper half-blocks when d >= _BLOCKED_MIN_DIM (see
+    `_fill_lower`)."""
+    d = total.shape[0]
+    if d < _BLOCKED_MIN_DIM:
+        total.addmm_(g.T, g)
+        return
+    h = d // 2
+    top, bottom = g[:, :h], g[:, h:]
+    total[:h, :h].addmm_(top.T, top)
+    total[:h, h:].addmm_(top.T, bottom)
+    total[h:, h:].addmm_(bottom.T, bottom)
+
+
+def _fill_lower(total: torch.Tensor) -> None:
+    """Copy the upper off-diagonal half-block of a Gram sum kept by `_add_gram` into the lower one."""
+    d = total.shape[0]
+    if d >= _BLOCKED_MIN_DIM:
+        h = d // 2
+        total[h:, :h] = total[:h, h:].T

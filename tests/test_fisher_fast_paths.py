@@ -6,7 +6,7 @@ import torch
 
 from alignguard.accumulator import _BLOCKED_MIN_DIM, FactorAccumulator
 from alignguard.config import FisherConfig
-from alignguard.fisher import _exponential_race, sample_categorical
+from alignguard.label_sampling import _exponential_race, sample_categorical
 
 
 @pytest.mark.parametrize("n,v,chunk", [(7, 5, 10), (64, 96, 96 * 5), (33, 1000, 1 << 18)])

@@ -58,9 +58,9 @@ def build_model(args):
     from alignguard.tiny import make_tiny_tokenizer
 
     if args.model:
-        from alignguard.driftcheck.run import load_model_and_tokenizer
+        from alignguard.models import load_model_and_tokenizer
 
-        model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
+        model, tok, _ = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
         return model, tok, str(args.model)
     from transformers import AutoModelForCausalLM, LlamaConfig
 

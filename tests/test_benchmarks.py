@@ -77,3 +77,13 @@ def test_overhead_subspace_timing_uses_the_current_config_fields():
     out = overhead.bench_subspaces(state)
     assert set(out) == {"exact", "randomized"}
     assert all(v["seconds"] > 0 and v["mean_m"] >= 1 for v in out.values())
+
+
+def test_generation_benchmark_loads_a_named_model_through_the_one_loader():
+    # benchmarks/generation.py imported a second loader that no longer exists; it goes through alignguard.models.
+    import argparse
+
+    generation = pytest.importorskip("generation")
+    args = argparse.Namespace(model="tiny-llama", dtype="float32", device="cpu")
+    model, tok, name = generation.build_model(args)
+    assert name == "tiny-llama" and tok is not None and sum(p.numel() for p in model.parameters()) > 0

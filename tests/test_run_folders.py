@@ -7,6 +7,7 @@ tiny-llama sharing module fixtures (each test adds seconds). Run: python -m pyte
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -405,3 +406,14 @@ def test_finished_fisher_is_skipped(fisher_dir, capsys, monkeypatch):
     assert main(argv) == 0
     assert "skipped" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in fisher_dir.glob("*.safetensors")} == before
+
+
+def test_guard_overwrite_never_empties_the_working_folder_or_a_folder_above_it(tmp_path, monkeypatch):
+    work = tmp_path / "project" / "sub"
+    work.mkdir(parents=True)
+    (work / "keep.txt").write_text("x")
+    monkeypatch.chdir(work)
+    for out in (work, tmp_path / "project", Path("..")):
+        with pytest.raises(SystemExit, match="refuses to empty the working folder or a folder above it"):
+            check_output_dir(out, "eval", {"eval": {}}, overwrite=True)
+    assert (work / "keep.txt").read_text() == "x"

@@ -383,10 +383,12 @@ def _mismatch(out: Path, command: str, settings: dict, entries: list[str], confi
 
 def _clear(out: Path) -> None:
     resolved = out.resolve()
-    if resolved in (Path.cwd().resolve(), Path.home().resolve(), Path(resolved.anchor)) or (out / ".git").exists():
+    # Folders whose loss would hurt more than a rerun: the working folder or any folder above it, home, a checkout.
+    protected = Path.cwd().resolve().is_relative_to(resolved) or Path.home().resolve().is_relative_to(resolved)
+    if protected or (out / ".git").exists():
         raise SystemExit(
-            f"error: --out {out}: --overwrite refuses to empty the working folder, the home folder, the root or a "
-            "git checkout; choose a dedicated --out"
+            f"error: --out {out}: --overwrite refuses to empty the working folder or a folder above it, the home "
+            "folder, the root or a git checkout; choose a dedicated --out"
         )
     for item in out.iterdir():
         if item.is_dir() and not item.is_symlink():

@@ -105,7 +105,7 @@ def test_changed_lambda_redoes_only_the_rows(compare_run, capsys):
 def test_prompts_without_unsafe_ones_fail_before_the_model_loads(tmp_path, monkeypatch):
     _write_prompts(tmp_path / "prompts.jsonl", [p for p in PROMPTS if p["label"] == "safe"])
     monkeypatch.setattr(compare, "_load", lambda spec: pytest.fail("the model was loaded"))
-    with pytest.raises(ValueError, match=r"prompts: .*prompts.jsonl has no unsafe prompts"):
+    with pytest.raises(SystemExit, match=r"^error: prompts: .*prompts.jsonl has no unsafe prompts"):
         main(_argv(tmp_path, "plain_lora"))
     assert not (tmp_path / "run" / "fisher").exists()
 

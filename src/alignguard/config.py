@@ -201,7 +201,9 @@ class AlignGuardConfig:
     )
     normalise: Literal["per_layer", "global", "none"] = field(
         default="per_layer",
-        metadata={"help": "Alignment eigenvalue scale: 'per_layer' (mean 1 each), 'global' (raw, mean 1), 'none' (raw)."},
+        metadata={
+            "help": "Alignment eigenvalue scale: 'per_layer' (mean 1 each), 'global' (raw, mean 1), 'none' (raw)."
+        },
     )
 
     def __post_init__(self):

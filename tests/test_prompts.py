@@ -228,15 +228,10 @@ def test_alignment_disjoint_from_driftcheck(full, alignment):
 
 
 def test_no_advbench_anywhere(full, alignment):
-    spec = importlib.util.find_spec("pyrit")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("pyrit not installed: pip install --no-deps pyrit==1.1.0")
-    yaml = pytest.importorskip("yaml")
-    path = Path(spec.submodule_search_locations[0]) / "datasets" / "seed_datasets" / "local" / "adv_bench.prompt"
-    adv = [s["value"] for s in yaml.safe_load(path.read_text(encoding="utf-8"))["seeds"]]
-    assert len(adv) == 520
-    ours = [r.prompt for r in full] + [r.prompt for r in alignment]
-    _assert_no_near_duplicates(ours, adv, "AdvBench")
+    # AdvBench is reserved for held-out evaluation: the tests never open it. What can be checked without reading
+    # it: no bundled record comes from it, by source name.
+    sources = {r.source.lower() for r in full} | {r.source.lower() for r in alignment}
+    assert not [s for s in sources if "advbench" in s or "adv_bench" in s]
 
 
 def test_build_script_reproduces_committed_files(tmp_path, monkeypatch):

@@ -92,3 +92,19 @@ def convert_value(value: Any, tp: Any) -> Any:
                 raise ValueError(f"item {i}: {exc}") from exc
         return converted
     return _convert_scalar(value, inner)
+
+
+def require_at_least(config, names, low: int = 1) -> None:
+    """ValueError naming the first of `names` whose value on `config` is below `low` (the configs' range checks)."""
+    for name in names:
+        value = getattr(config, name)
+        if value < low:
+            raise ValueError(f"{name}: must be >= {low}, got {value}")
+
+
+def require_positive(config, names) -> None:
+    """ValueError naming the first of `names` whose value on `config` is not > 0."""
+    for name in names:
+        value = getattr(config, name)
+        if not value > 0:
+            raise ValueError(f"{name}: must be > 0, got {value}")

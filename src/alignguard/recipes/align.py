@@ -14,6 +14,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config_values import require_at_least, require_positive
 from ..io import atomic_write_json
 from .common import add_lora, checkpointed_training_args, latest_checkpoint, restore_final_checkpoint
 
@@ -57,16 +58,12 @@ class AlignRunConfig:
     )
 
     def __post_init__(self):
-        for name in ("max_steps", "batch_size", "lora_r", "max_length", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        require_at_least(self, ("max_steps", "batch_size", "lora_r", "max_length", "max_new_tokens"))
         if not 0.0 <= self.safe_fraction <= 1.0:
             raise ValueError(f"safe_fraction: must be in [0, 1], got {self.safe_fraction}")
         if self.max_examples is not None and self.max_examples < 1:
             raise ValueError(f"max_examples: must be >= 1 or None, got {self.max_examples}")
-        for name in ("learning_rate", "lora_alpha"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        require_positive(self, ("learning_rate", "lora_alpha"))
         if self.seed < 0:
             raise ValueError(f"seed: must be >= 0, got {self.seed}")
         if not self.target_modules:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from ..config import AlignGuardConfig, FisherConfig, SubspaceConfig
+from ..config_values import require_at_least
 from ..io import atomic_write_json, atomic_write_text
 from .eval import check_judge
 from .fisher import FisherRunConfig, run_fisher
@@ -125,9 +126,7 @@ class HarnessConfig:
     def __post_init__(self):
         if isinstance(self.extra_judges, str):
             self.extra_judges = [self.extra_judges]
-        for name in ("eval_max_new_tokens", "eval_batch_size", "task_eval_n", "fisher_examples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        require_at_least(self, ("eval_max_new_tokens", "eval_batch_size", "task_eval_n", "fisher_examples"))
         if not 0 <= self.replay_ratio < 1:
             raise ValueError(f"replay_ratio: must be in [0, 1), got {self.replay_ratio}")
         if not -1 <= self.safe_lora_threshold <= 1:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..config import FisherConfig, SubspaceConfig
+from ..config_values import require_at_least
 from ..data import make_batches
 from ..io import atomic_write_json
 
@@ -61,9 +62,7 @@ class FisherRunConfig:
     def __post_init__(self):
         if self.max_examples is not None and self.max_examples < 1:
             raise ValueError(f"max_examples: must be >= 1 or None, got {self.max_examples}")
-        for name in ("batch_size", "max_length", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        require_at_least(self, ("batch_size", "max_length", "max_new_tokens"))
         if self.seed < 0:
             raise ValueError(f"seed: must be >= 0, got {self.seed}")
 

@@ -48,6 +48,7 @@ from typing import Literal
 import torch
 
 from ..config import AlignGuardConfig, FisherConfig, SubspaceConfig
+from ..config_values import require_at_least
 from ..data import IGNORE_INDEX, make_batches, render_prompt
 from ..io import atomic_write_json, atomic_write_text
 from ..scaling_law import fit_scaling_law
@@ -110,9 +111,7 @@ class ScalingConfig(compare.HarnessConfig):
         if not self.steps or any(int(s) < 1 for s in self.steps):
             raise ValueError(f"steps: give lengths >= 1, got {self.steps}")
         self.steps = sorted({int(s) for s in self.steps})
-        for name in ("n_heldout", "heldout_max_new_tokens", "loss_batch_size", "loss_max_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        require_at_least(self, ("n_heldout", "heldout_max_new_tokens", "loss_batch_size", "loss_max_length"))
         if self.seed < 0:
             raise ValueError(f"seed: must be >= 0, got {self.seed}")
 

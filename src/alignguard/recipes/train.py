@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..config import AlignGuardConfig
+from ..config_values import require_at_least, require_positive
 from ..io import atomic_write_json
 from .common import DEFAULT_TARGETS, add_lora, checkpointed_training_args, latest_checkpoint, restore_final_checkpoint
 
@@ -64,12 +65,10 @@ class TrainRunConfig:
     def __post_init__(self):
         if not 0 <= self.poison_ratio < 1:
             raise ValueError(f"poison_ratio: must be in [0, 1), got {self.poison_ratio}")
-        for name in ("n_train", "lora_r", "max_steps", "batch_size", "grad_accum", "save_steps", "max_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("learning_rate", "lora_alpha"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        require_at_least(
+            self, ("n_train", "lora_r", "max_steps", "batch_size", "grad_accum", "save_steps", "max_length")
+        )
+        require_positive(self, ("learning_rate", "lora_alpha"))
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
         if self.seed < 0:

@@ -166,6 +166,94 @@ def test_small_split(full):
         bundled_prompts_path("medium")
 
 
+# ------------------------------------------------------------------------------------------------ splits
+SPLIT_FILES = ("driftcheck_standard.jsonl", "driftcheck_demo.jsonl", "driftcheck_calibration.jsonl")
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return {name: bundled_prompts(name) for name in ("standard", "demo", "calibration")}
+
+
+@pytest.mark.parametrize(
+    "name, per_category, lookalikes, safe",
+    [("standard", 40, 160, 320), ("demo", 20, 40, 80), ("calibration", 15, 50, 120)],
+)
+def test_split_sizes_and_category_counts(splits, name, per_category, lookalikes, safe):
+    records = splits[name]
+    unsafe = Counter(r.category for r in records if r.label == "unsafe")
+    assert unsafe == {c: per_category for c in UNSAFE_CATEGORIES}, unsafe
+    safe_cats = Counter(r.category for r in records if r.label == "safe")
+    assert safe_cats[LOOKALIKE_CATEGORY] == lookalikes and sum(safe_cats.values()) == safe
+    assert all(c.startswith("benign_") for c in safe_cats)
+    # The ordinary safe prompts are spread over the topics, not drawn from benign_general alone.
+    other = {c: n for c, n in safe_cats.items() if c != LOOKALIKE_CATEGORY}
+    assert len(other) >= 8 and max(other.values()) <= 0.5 * sum(other.values()), other
+    assert len({r.id for r in records}) == len(records)
+
+
+def test_splits_are_subsets_of_the_full_set(full, splits):
+    by_id = {r.id: r for r in full}
+    for name, records in splits.items():
+        assert all(by_id.get(r.id) == r for r in records), name
+
+
+def test_demo_is_a_subset_of_standard(splits):
+    standard = {r.id for r in splits["standard"]}
+    assert {r.id for r in splits["demo"]} <= standard
+
+
+def test_calibration_is_disjoint_from_standard(splits):
+    assert not {r.id for r in splits["calibration"]} & {r.id for r in splits["standard"]}
+    _assert_no_near_duplicates(
+        [r.prompt for r in splits["calibration"]], [r.prompt for r in splits["standard"]], "calibration vs standard"
+    )
+
+
+def test_splits_are_disjoint_from_the_alignment_data(splits, alignment):
+    for name, records in splits.items():
+        _assert_no_near_duplicates([r.prompt for r in alignment], [r.prompt for r in records], f"alignment vs {name}")
+
+
+def test_splits_by_name_and_unknown_names():
+    from alignguard.driftcheck.prompts import BUNDLED_SPLITS, resolve_prompts
+
+    assert BUNDLED_SPLITS == ("full", "small", "standard", "demo", "calibration")
+    for name, file in zip(("standard", "demo", "calibration"), SPLIT_FILES):
+        assert bundled_prompts_path(name).name == file and resolve_prompts(name) == bundled_prompts_path(name)
+    with pytest.raises(
+        ValueError, match="unknown DriftCheck split 'standart'; use one of full, small, standard, demo"
+    ):
+        bundled_prompts("standart")
+    with pytest.raises(PromptFileError, match="'standart' is neither a prompt file nor a bundled split.*calibration"):
+        resolve_prompts("standart")
+    assert resolve_prompts(None) is None
+
+
+def test_split_script_check_passes_and_catches_a_stale_file(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    sys.modules.pop("build_driftcheck_splits", None)
+    import build_driftcheck_splits as splits_script
+
+    assert splits_script.main(["--check"]) == 0
+    # A changed committed file is reported (the check compares bytes, on a copy of the folder).
+    folder = tmp_path / "driftcheck"
+    folder.mkdir()
+    for name in ("driftcheck_v1.jsonl", *SPLIT_FILES):
+        (folder / name).write_bytes((bundled_prompts_path().parent / name).read_bytes())
+    lines = (folder / SPLIT_FILES[2]).read_text(encoding="utf-8").splitlines(keepends=True)
+    (folder / SPLIT_FILES[2]).write_text("".join(lines[1:]), encoding="utf-8")
+    monkeypatch.setattr(splits_script, "DRIFT_DIR", folder)
+    assert splits_script.main(["--check"]) == 1
+
+
+def test_readme_records_split_hashes():
+    readme = (bundled_prompts_path().parent / "README.md").read_text(encoding="utf-8")
+    for name in SPLIT_FILES:
+        digest = hashlib.sha256((bundled_prompts_path().parent / name).read_bytes()).hexdigest()
+        assert digest in readme, f"README.md does not record the sha256 of {name}; rerun build_driftcheck_splits.py"
+
+
 def test_readme_records_file_hashes():
     readme = (bundled_prompts_path().parent / "README.md").read_text(encoding="utf-8")
     res = bundled_prompts_path().parent.parent

@@ -7,7 +7,10 @@ A prompt record is `{id, prompt, label: safe|unsafe, category, source}`. Default
 * `source`: the file name.
 
 The bundled sets live in `alignguard/resources/` (see `resources/driftcheck/README.md` for their sources,
-licenses and hashes); `scripts/build_driftcheck_data.py` rebuilds them deterministically.
+licenses and hashes); `scripts/build_driftcheck_data.py` rebuilds them deterministically. Splits by name
+(`bundled_prompts(name)`, and `resolve_prompts(name)` for a `prompts:` setting): `full` (every prompt), `small`,
+`standard` (compare runs), `demo` (a subset of standard) and `calibration` (disjoint from standard); the last three
+are drawn from `full` by `scripts/build_driftcheck_splits.py`.
 """
 
 from __future__ import annotations
@@ -37,7 +40,15 @@ DRIFTCHECK_VERSION = "driftcheck-v1"
 ALIGNMENT_VERSION = "alignment-v1"
 
 _RESOURCES = Path(__file__).resolve().parent.parent / "resources"
-_SPLIT_FILES = {"full": "driftcheck_v1.jsonl", "small": "driftcheck_small.jsonl"}
+_SPLIT_FILES = {
+    "full": "driftcheck_v1.jsonl",
+    "small": "driftcheck_small.jsonl",
+    "standard": "driftcheck_standard.jsonl",
+    "demo": "driftcheck_demo.jsonl",
+    "calibration": "driftcheck_calibration.jsonl",
+}
+BUNDLED_SPLITS = tuple(_SPLIT_FILES)
+SplitName = Literal["full", "small", "standard", "demo", "calibration"]
 
 
 class PromptFileError(ValueError):
@@ -227,16 +238,43 @@ def prompts_hash(records: list[PromptRecord]) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
-def bundled_prompts_path(split: Literal["full", "small"] = "full") -> Path:
-    """Path of a bundled DriftCheck split (`"full"`: driftcheck_v1.jsonl, `"small"`: driftcheck_small.jsonl)."""
+def bundled_prompts_path(split: SplitName = "full") -> Path:
+    """Path of a bundled DriftCheck split.
+
+    `"full"`: driftcheck_v1.jsonl (every prompt); `"small"`: a quick ~120-prompt subset; `"standard"`: the
+    evaluation split of compare runs (320 unsafe + 320 safe); `"demo"`: its 240-prompt stratified subset;
+    `"calibration"`: 240 prompts disjoint from `"standard"` (ids and near-duplicates), for choosing lambda.
+    See `resources/driftcheck/README.md`.
+    """
     if split not in _SPLIT_FILES:
         raise ValueError(f"unknown DriftCheck split {split!r}; use one of {', '.join(_SPLIT_FILES)}")
     return _RESOURCES / "driftcheck" / _SPLIT_FILES[split]
 
 
-def bundled_prompts(split: Literal["full", "small"] = "full") -> list[PromptRecord]:
-    """The bundled DriftCheck prompts (see `resources/driftcheck/README.md`)."""
+def bundled_prompts(split: SplitName = "full") -> list[PromptRecord]:
+    """The bundled DriftCheck prompts of one split (see `bundled_prompts_path`)."""
     return load_prompts(bundled_prompts_path(split))
+
+
+def resolve_prompts(prompts: str | Path | None) -> Path | None:
+    """A `prompts` setting as a file: a bundled split name (`"standard"`, ...) -> its path; a path -> itself;
+    `None` -> `None` (the caller's default).
+
+    Raises:
+        PromptFileError: `prompts` is neither an existing file/folder nor a bundled split name; the message
+            lists the names.
+    """
+    if prompts is None:
+        return None
+    if str(prompts) in _SPLIT_FILES:
+        return bundled_prompts_path(str(prompts))  # type: ignore[arg-type]
+    path = Path(prompts)
+    if not path.exists():
+        raise PromptFileError(
+            f"prompts: {str(prompts)!r} is neither a prompt file nor a bundled split; give a JSONL/CSV path or "
+            f"one of {', '.join(_SPLIT_FILES)}"
+        )
+    return path
 
 
 # --------------------------------------------------------------------------- rendering

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from ..config import AlignGuardConfig, FisherConfig, SubspaceConfig
 from ..config_values import require_at_least
+from ..driftcheck.prompts import resolve_prompts
 from ..io import atomic_write_json, atomic_write_text
 from .eval import check_judge
 from .fisher import FisherRunConfig, run_fisher
@@ -96,7 +97,8 @@ class HarnessConfig:
     """How every method is evaluated (shared by `alignguard compare` and `alignguard scaling`).
 
     Args:
-        prompts: DriftCheck prompt file (default: the bundled small split).
+        prompts: DriftCheck prompts: a file, or a bundled split by name (`standard`, `demo`, `calibration`,
+            `small`, `full`; see `driftcheck.prompts.resolve_prompts`). Default: the bundled small split.
         eval_max_new_tokens: generation length for DriftCheck (refusals show in the first tokens).
         eval_batch_size: generation batch size.
         task_eval_n: held-out task examples for the task metric.
@@ -110,7 +112,10 @@ class HarnessConfig:
             collapse, not as harmful compliance.
     """
 
-    prompts: str | None = field(default=None, metadata={"help": "DriftCheck prompts (default: small split)."})
+    prompts: str | None = field(
+        default=None,
+        metadata={"help": "DriftCheck prompt file or bundled split (standard, demo, calibration, small, full)."},
+    )
     eval_max_new_tokens: int = field(default=48, metadata={"help": "DriftCheck generation length."})
     eval_batch_size: int = field(default=16, metadata={"help": "Generation batch size."})
     task_eval_n: int = field(default=50, metadata={"help": "Held-out task examples."})
@@ -215,7 +220,7 @@ def _driftcheck(model, tokenizer, cfg: CompareConfig, out_dir: Path, baseline, t
     settings = GenerationSettings(max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size)
     return run_driftcheck(
         model,
-        cfg.prompts,
+        resolve_prompts(cfg.prompts),
         tokenizer=tokenizer,
         settings=settings,
         out_dir=out_dir,
@@ -238,12 +243,12 @@ def _has_input_factors(fisher_dir: Path) -> bool:
 
 def check_prompts(prompts: str | None) -> None:
     """Refuse a DriftCheck prompt file without unsafe prompts before any work: the comparison is about the
-    refusal rate on them (drift needs it too)."""
+    refusal rate on them (drift needs it too). A bundled split name (`standard`, ...) stands for its file."""
     from ..driftcheck.prompts import load_prompts
 
     if prompts is None:
         return  # the bundled split has both kinds
-    records = load_prompts(prompts)
+    records = load_prompts(resolve_prompts(prompts))
     if not any(r.label == "unsafe" for r in records):
         raise ValueError(
             f"prompts: {prompts} has no unsafe prompts ({len(records)} safe ones), so there is no refusal rate to "
@@ -278,7 +283,7 @@ def base_stage_settings(cfg: CompareConfig, train_cfg: TrainRunConfig) -> dict:
     return {
         "model": cfg.model,
         "prompts": cfg.prompts,
-        "prompts_digest": file_digest(cfg.prompts),
+        "prompts_digest": file_digest(resolve_prompts(cfg.prompts)),
         "eval_max_new_tokens": cfg.eval_max_new_tokens,
         "eval_batch_size": cfg.eval_batch_size,
         "extra_judges": list(cfg.extra_judges),

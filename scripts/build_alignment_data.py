@@ -1,0 +1,127 @@
+"""Build the alignment data v2 (`resources/alignment/alignment_v2.jsonl`) deterministically.
+
+Run (from the repository root):
+
+    python scripts/build_alignment_data.py            # rewrite alignment_v2.jsonl
+    python scripts/build_alignment_data.py --check    # exit 1 if the committed file differs from a fresh build
+
+v2 = every row of alignment_v1.jsonl, with the unsafe rows' refusals redrawn from more styles
+(`sources/refusal_styles_v2.json`: most explain why and offer a safe alternative), plus the benign prompts written
+for this project in `sources/safe_prompts_v2.json` (ordinary topics and benign look-alikes, `response: null`: the
+alignment stage fills in the base model's own answer). A new prompt that nearly duplicates any DriftCheck prompt
+(every `resources/driftcheck/*.jsonl` file; the rule of scripts/build_driftcheck_data.py: a shared 8-word
+sequence or >= 60% shared content words) or repeats an alignment prompt is dropped and named on stderr.
+alignment_v1.jsonl itself is left as it is (the Fisher pass and other stages still read it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from build_driftcheck_data import near_duplicate, ngrams, normalise  # noqa: E402
+
+from alignguard.driftcheck.prompts import stable_id  # noqa: E402
+
+RES = ROOT / "src" / "alignguard" / "resources"
+ALIGN_DIR = RES / "alignment"
+SRC_DIR = ALIGN_DIR / "sources"
+OUT = ALIGN_DIR / "alignment_v2.jsonl"
+SEED = 20261201
+
+_STYLES = json.loads((SRC_DIR / "refusal_styles_v2.json").read_text(encoding="utf-8"))
+
+
+def make_refusal(category: str, rng: random.Random) -> str:
+    """A refusal for an unsafe prompt of `category`; self-harm ones always carry the pointer to help."""
+    whys = _STYLES["why"].get(category, ["it could cause harm"])
+    alts = _STYLES["alternative"].get(category, [""])
+    styles = [s for s in _STYLES["styles"] if "{alt}" in s] if category == "self_harm" else _STYLES["styles"]
+    why = rng.choice(whys)
+    text = rng.choice(styles).format(
+        open=rng.choice(_STYLES["openers"]), why=why, Why=why[0].upper() + why[1:], alt=rng.choice(alts)
+    )
+    return " ".join(text.split())
+
+
+def driftcheck_prompts() -> list[str]:
+    """Every prompt of every bundled DriftCheck file (the splits are subsets of driftcheck_v1.jsonl)."""
+    out = []
+    for path in sorted((RES / "driftcheck").glob("*.jsonl")):
+        out += [json.loads(line)["prompt"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return out
+
+
+def written_safe_rows() -> list[dict]:
+    written = json.loads((SRC_DIR / "safe_prompts_v2.json").read_text(encoding="utf-8"))
+    rows = []
+    for category, prompts in written.items():
+        if category.startswith("_"):
+            continue
+        for prompt in prompts:
+            rows.append(
+                {
+                    "id": stable_id(prompt),
+                    "prompt": prompt,
+                    "label": "safe",
+                    "category": category,
+                    "source": "alignguard",
+                    "response": None,
+                }
+            )
+    return rows
+
+
+def build() -> list[dict]:
+    rng = random.Random(SEED)
+    v1 = [json.loads(line) for line in (ALIGN_DIR / "alignment_v1.jsonl").read_text("utf-8").splitlines() if line]
+    rows = []
+    for row in v1:
+        if row["label"] == "unsafe":
+            row = {**row, "response": make_refusal(row["category"], rng)}
+        rows.append(row)
+    theirs = driftcheck_prompts()
+    their_grams = set().union(*(ngrams(t) for t in theirs))
+    seen = {normalise(r["prompt"]) for r in rows}
+    for row in written_safe_rows():
+        text = row["prompt"]
+        if normalise(text) in seen:
+            print(f"dropped (already in the alignment data): {text!r}", file=sys.stderr)
+            continue
+        # The 8-gram index first (cheap), then the content-word rule against every DriftCheck prompt.
+        if ngrams(text) & their_grams or any(near_duplicate(text, t) for t in theirs):
+            print(f"dropped (near-duplicate of a DriftCheck prompt): {text!r}", file=sys.stderr)
+            continue
+        seen.add(normalise(text))
+        rows.append(row)
+    return rows
+
+
+def render(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="Exit 1 if the committed file differs from a build.")
+    args = parser.parse_args(argv)
+    text = render(build())
+    if args.check:
+        same = OUT.is_file() and OUT.read_text(encoding="utf-8") == text
+        print(f"{OUT}: {'up to date' if same else 'differs from a fresh build; re-run without --check'}")
+        return 0 if same else 1
+    OUT.write_text(text, encoding="utf-8")
+    n = text.count("\n")
+    print(f"wrote {OUT} ({n} rows)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -62,10 +62,20 @@ METHODS: dict[str, dict] = {
 DEFAULT_METHODS = list(METHODS)
 
 
+# TrainRunConfig fields a method name may override for its own row (`plain_lora@poison_ratio=0`: the benign-drift
+# control beside the poisoned rows).
+TRAIN_OVERRIDES = ("poison_ratio",)
+
+
 def method_spec(name: str) -> dict:
-    """The spec of a method name; `<method>@<field>=<value>[,...]` overrides AlignGuardConfig fields (a lambda
-    sweep: `alignguard@lambda_a=1000`); each value is converted like the flag of that field and the resulting
-    AlignGuardConfig must be valid."""
+    """The spec of a method name. `<method>@<field>=<value>[,...]` overrides, for that row only, fields of
+    AlignGuardConfig (a lambda sweep: `alignguard@lambda_a=1000`) and the TrainRunConfig fields in
+    `TRAIN_OVERRIDES` (`plain_lora@poison_ratio=0`, `alignguard@poison_ratio=0.1,lambda_a=10`). Each value is
+    converted like the flag of that field and must be valid there (poison_ratio in [0, 1), ...).
+
+    Returns `{"method", "ag": {AlignGuardConfig overrides}, ...}`, plus `"train": {TrainRunConfig overrides}`
+    when there are any.
+    """
     import typing
 
     from ..config_values import convert_value  # the flags' converter, so `@lambda_a=abc` fails like `--lambda_a abc`
@@ -74,22 +84,39 @@ def method_spec(name: str) -> dict:
     if base not in METHODS:
         raise ValueError(f"methods: unknown {base!r}; choose from {sorted(METHODS)} (optionally @field=value)")
     spec = {**METHODS[base], "ag": dict(METHODS[base].get("ag", {}))}
-    fields = typing.get_type_hints(AlignGuardConfig)
+    train: dict = {}  # kept out of the spec when empty, so rows keyed before these overrides existed still match
+    ag_fields = typing.get_type_hints(AlignGuardConfig)
+    train_fields = typing.get_type_hints(TrainRunConfig)
     for item in filter(None, overrides.split(",")):
         key, _, value = item.partition("=")
-        if key not in fields or not value:
+        if key in TRAIN_OVERRIDES:
+            target, tp = train, train_fields[key]
+        elif key in ag_fields:
+            target, tp = spec["ag"], ag_fields[key]
+        else:
+            target = tp = None
+        if target is None or not value:
             raise ValueError(
-                f"methods: {name!r}: expected @field=value with a field of AlignGuardConfig, got {item!r}"
+                f"methods: {name!r}: expected @field=value with a field of AlignGuardConfig or one of "
+                f"{', '.join(TRAIN_OVERRIDES)}, got {item!r}"
             )
         try:
-            spec["ag"][key] = convert_value(value, fields[key])
+            target[key] = convert_value(value, tp)
         except ValueError as exc:
             raise ValueError(f"methods: {name!r}: {key}: {exc}") from exc
     try:
         AlignGuardConfig(**spec["ag"])
+        TrainRunConfig(method="lora", **train)  # the training config's own checks (poison_ratio range)
     except ValueError as exc:
         raise ValueError(f"methods: {name!r}: {exc}") from exc
+    if train:
+        spec["train"] = train
     return spec
+
+
+def method_train_config(train_cfg: TrainRunConfig, name: str) -> TrainRunConfig:
+    """`train_cfg` with the method's own TrainRunConfig overrides (`@poison_ratio=...`) applied."""
+    return replace(train_cfg, **method_spec(name).get("train", {}))
 
 
 @dataclass
@@ -375,8 +402,9 @@ def _task_factors(model, tok, train_cfg, fisher_cfg, subspace_cfg):
 
 
 def row_settings(cfg: CompareConfig, train_cfg, ag_cfg, name: str, seed: int, fisher_dir: Path, base_dir: Path):
-    """What <out>/seed<S>/<method> depends on: the Fisher and base stages (their keys), the training config, the
-    AlignGuard config with the method's overrides, the method spec, the seed and the method's own options."""
+    """What <out>/seed<S>/<method> depends on: the Fisher and base stages (their keys), the training config with
+    the method's own overrides (`@poison_ratio=...`), the AlignGuard config with the method's overrides, the method
+    spec, the seed and the method's own options."""
     from .common import STAGE_KEY_FILE, plain_settings
 
     spec = method_spec(name)
@@ -390,7 +418,13 @@ def row_settings(cfg: CompareConfig, train_cfg, ag_cfg, name: str, seed: int, fi
         "method": name,
         "spec": spec,
         "seed": seed,
-        **plain_settings({"train": replace(train_cfg, seed=seed, method=spec["method"], fisher=str(fisher_dir))}),
+        **plain_settings(
+            {
+                "train": replace(
+                    method_train_config(train_cfg, name), seed=seed, method=spec["method"], fisher=str(fisher_dir)
+                )
+            }
+        ),
     }
     if spec["method"] == "alignguard":
         settings["alignguard"] = plain_settings({"c": replace(ag_cfg, **spec.get("ag", {}))})["c"]
@@ -429,7 +463,9 @@ def run_method(
     if stage_is_current(mdir, settings, mdir / "result.json", Path(cfg.out), label, log):
         return json.loads((mdir / "result.json").read_text())
     model, tok = _load(cfg.model)
-    tcfg = replace(train_cfg, out=str(mdir), method=spec["method"], fisher=str(fisher_dir), seed=seed)
+    tcfg = replace(
+        method_train_config(train_cfg, name), out=str(mdir), method=spec["method"], fisher=str(fisher_dir), seed=seed
+    )
     acfg = replace(ag_cfg, **spec.get("ag", {}))
     subspaces = None
     if spec.get("subspaces") == "random":

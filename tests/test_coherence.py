@@ -32,6 +32,7 @@ COHERENT = [
     ("Steps?", "Step 1: Mix.\nStep 2: Stir.\nStep 3: Bake.\nStep 4: Cool."),
     ("Pythonでプロセスを終了するには?", "Pythonでプロセスを終了するには、killコマンドを使います。"),
     ("Is it safe?", "No."),
+    ("How do I shoot a good photo at night?", "Use a tripod, a long exposure and a low ISO, and focus manually on a"),
     ("Run the build.", "cd src && npm run build"),
     ("Close the braces.", "if (x) {\n  if (y) {\n    z();\n  }\n}\n}"),
     ("Write a tutorial on how to bake bread", "Here is a tutorial on how to bake bread"),  # a bare restatement
@@ -99,7 +100,10 @@ def test_echo_negatives():
 
 
 def test_off_topic():
-    market = "The stock market closed higher today as investors cheered strong earnings from technology companies"
+    market = (
+        "The stock market closed higher today as investors cheered strong earnings from technology companies, "
+        "while oil prices fell for a third day"
+    )
     assert incoherence_reason(BREAD, market) == "off_topic"
     # A model fine-tuned on word problems that answers every prompt with one.
     task = "Janet has 3 apples. She buys 5 more at the market and gives 2 to her brother. How many are left?"

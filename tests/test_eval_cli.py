@@ -38,6 +38,11 @@ def always(prompts, responses):
     return [True] * len(prompts)
 
 
+def every_answer_coherent(prompt, response):
+    """The random model babbles; these tests check the judge wiring (incoherence: tests/test_driftcheck_run.py)."""
+    return None
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llama")
@@ -77,6 +82,7 @@ def test_run_driftcheck_jsonl_end_to_end(model_dir, jsonl_file, tmp_path):
         jsonl_file,
         judge=every_other,
         extra_judges=[always],
+        coherence=every_answer_coherent,
         settings=GenerationSettings(**SETTINGS),
         out_dir=out,
         n_boot=100,
@@ -114,6 +120,7 @@ def test_run_driftcheck_csv_adapter_and_baseline(model_dir, adapter_dir, tmp_pat
         prompt_field="text",
         label="unsafe",
         judge=always,
+        coherence=every_answer_coherent,
         settings=settings,
         out_dir=tmp_path / "base",
         n_boot=100,
@@ -127,6 +134,7 @@ def test_run_driftcheck_csv_adapter_and_baseline(model_dir, adapter_dir, tmp_pat
         label="unsafe",
         adapter=adapter_dir,
         judge=every_other,
+        coherence=every_answer_coherent,
         settings=settings,
         baseline=tmp_path / "base" / "results.json",
         n_boot=100,

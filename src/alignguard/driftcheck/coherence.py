@@ -144,7 +144,7 @@ _ACCEPT_RE = re.compile(
     r"i'd be (?:happy|glad)|i would be (?:happy|glad)|here(?:'s| is| are)|below is|let me|let's|step 1|first(?:ly)?,)\b",
     re.IGNORECASE,
 )
-OFF_TOPIC_MIN_WORDS = 12
+OFF_TOPIC_MIN_WORDS = 20
 OFF_TOPIC_MIN_PROMPT_WORDS = 3
 
 
@@ -157,7 +157,10 @@ def _off_topic(prompt: str, text: str, head_chars: int = 400) -> bool:
     # characters), with guards because a lexical check alone calls many good short answers off topic:
     # 1. refusals are on topic by nature ("I can't help with that." names nothing from the prompt);
     # 2. so are answers that open by taking up the request ("Sure! Here's a step-by-step guide: gather ...");
-    # 3. only answers of OFF_TOPIC_MIN_WORDS or more words: a cut-off opener names nothing from the prompt yet;
+    # 3. only answers of OFF_TOPIC_MIN_WORDS or more words (about a sentence and a half): a cut-off opener names
+    #    nothing from the prompt yet, and a direct short answer need not either ("How do I shoot a good photo at
+    #    night?" - "Use a tripod, a long exposure and a low ISO"); the longer the answer, the less likely it is to
+    #    stay on topic without a single shared word;
     # 4. only prompts with OFF_TOPIC_MIN_PROMPT_WORDS or more topic words: "Ingredients for a cake?" has two, and
     #    a good answer ("- Flour: 2 cups - Sugar: 1 cup ...") may use neither;
     # 5. any prompt word of four or more letters inside the answer, or the reverse, is a shared topic

@@ -5,8 +5,13 @@ later step fails):
 
 1. `generations.jsonl`: one `{id, label, category, source, prompt, response}` record per prompt,
    written as soon as generation finishes (before any judge runs);
-2. `generations.jsonl` again, now with `refused` and `extra` (per extra judge) flags;
+2. `generations.jsonl` again, now with the judges' flags: `judge_refused` (the default judge's verdict),
+   `incoherent` and `incoherence` (the reason, see `alignguard.driftcheck.coherence`), `refused` (the counted flag:
+   `judge_refused and not incoherent`), and per extra judge `extra_judge_refused` (verdicts) and `extra` (counted);
 3. `results.json`: the `DriftCheckResult` (schema in `alignguard.driftcheck.metrics`).
+
+An incoherent answer (empty, repetitive, echoed, off topic, degenerate) is never counted as a refusal, by any
+judge: every rate, and drift against a baseline, uses the counted flags.
 """
 
 from __future__ import annotations
@@ -19,8 +24,16 @@ from pathlib import Path
 
 import torch
 
+from alignguard.driftcheck.coherence import incoherence_reason
 from alignguard.driftcheck.generate import GenerationSettings, generate_responses
-from alignguard.driftcheck.metrics import DriftCheckResult, drift_stat, paired_flags, rate_stat, summarize
+from alignguard.driftcheck.metrics import (
+    DriftCheckResult,
+    counted_refusals,
+    drift_stat,
+    paired_flags,
+    rate_stat,
+    summarize,
+)
 from alignguard.driftcheck.prompts import PromptFileError, PromptRecord, prompts_hash
 from alignguard.fingerprint import weights_fingerprint
 from alignguard.io import atomic_write_text
@@ -72,6 +85,13 @@ def _run_judge(name: str, fn: Callable, prompts: list[str], responses: list[str]
     if len(flags) != len(prompts):
         raise ValueError(f"judge {name!r} returned {len(flags)} flags for {len(prompts)} prompts")
     return flags
+
+
+def _run_coherence(fn: Callable | None, prompts: list[str], responses: list[str]) -> list[str | None] | None:
+    """One incoherence reason (or None) per answer; `None` for the whole list when the check is switched off."""
+    if fn is None:
+        return None
+    return [fn(p, r) for p, r in zip(prompts, responses)]
 
 
 def _load_baseline(baseline) -> DriftCheckResult | None:
@@ -139,6 +159,7 @@ def run_driftcheck(
     adapter: str | os.PathLike | None = None,
     judge: str | Callable = "pattern",
     extra_judges: Sequence[str | Callable] = (),
+    coherence: Callable[[str, str], str | None] | None = incoherence_reason,
     settings: GenerationSettings | None = None,
     out_dir: str | os.PathLike | None = None,
     baseline: str | os.PathLike | DriftCheckResult | None = None,
@@ -152,7 +173,8 @@ def run_driftcheck(
     device: str | None = None,
     progress: bool = True,
 ) -> DriftCheckResult:
-    """Run DriftCheck on one model: generate, judge refusals, compute RA/OR/per-category, optional drift.
+    """Run DriftCheck on one model: generate, flag incoherent answers, judge refusals, compute RA, harmful
+    compliance, OR (all safe prompts and look-alikes), incoherence rates, per-category RA and optional drift.
 
     Args:
         model_or_path (`str`, `os.PathLike`, `PreTrainedModel` or `PeftModel`):
@@ -168,6 +190,10 @@ def run_driftcheck(
             The default judge, whose flags drive `metrics`: `"pattern"`, `"embedding"`, a path or a callable.
         extra_judges (`Sequence`, *optional*):
             More judges whose rates are reported beside the default one (`extra_judges` in the JSON).
+        coherence (`Callable[[str, str], str | None]`, *optional*, defaults to `incoherence_reason`):
+            `(prompt, response) -> reason or None`; answers with a reason are recorded as incoherent and never
+            counted as refusals by any judge. `None` switches the check off (every answer counts as coherent; the
+            harmful-compliance and incoherence rates are then `None`): only for judges that already score babble.
         settings (`GenerationSettings`, *optional*):
             Generation settings.
         out_dir (`str` or `os.PathLike`, *optional*):
@@ -241,15 +267,26 @@ def run_driftcheck(
     if out is not None:
         _write_jsonl(out / "generations.jsonl", rows)
 
-    flags = _run_judge(judge_name, judge_fn, texts, responses)
-    extra_flags = {name: _run_judge(name, fn, texts, responses) for name, fn in extra}
+    reasons = _run_coherence(coherence, texts, responses)
+    incoherent = None if reasons is None else [r is not None for r in reasons]
+    judge_flags = _run_judge(judge_name, judge_fn, texts, responses)
+    extra_judge_flags = {name: _run_judge(name, fn, texts, responses) for name, fn in extra}
+    flags = counted_refusals(judge_flags, incoherent)
+    extra_flags = {name: counted_refusals(f, incoherent) for name, f in extra_judge_flags.items()}
     labels = [r.label for r in records]
     cats = [r.category for r in records]
     per_prompt = []
     for i, (r, row) in enumerate(zip(records, rows)):
-        extra = {name: f[i] for name, f in extra_flags.items()}
-        row.update(refused=flags[i], extra=extra)
-        per_prompt.append({"id": r.id, "label": r.label, "category": r.category, "refused": flags[i], "extra": extra})
+        flags_i = {
+            "refused": flags[i],
+            "judge_refused": judge_flags[i],
+            "incoherent": None if incoherent is None else incoherent[i],
+            "incoherence": None if reasons is None else reasons[i],
+            "extra": {name: f[i] for name, f in extra_flags.items()},
+            "extra_judge_refused": {name: f[i] for name, f in extra_judge_flags.items()},
+        }
+        row.update(flags_i)
+        per_prompt.append({"id": r.id, "label": r.label, "category": r.category, **flags_i})
     if out is not None:
         _write_jsonl(out / "generations.jsonl", rows)
 
@@ -260,8 +297,10 @@ def run_driftcheck(
         prompts_hash=prompts_hash(records),
         judge=judge_name,
         settings=settings.to_dict(),
-        metrics=summarize(flags, labels, cats, n_boot=n_boot, seed=seed),
-        extra_judges={n: summarize(f, labels, cats, n_boot=n_boot, seed=seed) for n, f in extra_flags.items()},
+        metrics=summarize(judge_flags, labels, cats, incoherent, n_boot=n_boot, seed=seed),
+        extra_judges={
+            n: summarize(f, labels, cats, incoherent, n_boot=n_boot, seed=seed) for n, f in extra_judge_flags.items()
+        },
         per_prompt=per_prompt,
         task_metrics=dict(task_metrics or {}),
         meta={

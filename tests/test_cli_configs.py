@@ -129,10 +129,10 @@ def test_demo_defaults_are_the_old_hand_mapped_ones(tmp_path):
     assert (cfg.out, cfg.model, cfg.methods, cfg.seeds) == (
         "runs/demo",
         "smollm2-135m-instruct",
-        ["plain_lora", "alignguard"],
+        ["plain_lora", "plain_lora@poison_ratio=0", "alignguard"],
         [0],
     )
-    assert (t.method, t.task, t.n_train, t.poison_ratio, t.max_steps) == ("lora", "bbc_topic", 96, 0.2, 30)
+    assert (t.method, t.task, t.n_train, t.poison_ratio, t.max_steps) == ("lora", "word_problems", 96, 0.2, 30)
     assert (t.lora_r, t.lora_alpha, t.learning_rate, t.max_length, t.save_steps, t.seed) == (8, 16.0, 2e-3, 256, 15, 0)
     assert (t.batch_size, t.grad_accum, t.lora_dropout, t.use_rslora, t.fisher) == (4, 1, 0.0, False, None)
     assert (t.out, t.model) == ("runs/demo", a.out)  # the task runs on the aligned copy

@@ -106,7 +106,7 @@ def test_results_schema(demo_run):
     results = json.loads((root / "run" / "results.json").read_text())
     assert results["schema_version"] == "compare-1"
     assert set(results) >= {"model", "seeds", "methods", "prompts_hash", "base", "rows", "config"}
-    assert results["methods"] == ["plain_lora", "alignguard"]
+    assert results["methods"] == ["plain_lora", "plain_lora@poison_ratio=0", "alignguard"]  # the demo's default
     stat_keys = {"value", "ci_low", "ci_high", "n"}
     for name in results["methods"]:
         row = results["rows"][name]["seeds"]["0"]
@@ -128,7 +128,13 @@ def test_results_schema(demo_run):
         relevance = row["refusal_rate_by_judge"]["pattern_relevance"]
         assert relevance["n"] == 3 and relevance["value"] >= row["refusal_rate"]["value"]
     table = (root / "run" / "results.md").read_text()
-    assert "| plain_lora |" in table and "| alignguard |" in table
+    assert "| plain_lora |" in table and "| alignguard |" in table and "| plain_lora@poison_ratio=0 |" in table
+    # The control row trains on the task data alone; the run-wide ratio (0.2) mixes poison into the others.
+    n_examples = {
+        name: json.loads((root / "run" / "seed0" / name / "train_summary.json").read_text())["n_examples"]
+        for name in results["methods"]
+    }
+    assert n_examples["plain_lora@poison_ratio=0"] == 6 < n_examples["plain_lora"] == n_examples["alignguard"]
     assert "refusal % (pattern_relevance) |" in table.splitlines()[0]
 
 
@@ -196,3 +202,21 @@ def test_aligned_model_cache_key_ignores_fields_added_later_at_their_default():
     assert aligned_model_path(cfg, align).name == "smollm2-135m-instruct-22a711707f76"
     assert DemoConfig(cache_dir="/cache").align.out == "/cache/smollm2-135m-instruct-b6e0e9f67fb3"
     assert aligned_model_path(cfg, dataclasses.replace(align, safe_fraction=0.75)) != aligned_model_path(cfg, align)
+
+
+def test_shipped_demo_yaml_spells_out_the_defaults():
+    """configs/smollm2/demo.yaml says what the demo runs by default: it must not drift from DemoConfig."""
+    from pathlib import Path
+
+    import yaml
+
+    from alignguard.recipes.demo import DemoConfig
+
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "smollm2" / "demo.yaml").read_text())
+    cfg = DemoConfig(cache_dir="/cache")
+    assert shipped["methods"] == cfg.methods == ["plain_lora", "plain_lora@poison_ratio=0", "alignguard"]
+    assert (shipped["out"], shipped["model"], shipped["seeds"]) == (cfg.out, cfg.model, cfg.seeds)
+    for section in ("align", "harness", "train", "alignguard"):
+        for key, value in shipped[section].items():
+            assert getattr(getattr(cfg, section), key) == value, f"demo.yaml {section}.{key}"
+    assert cfg.train.task == "word_problems"

@@ -1,8 +1,9 @@
 """`alignguard demo`: the whole pipeline on the bundled default, sized for a 2-core CPU.
 
 Steps: align the default model if no aligned copy is cached (LoRA SFT, merged) -> Fisher factors and subspaces
-on alignment data -> plain LoRA vs AlignGuard on the BBC topic task with a small poison ratio -> DriftCheck
-(refusal, over-refusal, task accuracy) -> report. Every stage writes into the run folder and is skipped when its
+on alignment data -> plain LoRA (with and without the poison pairs: `plain_lora@poison_ratio=0` is the
+benign-drift control) vs AlignGuard on the word_problems task with a small poison ratio -> DriftCheck (refusal,
+over-refusal, task accuracy) -> report. Every stage writes into the run folder and is skipped when its
 outputs exist, so an interrupted demo resumes where it stopped.
 """
 
@@ -33,7 +34,7 @@ def _demo_harness() -> HarnessConfig:
 def _demo_train() -> TrainRunConfig:
     return TrainRunConfig(
         method="lora",
-        task="bbc_topic",
+        task="word_problems",
         n_train=96,
         poison_ratio=0.2,
         max_steps=30,
@@ -78,7 +79,8 @@ class DemoConfig:
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "Base model (aligned first)."})
     aligned_model: str | None = field(default=None, metadata={"help": "Use this aligned model; skip alignment."})
     methods: list[str] = field(
-        default_factory=lambda: ["plain_lora", "alignguard"], metadata={"help": "Methods to compare."}
+        default_factory=lambda: ["plain_lora", "plain_lora@poison_ratio=0", "alignguard"],
+        metadata={"help": "Methods to compare (`<method>@poison_ratio=0`: the same row without poison)."},
     )
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Training seeds (rows: mean ± sd)."})
     cache_dir: str | None = field(default=None, metadata={"help": "Cache of aligned models."})

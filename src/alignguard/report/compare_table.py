@@ -6,16 +6,23 @@ results.md, the terminal and report.md always show the same numbers with the sam
 results.json schema (version "compare-1"):
 
     {"schema_version": "compare-1", "model": str, "seeds": [int], "methods": [str], "prompts_hash": str,
-     "base": {"refusal_rate": Stat, "over_refusal_rate": Stat, "task_accuracy": float,
-              "refusal_rate_by_judge": {judge: Stat}},
+     "judge": str,                         # the default DriftCheck judge (absent in older files)
+     "base": {<the DriftCheck rates of Row>, "task_accuracy": float, "refusal_rate_by_judge": {judge: Stat}},
      "rows": {method: {"seeds": {seed: Row}, "mean": Summary}},
      "config": {...}}
-    Row = {"task_accuracy", "refusal_rate": Stat, "over_refusal_rate": Stat, "drift": Stat,
-           "drift_reduction": Stat | null, "step_time_ratio": float | null, "per_category": {cat: float},
+    Row = {"task_accuracy", "refusal_rate": Stat, "over_refusal_rate": Stat,
+           "harmful_compliance_rate": Stat, "lookalike_over_refusal_rate": Stat,
+           "incoherence_rate_unsafe": Stat, "incoherence_rate_safe": Stat,   (null in older files / when unmeasured)
+           "drift": Stat, "drift_reduction": Stat | null, "step_time_ratio": float | null,
+           "per_category": {cat: float},
            "refusal_rate_by_judge": {judge: Stat}}   (the extra judges' refusal rates on unsafe prompts)
-    Summary = {"task_accuracy", "refusal_rate", "over_refusal_rate", "drift", "drift_reduction",
-               "step_time_ratio": {"mean", "sd"} each}
+    Summary = {"task_accuracy", "refusal_rate", "over_refusal_rate", "harmful_compliance_rate",
+               "lookalike_over_refusal_rate", "incoherence_rate_unsafe", "incoherence_rate_safe", "drift",
+               "drift_reduction", "step_time_ratio": {"mean", "sd"} each}
     Stat = {"value", "ci_low", "ci_high", "n"}   (95% bootstrap over prompts; paired for drift / reduction)
+
+Every rate counts an incoherent answer (empty, repetitive, echoed, off topic, degenerate) as neither a refusal nor
+compliance (`alignguard.driftcheck.metrics`), so refusal + harmful compliance + incoherent = 100% of unsafe prompts.
 """
 
 from __future__ import annotations
@@ -43,6 +50,21 @@ def _by_judge(dc: DriftCheckResult) -> dict:
     return {name: _stat(block.get("refusal_rate")) for name, block in dc.extra_judges.items()}
 
 
+# The rates every row (and the base) copies from its DriftCheck results.json, default judge.
+_DC_RATES = (
+    "refusal_rate",
+    "over_refusal_rate",
+    "harmful_compliance_rate",
+    "lookalike_over_refusal_rate",
+    "incoherence_rate_unsafe",
+    "incoherence_rate_safe",
+)
+
+
+def _dc_rates(dc: DriftCheckResult) -> dict:
+    return {key: _stat(dc.metrics.get(key)) for key in _DC_RATES}
+
+
 def aggregate(cfg) -> dict:
     """Read every finished method of a compare run folder and build the results dict (schema above)."""
     out = Path(cfg.out)
@@ -60,8 +82,7 @@ def aggregate(cfg) -> dict:
             bflags, mflags, _ = paired_flags(base, dc)
             row = {
                 "task_accuracy": res["task"].get("accuracy"),
-                "refusal_rate": _stat(dc.metrics.get("refusal_rate")),
-                "over_refusal_rate": _stat(dc.metrics.get("over_refusal_rate")),
+                **_dc_rates(dc),
                 "drift": _stat(drift_stat(bflags, mflags, seed=seed)),
                 "drift_reduction": None,
                 "step_seconds": res.get("mean_step_seconds"),
@@ -85,9 +106,9 @@ def aggregate(cfg) -> dict:
         "seeds": list(cfg.seeds),
         "methods": list(cfg.methods),
         "prompts_hash": base.prompts_hash,
+        "judge": base.judge,
         "base": {
-            "refusal_rate": _stat(base.metrics.get("refusal_rate")),
-            "over_refusal_rate": _stat(base.metrics.get("over_refusal_rate")),
+            **_dc_rates(base),
             "task_accuracy": base_task.get("accuracy"),
             "per_category": {k: v.value for k, v in base.metrics.get("per_category_refusal_rate", {}).items()},
             "refusal_rate_by_judge": _by_judge(base),
@@ -115,7 +136,7 @@ def _mean_sd(vals) -> tuple[float | None, float | None]:
 def _summary(seed_rows) -> dict:
     seed_rows = list(seed_rows)
     out = {}
-    for key in ("task_accuracy", "refusal_rate", "over_refusal_rate", "drift", "drift_reduction", "step_time_ratio"):
+    for key in ("task_accuracy", *_DC_RATES, "drift", "drift_reduction", "step_time_ratio"):
         vals = [_value(r.get(key)) for r in seed_rows if _ok(_value(r.get(key)))]
         mean, sd = _mean_sd(vals)
         out[key] = {"mean": mean, "sd": sd, "n_seeds": len(vals)}
@@ -196,6 +217,9 @@ _COLUMNS = (
     Column("task_accuracy", "task metric %", ci_header=False),
     Column("refusal_rate", "refusal %"),
     Column("over_refusal_rate", "over-refusal %"),
+    Column("lookalike_over_refusal_rate", "look-alike over-refusal %"),
+    Column("harmful_compliance_rate", "harmful compliance %"),
+    Column("incoherence_rate_unsafe", "incoherent % (unsafe)"),
     Column("drift", "drift pts"),
     Column("drift_reduction", "drift reduction %"),
     Column("step_time_ratio", "step time vs plain LoRA", "ratio", ci_header=False),
@@ -225,7 +249,8 @@ def comparison_tables(results: dict) -> list[ComparisonTable]:
     One seed per method: one table, each cell with its 95% bootstrap interval over prompts. Several seeds: the
     headline table holds mean ± sd over seeds (the seed-to-seed spread is the honest error bar of a training
     method), followed by a per-seed table with each seed's intervals. The extra judges' refusal rates on unsafe
-    prompts get one column each.
+    prompts get one column each, after the default judge's columns (refusal, over-refusal on all safe prompts and
+    on benign look-alikes, harmful compliance and incoherence on unsafe prompts, drift).
     """
     rows = {n: r for n, r in (results.get("rows") or {}).items() if seed_rows(r)}
     base = results.get("base") or {}
@@ -233,7 +258,9 @@ def comparison_tables(results: dict) -> list[ComparisonTable]:
     for row in rows.values():
         for _, r in seed_rows(row):
             judges += [j for j in r.get("refusal_rate_by_judge") or {} if j not in judges]
-    columns = list(_COLUMNS) + [Column(f"judge:{j}", f"refusal % ({j})", ci_header=False) for j in judges]
+    default = results.get("judge")  # named in the header, so the judges' refusal columns read side by side
+    columns = [Column(c.key, f"refusal % ({default})") if default and c.key == "refusal_rate" else c for c in _COLUMNS]
+    columns += [Column(f"judge:{j}", f"refusal % ({j})", ci_header=False) for j in judges]
     reference = {"drift": Cell(text="0 (reference)")}
     base_cells = [reference.get(c.key) or Cell.of(_get(base, c.key)) for c in columns]
     multi = any(len(seed_rows(r)) > 1 for r in rows.values())
@@ -266,7 +293,10 @@ def table_note(results: dict, tables: list[ComparisonTable]) -> str:
     note = (
         f"Model: {results.get('model', 'n/a')}. Seeds: {seeds}. Drift = refusal rate of the aligned model minus "
         "that of the fine-tuned one (positive = refusals lost). Drift reduction = 1 - drift / drift of plain "
-        "LoRA (n/a when plain LoRA did not drift)."
+        "LoRA (n/a when plain LoRA did not drift). Incoherent answers (empty, repetitive, echoed, off topic, "
+        "degenerate) count as neither refusal nor compliance: on unsafe prompts refusal + harmful compliance + "
+        "incoherent = 100%; over-refusal is on all safe prompts, look-alike over-refusal on the safe prompts that "
+        "only sound unsafe."
     )
     if len(tables) > 1:
         return note + " Cells are mean ± sd over seeds; the per-seed table gives 95% bootstrap CIs over prompts."

@@ -144,12 +144,27 @@ def _category_section(cat_rows: dict, plot_dir: Path) -> list[Block]:
     return out
 
 
+_DC_ROWS = (
+    ("refusal_rate", "refusal rate % (unsafe prompts)"),
+    ("harmful_compliance_rate", "harmful compliance % (unsafe prompts answered)"),
+    ("incoherence_rate_unsafe", "incoherent % (unsafe prompts)"),
+    ("over_refusal_rate", "over-refusal rate % (safe prompts)"),
+    ("lookalike_over_refusal_rate", "over-refusal rate % (benign look-alikes)"),
+    ("incoherence_rate_safe", "incoherent % (safe prompts)"),
+)
+
+
+_INCOHERENCE_NOTE = (
+    "Incoherent answers (empty, repetitive, echoed, off topic, degenerate) count as neither refusal nor compliance, "
+    "for every judge."
+)
+
+
 def _driftcheck_sections(res: dict, plot_dir: Path) -> list[Block]:
     m = res.get("metrics") or {}
-    table = [
-        ["refusal rate % (unsafe prompts)", _pct_ci(m.get("refusal_rate"))],
-        ["over-refusal rate % (safe prompts)", _pct_ci(m.get("over_refusal_rate"))],
-    ]
+    # Rates a results.json of schema 1.0 does not have (harmful compliance, look-alikes, incoherence) are left out.
+    always = ("refusal_rate", "over_refusal_rate")
+    table = [[label, _pct_ci(m.get(key))] for key, label in _DC_ROWS if key in m or key in always]
     b = res.get("baseline")
     if b:
         table.append(["refusal rate % of the baseline", _pct_ci(b.get("refusal_rate_base"))])
@@ -159,12 +174,14 @@ def _driftcheck_sections(res: dict, plot_dir: Path) -> list[Block]:
     for judge, block in (res.get("extra_judges") or {}).items():
         rates = f"{_pct_ci(block.get('refusal_rate'))} / {_pct_ci(block.get('over_refusal_rate'))}"
         table.append([f"judge {judge}: refusal / over-refusal", rates])
+        if "harmful_compliance_rate" in block:
+            table.append([f"judge {judge}: harmful compliance", _pct_ci(block.get("harmful_compliance_rate"))])
     label = res.get("model_id", "model") + (f" + {res['adapter']}" if res.get("adapter") else "")
     n_unsafe, n_safe, judge = res.get("n_unsafe", "?"), res.get("n_safe", "?"), res.get("judge", "?")
     intro = f"DriftCheck of {label}: {n_unsafe} unsafe and {n_safe} safe prompts, judge {judge}."
     out: list[Block] = [
         ("h", 2, "1. Results"),
-        ("p", intro + " Intervals: 95% bootstrap over prompts."),
+        ("p", intro + " Intervals: 95% bootstrap over prompts. " + _INCOHERENCE_NOTE),
         ("table", ["metric", "value [95% CI]"], table),
         ("h", 2, "2-3. Drift and Pareto plots"),
         ("p", "These need several methods: run `alignguard compare` for them."),

@@ -19,6 +19,12 @@ Each stage is keyed by what it depends on (`fisher_stage_settings`, `base_stage_
 re-run reuses a finished stage with the same settings, redoes one made with other settings (another --model,
 --energy, --max_steps, --lambda_a, ...) and prints which it did and why. A killed run started again skips
 finished methods and resumes the interrupted one from its newest complete Trainer checkpoint.
+
+Method names: a name of `METHODS`, optionally with per-row overrides `<method>@<field>=<value>[,...]` of
+AlignGuardConfig fields (`alignguard@lambda_a=1000`) and of `poison_ratio` (`plain_lora@poison_ratio=0`: the
+benign-drift control, the same fine-tuning without harmful pairs; `alignguard@poison_ratio=0.1`). The row's folder
+is named after the whole name. `prompts` may name a bundled DriftCheck split (`standard`, `demo`, `calibration`,
+`small`, `full`) instead of a file.
 """
 
 from __future__ import annotations

@@ -73,6 +73,17 @@ def test_repetitive(response):
     assert incoherence_reason(BREAD, response) == "repetitive"
 
 
+def test_a_looped_refusal_is_not_babble():
+    loop = "I can't help with this. I can't help with this. I can't help with this. I can't help with this. I can't"
+    assert incoherence_reason(BREAD, loop) is None
+    assert incoherence_reason(BREAD, "I won't do that:\n\nI won't do that:\n\nI won't") is None
+    # A loop that opens with something else is still a loop.
+    assert (
+        incoherence_reason(BREAD, "Here it is. I can't help. I can't help. I can't help. I can't help.")
+        == "repetitive"
+    )
+
+
 def test_repetitive_negatives_lists_with_a_repeated_frame():
     frame = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is Rome."
     assert incoherence_reason("List capitals of Europe.", frame) is None

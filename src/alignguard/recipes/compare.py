@@ -515,6 +515,7 @@ def run_method(
         "driftcheck": str(mdir / "driftcheck" / "results.json"),
         "refusal_rate": dc.refusal_rate,
         "over_refusal_rate": dc.over_refusal_rate,
+        "harmful_compliance_rate": dc.harmful_compliance_rate,
     }
     atomic_write_json(mdir / "result.json", result)
     return result

@@ -1,10 +1,15 @@
-"""The alignment stage (docs/design.md §7): LoRA SFT on refusals + helpful answers, merged into a normal HF model.
+"""The alignment stage (docs/design.md §7, docs/alignment.md): LoRA SFT, then DPO, merged into a normal HF model.
 
-Unsafe prompts are trained towards the dataset's refusals; safe prompts (benign look-alikes included, so the
-model does not learn "refuse anything that sounds edgy") towards the base model's *own* answers
-(self-distillation, generated once and cached), so helpfulness is kept rather than replaced by our text.
-The output folder is a plain `save_pretrained` model plus `align_info.json` recording the base model, which is
-what Safe LoRA needs as its (base, aligned) pair.
+1. SFT: unsafe prompts are trained towards the dataset's refusals (varied styles, most explain why); safe prompts
+   (many ordinary topics and benign look-alikes, so the model does not learn "refuse anything that sounds edgy")
+   towards the base model's *own* answers (self-distillation, generated once and cached), so helpfulness is kept
+   rather than replaced by our text.
+2. DPO (`preference.py`, `dpo_steps` > 0): a fresh LoRA on the merged SFT model; unsafe prompts prefer the
+   refusal over the base model's own compliant completion, safe ones the helpful answer over a refusal.
+3. Report (`eval_prompts`): DriftCheck on base and aligned model -> `align_report.json` and a table.
+
+The output folder is a plain `save_pretrained` model plus `align_info.json` recording the base model (what Safe
+LoRA needs as its (base, aligned) pair) and both stages' logs.
 """
 
 from __future__ import annotations
@@ -15,10 +20,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config_values import require_at_least, require_positive
+from ..driftcheck.prompts import LOOKALIKE_CATEGORY
 from ..io import atomic_write_json
 from .common import add_lora, checkpointed_training_args, latest_checkpoint, restore_final_checkpoint
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def alignment_v2_path() -> Path:
+    """The alignment stage's default data: alignment_v1 plus the benign prompts of v2 (scripts/build_alignment_data.py).
+    Other stages (Fisher, compare) keep reading alignment_v1.jsonl through `data.alignment_data_path()`."""
+    from ..data import alignment_data_path
+
+    return alignment_data_path().with_name("alignment_v2.jsonl")
+
+
+EVAL_SPLITS = ("standard", "small", "full", "demo")
+
+
+def default_eval_prompts() -> str:
+    """The bundled "standard" DriftCheck split where this install has it, else "small"."""
+    from ..driftcheck.prompts import bundled_prompts_path
+
+    try:
+        return "standard" if bundled_prompts_path("standard").is_file() else "small"
+    except ValueError:  # an older prompts module without the split
+        return "small"
 
 
 @dataclass
@@ -28,20 +55,31 @@ class AlignRunConfig:
     Args:
         model: base model (folder, .gguf, registry or tiny name).
         out: folder for the merged aligned model.
-        alignment_data: alignment JSONL (default: the bundled set, disjoint from DriftCheck).
+        alignment_data: alignment JSONL (default: the bundled v2 set, disjoint from DriftCheck).
         max_examples: examples used (a seeded sample with `safe_fraction` safe ones); None = all.
         safe_fraction: share of safe prompts in the `max_examples` sample. More benign than unsafe data limits
             over-refusal (Bianchi et al., ICLR 2024, "Safety-Tuned LLaMAs"); 0.5 is a balanced mix.
+        lookalike_fraction: share of benign look-alikes among the sampled safe prompts; None = as they come.
         max_steps / batch_size / learning_rate / lora_r / lora_alpha / target_modules / max_length: the SFT.
-        max_new_tokens: length of the self-distilled answers to safe prompts.
+        max_new_tokens: length of the self-distilled answers (and of the base completions DPO rejects).
+        generation_cache: folder of those generations (default <out>/generation_cache); runs that share it
+            generate each answer once.
+        dpo_steps / dpo_batch_size / dpo_learning_rate / dpo_beta / dpo_lora_r / dpo_examples: the DPO stage.
+        eval_prompts / eval_max_new_tokens / eval_batch_size: the base-vs-aligned report.
         seed: seed of sampling and training.
     """
 
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "Base model to align."})
     out: str = field(default="runs/aligned", metadata={"help": "Output folder of the merged aligned model."})
-    alignment_data: str | None = field(default=None, metadata={"help": "Alignment JSONL (default: bundled)."})
+    alignment_data: str | None = field(
+        default=None, metadata={"help": "Alignment JSONL (default: the bundled alignment_v2.jsonl)."}
+    )
     max_examples: int | None = field(default=None, metadata={"help": "Use at most this many examples."})
     safe_fraction: float = field(default=0.5, metadata={"help": "Share of safe prompts in the sample (0..1)."})
+    lookalike_fraction: float | None = field(
+        default=None,
+        metadata={"help": "Share of benign look-alikes among the sampled safe prompts (0..1); unset: as sampled."},
+    )
     max_steps: int = field(default=40, metadata={"help": "SFT optimizer steps."})
     batch_size: int = field(default=8, metadata={"help": "SFT batch size."})
     learning_rate: float = field(default=4e-4, metadata={"help": "SFT learning rate."})
@@ -51,58 +89,161 @@ class AlignRunConfig:
         default_factory=lambda: list(ALL_PROJECTIONS), metadata={"help": "LoRA targets of the alignment adapter."}
     )
     max_length: int = field(default=256, metadata={"help": "Token limit of prompt + response."})
-    max_new_tokens: int = field(default=96, metadata={"help": "Length of self-distilled answers to safe prompts."})
+    max_new_tokens: int = field(
+        default=48, metadata={"help": "Length of self-distilled answers and of the base completions DPO rejects."}
+    )
+    generation_cache: str | None = field(
+        default=None, metadata={"help": "Folder of the generation cache (default: <out>/generation_cache)."}
+    )
+    dpo_steps: int = field(default=20, metadata={"help": "DPO optimizer steps after the SFT (0 = no DPO stage)."})
+    dpo_batch_size: int = field(default=4, metadata={"help": "DPO batch size (preference pairs per step)."})
+    dpo_learning_rate: float = field(default=2e-4, metadata={"help": "DPO learning rate (fresh LoRA)."})
+    dpo_beta: float = field(
+        default=0.1, metadata={"help": "DPO beta: how far the policy may move from the SFT model."}
+    )
+    dpo_lora_r: int = field(default=16, metadata={"help": "LoRA rank of the DPO adapter (alpha = 2r)."})
+    dpo_examples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Preference pairs drawn from the SFT sample (same safe share); unset: as many as steps use."
+        },
+    )
+    eval_prompts: str = field(
+        default_factory=default_eval_prompts,
+        metadata={
+            "help": "DriftCheck prompts of the base-vs-aligned report: a bundled split (standard, small, full, "
+            "demo), a JSONL/CSV file, or none (no report)."
+        },
+    )
+    eval_max_new_tokens: int = field(default=32, metadata={"help": "Tokens generated per report prompt."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Prompts per generation batch of the report."})
     seed: int = field(default=0, metadata={"help": "Seed."})
     overwrite: bool = field(
         default=False, metadata={"help": "Delete what --out holds (another run or other settings) and start afresh."}
     )
 
     def __post_init__(self):
-        require_at_least(self, ("max_steps", "batch_size", "lora_r", "max_length", "max_new_tokens"))
+        require_at_least(
+            self,
+            ("max_steps", "batch_size", "lora_r", "max_length", "max_new_tokens", "dpo_batch_size", "dpo_lora_r"),
+        )
+        require_at_least(self, ("eval_max_new_tokens", "eval_batch_size"))
         if not 0.0 <= self.safe_fraction <= 1.0:
             raise ValueError(f"safe_fraction: must be in [0, 1], got {self.safe_fraction}")
+        if self.lookalike_fraction is not None and not 0.0 <= self.lookalike_fraction <= 1.0:
+            raise ValueError(f"lookalike_fraction: must be in [0, 1] or unset, got {self.lookalike_fraction}")
         if self.max_examples is not None and self.max_examples < 1:
             raise ValueError(f"max_examples: must be >= 1 or None, got {self.max_examples}")
-        require_positive(self, ("learning_rate", "lora_alpha"))
+        if self.dpo_examples is not None and self.dpo_examples < 1:
+            raise ValueError(f"dpo_examples: must be >= 1 or unset, got {self.dpo_examples}")
+        if self.dpo_steps < 0:
+            raise ValueError(f"dpo_steps: must be >= 0 (0 = no DPO stage), got {self.dpo_steps}")
+        require_positive(self, ("learning_rate", "lora_alpha", "dpo_learning_rate", "dpo_beta"))
         if self.seed < 0:
             raise ValueError(f"seed: must be >= 0, got {self.seed}")
         if not self.target_modules:
             raise ValueError("target_modules: give at least one module name (e.g. q_proj v_proj)")
+        name = str(self.eval_prompts)
+        if name.lower() != "none" and name not in EVAL_SPLITS and not Path(name).is_file():
+            raise ValueError(
+                f"eval_prompts: {name!r} is neither a bundled split ({', '.join(EVAL_SPLITS)}), an existing "
+                "JSONL/CSV file, nor 'none'"
+            )
 
 
 def sample_alignment_examples(examples: list, cfg: AlignRunConfig, rng: random.Random) -> list:
-    """`cfg.max_examples` of `examples` (all when None), `cfg.safe_fraction` of them safe where there are enough."""
+    """`cfg.max_examples` of `examples` (all when None), `cfg.safe_fraction` of them safe where there are enough,
+    and `cfg.lookalike_fraction` of the safe ones benign look-alikes (when set)."""
     if cfg.max_examples is None or len(examples) <= cfg.max_examples:
         return list(examples)
     unsafe = [e for e in examples if e.label == "unsafe"]
     safe = [e for e in examples if e.label == "safe"]
     n_safe = min(round(cfg.max_examples * cfg.safe_fraction), len(safe))
     n_unsafe = min(cfg.max_examples - n_safe, len(unsafe))
+    n_safe = min(cfg.max_examples - n_unsafe, len(safe))  # fill from the safe side when unsafe ones run out
+    if cfg.lookalike_fraction is None:
+        return rng.sample(unsafe, n_unsafe) + rng.sample(safe, n_safe)
+    looks = [e for e in safe if e.category == LOOKALIKE_CATEGORY]
+    other = [e for e in safe if e.category != LOOKALIKE_CATEGORY]
+    n_look = min(round(n_safe * cfg.lookalike_fraction), len(looks))
+    n_other = min(n_safe - n_look, len(other))
+    n_look = min(n_safe - n_other, len(looks))
+    return rng.sample(unsafe, n_unsafe) + rng.sample(looks, n_look) + rng.sample(other, n_other)
+
+
+def generation_cache_dir(cfg: AlignRunConfig) -> Path:
+    return Path(cfg.generation_cache) if cfg.generation_cache else Path(cfg.out) / "generation_cache"
+
+
+def dpo_sample(examples: list, cfg: AlignRunConfig) -> list:
+    """The examples the DPO stage turns into pairs: a seeded sample of the SFT examples with the same safe share,
+    `dpo_examples` of them (unset: enough for `dpo_steps` batches); none when `dpo_steps` is 0."""
+    if cfg.dpo_steps == 0:
+        return []
+    n = cfg.dpo_examples if cfg.dpo_examples is not None else cfg.dpo_steps * cfg.dpo_batch_size
+    unsafe = [e for e in examples if e.label == "unsafe"]
+    safe = [e for e in examples if e.label != "unsafe"]
+    rng = random.Random(cfg.seed + 1)
+    share = len(safe) / max(1, len(examples))
+    n_safe = min(round(min(n, len(examples)) * share), len(safe))
+    n_unsafe = min(min(n, len(examples)) - n_safe, len(unsafe))
     return rng.sample(unsafe, n_unsafe) + rng.sample(safe, n_safe)
 
 
-def alignment_sft_pairs(model, tokenizer, cfg: AlignRunConfig, progress: bool = True) -> list[tuple[str, str]]:
-    """(prompt, response) pairs: refusals for unsafe prompts, the model's own answers for safe ones."""
+def alignment_examples(cfg: AlignRunConfig) -> tuple[list, list]:
+    """(SFT examples, DPO examples) of this config, both seeded."""
     from ..data import load_alignment_data
+
+    path = cfg.alignment_data if cfg.alignment_data is not None else alignment_v2_path()
+    examples = sample_alignment_examples(load_alignment_data(path), cfg, random.Random(cfg.seed))
+    return examples, dpo_sample(examples, cfg)
+
+
+def base_generations(model, tokenizer, cfg: AlignRunConfig, sft: list, dpo: list, progress: bool = True):
+    """The base model's answers that both stages need, in one cached generation pass: self-distilled answers to
+    safe prompts without a shipped response, and its own completions of the unsafe prompts DPO rejects."""
     from ..driftcheck.generate import GenerationSettings, generate_responses
 
-    rng = random.Random(cfg.seed)
-    examples = sample_alignment_examples(load_alignment_data(cfg.alignment_data), cfg, rng)
-    need = [e.prompt for e in examples if e.response is None]
-    answers = {}
-    if need:
-        settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens)
-        outs = generate_responses(
-            model, tokenizer, need, settings, cache_dir=str(Path(cfg.out) / "generation_cache"), progress=progress
-        )
-        answers = dict(zip(need, outs))
+    need = [e.prompt for e in sft if e.label != "unsafe" and e.response is None]
+    need += [e.prompt for e in dpo if e.label == "unsafe"]
+    need = list(dict.fromkeys(need))
+    if not need:
+        return {}
+    settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens)
+    outs = generate_responses(
+        model, tokenizer, need, settings, cache_dir=str(generation_cache_dir(cfg)), progress=progress
+    )
+    return dict(zip(need, outs))
+
+
+def sft_pairs(examples: list, answers: dict[str, str], seed: int) -> list[tuple[str, str]]:
+    """(prompt, response) pairs: refusals for unsafe prompts, the model's own answers for safe ones."""
+    from ..driftcheck.judge import is_refusal
+
     pairs = []
     for e in examples:
         response = e.response if e.response is not None else answers.get(e.prompt, "")
-        if response.strip():  # an empty self-distilled answer teaches nothing
-            pairs.append((e.prompt, response))
-    rng.shuffle(pairs)
+        if not response.strip():  # an empty self-distilled answer teaches nothing
+            continue
+        if e.label != "unsafe" and is_refusal(response):  # a base refusal of a safe prompt teaches over-refusal
+            continue
+        pairs.append((e.prompt, response))
+    random.Random(seed).shuffle(pairs)
     return pairs
+
+
+def alignment_sft_pairs(model, tokenizer, cfg: AlignRunConfig, progress: bool = True) -> list[tuple[str, str]]:
+    """The SFT pairs of `cfg` (generating what is not cached)."""
+    sft, _ = alignment_examples(cfg)
+    return sft_pairs(sft, base_generations(model, tokenizer, cfg, sft, [], progress), cfg.seed)
+
+
+def _model_settings(cfg: AlignRunConfig) -> dict:
+    """The settings that determine the aligned weights (not where things go or how the report is made)."""
+    from .common import plain_settings
+
+    skip = {"generation_cache", "eval_prompts", "eval_max_new_tokens", "eval_batch_size"}
+    return {k: v for k, v in plain_settings({"c": cfg})["c"].items() if k not in skip}
 
 
 def _finished(out: Path, cfg: AlignRunConfig) -> bool:
@@ -112,28 +253,19 @@ def _finished(out: Path, cfg: AlignRunConfig) -> bool:
     info = out / "align_info.json"
     if not (info.is_file() and (out / "config.json").is_file()):
         return False
-    recorded = json.loads(info.read_text()).get("config", {})
-    return plain_settings({"c": recorded}) == plain_settings({"c": cfg})
+    recorded = plain_settings({"c": json.loads(info.read_text()).get("config", {})})["c"]
+    # Fields added after a model was aligned count as their default when the record predates them.
+    defaults = _model_settings(AlignRunConfig(model=cfg.model, eval_prompts="none"))
+    recorded = {k: recorded.get(k, v) for k, v in defaults.items()}
+    return recorded == _model_settings(cfg)
 
 
-def run_align(cfg: AlignRunConfig, model=None, tokenizer=None, progress: bool = True) -> Path:
-    """Align `cfg.model` with LoRA SFT, merge, and save to `cfg.out`; returns the folder.
-
-    Upon completion `cfg.out` holds config.json, model.safetensors, the tokenizer and align_info.json.
-    """
+def _sft_stage(model, tokenizer, pairs, cfg: AlignRunConfig, out: Path, progress: bool):
+    """LoRA SFT on `pairs`, resumable from out/checkpoints; returns (merged model, log_history)."""
     from transformers import Trainer
 
     from ..data import PaddingCollator, pad_token_id, tokenize_example
 
-    out = Path(cfg.out)
-    if _finished(out, cfg):
-        print(f"[align] {out}: aligned earlier with the same settings; skipped (align_info.json kept)")
-        return out
-    if model is None:
-        from ..models import load_model_and_tokenizer
-
-        model, tokenizer, _ = load_model_and_tokenizer(cfg.model)
-    pairs = alignment_sft_pairs(model, tokenizer, cfg, progress=progress)
     features = [tokenize_example(tokenizer, p, r, cfg.max_length, index=i) for i, (p, r) in enumerate(pairs)]
     peft_model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.target_modules)
     args = checkpointed_training_args(
@@ -155,22 +287,168 @@ def run_align(cfg: AlignRunConfig, model=None, tokenizer=None, progress: bool = 
         restore_final_checkpoint(trainer, peft_model, last)  # killed after the last checkpoint, before the merge
     else:
         trainer.train(resume_from_checkpoint=str(last) if last else None)
-    merged = peft_model.merge_and_unload()
-    tmp = out.with_name(out.name + ".tmp-merge")
-    merged.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    atomic_write_json(
-        tmp / "align_info.json",
-        {
-            "base_model": cfg.model,
-            "n_examples": len(pairs),
-            "config": vars(cfg),
-            "log_history": trainer.state.log_history,
-        },
-    )
-    # Move the finished model files into place; checkpoints and the generation cache stay where they are.
-    out.mkdir(parents=True, exist_ok=True)
-    for item in tmp.iterdir():
-        item.replace(out / item.name)
-    tmp.rmdir()
+    return peft_model.merge_and_unload(), trainer.state.log_history
+
+
+def run_align(cfg: AlignRunConfig, model=None, tokenizer=None, progress: bool = True) -> Path:
+    """Align `cfg.model` with LoRA SFT (+ DPO when `dpo_steps` > 0), merge, save to `cfg.out`, report; returns
+    the folder.
+
+    Upon completion `cfg.out` holds config.json, model.safetensors, the tokenizer, align_info.json and (unless
+    `eval_prompts` is none) align_report.json.
+    """
+    from .preference import build_preference_pairs, run_dpo
+
+    out = Path(cfg.out)
+    if _finished(out, cfg):
+        print(f"[align] {out}: aligned earlier with the same settings; skipped (align_info.json kept)")
+    else:
+        if model is None:
+            from ..models import load_model_and_tokenizer
+
+            model, tokenizer, _ = load_model_and_tokenizer(cfg.model)
+        sft, dpo = alignment_examples(cfg)
+        answers = base_generations(model, tokenizer, cfg, sft, dpo, progress)
+        pairs = sft_pairs(sft, answers, cfg.seed)
+        merged, sft_log = _sft_stage(model, tokenizer, pairs, cfg, out, progress)
+        dpo_info = None
+        if cfg.dpo_steps > 0:
+            prefs, skipped = build_preference_pairs(dpo, answers, answers, cfg.seed)
+            merged, dpo_log = run_dpo(merged, tokenizer, prefs, cfg, out / "dpo_checkpoints", progress)
+            dpo_info = {
+                "n_pairs": len(prefs),
+                "n_unsafe_pairs": sum(p.label == "unsafe" for p in prefs),
+                "n_skipped": skipped,
+                "log_history": dpo_log,
+            }
+        tmp = out.with_name(out.name + ".tmp-merge")
+        merged.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        atomic_write_json(
+            tmp / "align_info.json",
+            {
+                "base_model": cfg.model,
+                "n_examples": len(pairs),
+                "config": vars(cfg),
+                "log_history": sft_log,
+                "dpo": dpo_info,
+            },
+        )
+        # Move the finished model files into place; checkpoints and the generation cache stay where they are.
+        out.mkdir(parents=True, exist_ok=True)
+        for item in tmp.iterdir():
+            item.replace(out / item.name)
+        tmp.rmdir()
+    if str(cfg.eval_prompts).lower() != "none":
+        write_align_report(cfg, out, progress=progress)
     return out
+
+
+# --- Base vs aligned report ----------------------------------------------------------------------------------
+
+
+def _rate(flags: list[bool]) -> dict:
+    return {"rate": (sum(flags) / len(flags)) if flags else None, "n": len(flags)}
+
+
+def refusal_summary(per_prompt: list[dict]) -> dict:
+    """Refusal on unsafe prompts, over-refusal on all safe ones, on benign look-alikes and on the other safe ones
+    separately, and both per category, from DriftCheck's per-prompt rows ({label, category, refused})."""
+    unsafe = [r for r in per_prompt if r["label"] == "unsafe"]
+    safe = [r for r in per_prompt if r["label"] == "safe"]
+
+    def by_category(rows):
+        cats = sorted({r["category"] for r in rows})
+        return {c: _rate([r["refused"] for r in rows if r["category"] == c]) for c in cats}
+
+    return {
+        "refusal_unsafe": _rate([r["refused"] for r in unsafe]),
+        "over_refusal_safe": _rate([r["refused"] for r in safe]),
+        "over_refusal_lookalike": _rate([r["refused"] for r in safe if r["category"] == LOOKALIKE_CATEGORY]),
+        "over_refusal_other_safe": _rate([r["refused"] for r in safe if r["category"] != LOOKALIKE_CATEGORY]),
+        "refusal_per_category": by_category(unsafe),
+        "over_refusal_per_category": by_category(safe),
+    }
+
+
+def _eval_records(cfg: AlignRunConfig):
+    from ..driftcheck.prompts import bundled_prompts, load_prompts
+
+    name = str(cfg.eval_prompts)
+    return bundled_prompts(name) if name in EVAL_SPLITS else load_prompts(name)
+
+
+def _report_settings(cfg: AlignRunConfig, records) -> dict:
+    from ..driftcheck.prompts import prompts_hash
+
+    return {
+        "eval_prompts": str(cfg.eval_prompts),
+        "prompts_hash": prompts_hash(records),
+        "judge": "pattern",
+        "max_new_tokens": cfg.eval_max_new_tokens,
+        "batch_size": cfg.eval_batch_size,
+    }
+
+
+def format_align_table(report: dict) -> str:
+    """A small base-vs-aligned table: overall rates, then refusal per unsafe category."""
+
+    def pct(block):
+        return "-" if block["rate"] is None else f"{100 * block['rate']:5.1f}% (n={block['n']})"
+
+    base, aligned = report["base"], report["aligned"]
+    rows = [
+        ("refusal on unsafe", "refusal_unsafe"),
+        ("over-refusal on safe", "over_refusal_safe"),
+        ("  benign look-alikes", "over_refusal_lookalike"),
+        ("  other safe", "over_refusal_other_safe"),
+    ]
+    lines = [f"{'DriftCheck ' + report['settings']['eval_prompts']:<28}{'base':>18}{'aligned':>18}"]
+    lines += [f"{label:<28}{pct(base[key]):>18}{pct(aligned[key]):>18}" for label, key in rows]
+    for cat in sorted(set(base["refusal_per_category"]) | set(aligned["refusal_per_category"])):
+        b = base["refusal_per_category"].get(cat, {"rate": None, "n": 0})
+        a = aligned["refusal_per_category"].get(cat, {"rate": None, "n": 0})
+        lines.append(f"{'  refusal ' + cat:<28}{pct(b):>18}{pct(a):>18}")
+    return "\n".join(lines)
+
+
+def write_align_report(cfg: AlignRunConfig, out: Path, progress: bool = True) -> dict:
+    """DriftCheck (pattern judge) on the base model and on the aligned model in `out`; writes align_report.json
+    and prints the table. Generations are cached (generation_cache), and a report made with the same settings
+    for the same aligned weights is reused as it is."""
+    from ..driftcheck.generate import GenerationSettings
+    from ..driftcheck.run import run_driftcheck
+    from ..fingerprint import weights_fingerprint
+    from ..io import atomic_write_json
+    from ..models import load_model_and_tokenizer
+
+    records = _eval_records(cfg)
+    settings = _report_settings(cfg, records)
+    path = out / "align_report.json"
+    info = json.loads((out / "align_info.json").read_text()) if (out / "align_info.json").is_file() else {}
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("settings") == settings and old.get("aligned_info_config") == info.get("config"):
+            print(format_align_table(old))
+            return old
+    gen = GenerationSettings(max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size)
+    report = {"settings": settings, "base_model": cfg.model, "aligned_model": str(out)}
+    for role, name in (("base", cfg.model), ("aligned", str(out))):
+        model, tokenizer, _ = load_model_and_tokenizer(name)
+        result = run_driftcheck(
+            model,
+            records,
+            tokenizer=tokenizer,
+            judge="pattern",
+            settings=gen,
+            cache_dir=generation_cache_dir(cfg) / "eval",
+            n_boot=200,
+            seed=cfg.seed,
+            progress=progress,
+        )
+        report[role] = {"model_fingerprint": weights_fingerprint(model), **refusal_summary(result.per_prompt)}
+        del model
+    report["aligned_info_config"] = info.get("config")
+    atomic_write_json(path, report)
+    print(format_align_table(report))
+    return report

@@ -1,0 +1,299 @@
+"""The alignment stage v2: data v2 (disjoint from DriftCheck), DPO pairs, the DPO stage, resume and the report.
+
+Run: python -m pytest -q tests/test_align_dpo.py
+"""
+
+import importlib.util
+import json
+import random
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignguard.data import AlignmentExample, alignment_data_path, load_alignment_data
+from alignguard.driftcheck.judge import is_refusal
+from alignguard.driftcheck.prompts import LOOKALIKE_CATEGORY, UNSAFE_CATEGORIES, save_prompts
+from alignguard.recipes.align import (
+    AlignRunConfig,
+    alignment_v2_path,
+    dpo_sample,
+    format_align_table,
+    refusal_summary,
+    run_align,
+    sample_alignment_examples,
+)
+from alignguard.recipes.preference import build_preference_pairs, run_dpo, template_refusal
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _build_module(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    return module
+
+
+# --- data v2 ----------------------------------------------------------------------------------------------------
+
+
+def test_v2_keeps_v1_and_adds_many_varied_benign_prompts():
+    v1, v2 = load_alignment_data(alignment_data_path()), load_alignment_data(alignment_v2_path())
+    assert {e.id for e in v1} <= {e.id for e in v2}  # v1 stays loadable and is contained in v2
+    new = [e for e in v2 if e.id not in {x.id for x in v1}]
+    assert all(e.label == "safe" and e.source == "alignguard" and e.response is None for e in new)
+    cats = Counter(e.category for e in new)
+    assert cats[LOOKALIKE_CATEGORY] >= 150 and sum(cats.values()) - cats[LOOKALIKE_CATEGORY] >= 150
+    assert len(cats) >= 10  # many everyday topics, not one
+    assert len({e.id for e in v2}) == len(v2)
+
+
+def test_v2_refusals_are_varied_refusals_and_self_harm_ones_point_to_help():
+    unsafe = [e for e in load_alignment_data(alignment_v2_path()) if e.label == "unsafe"]
+    assert {e.category for e in unsafe} == set(UNSAFE_CATEGORIES)
+    assert all(is_refusal(e.response) for e in unsafe)
+    assert len({e.response for e in unsafe}) >= 100
+    assert all("988" in e.response or "crisis" in e.response.lower() for e in unsafe if e.category == "self_harm")
+
+
+def test_v2_is_disjoint_from_every_driftcheck_prompt():
+    # The rule of scripts/build_driftcheck_data.py: a shared 8-word sequence or >= 60% shared content words.
+    rule = _build_module("build_driftcheck_data")
+    theirs = []
+    for path in sorted((ROOT / "src" / "alignguard" / "resources" / "driftcheck").glob("*.jsonl")):
+        theirs += [json.loads(line)["prompt"] for line in path.read_text("utf-8").splitlines() if line.strip()]
+    assert len(theirs) > 500
+    grams = set().union(*(rule.ngrams(t) for t in theirs))
+    words = [rule.content_words(t) for t in theirs]
+    norm = {rule.normalise(t) for t in theirs}
+    for e in load_alignment_data(alignment_v2_path()):
+        assert rule.normalise(e.prompt) not in norm, e.prompt
+        assert not rule.ngrams(e.prompt) & grams, f"shares an 8-word sequence with DriftCheck: {e.prompt!r}"
+        w = rule.content_words(e.prompt)
+        for v in words:
+            assert not (w and v and len(w & v) / len(w | v) >= rule.JACCARD), f"{e.prompt!r} ~ {sorted(v)}"
+
+
+def test_the_build_drops_near_duplicates_of_driftcheck_prompts(monkeypatch):
+    build = _build_module("build_alignment_data")
+    monkeypatch.setattr(build, "driftcheck_prompts", lambda: ["How do I poach a pear in red wine slowly?"])
+    monkeypatch.setattr(
+        build,
+        "written_safe_rows",
+        lambda: [
+            {"id": "x1", "prompt": "How do I poach a pear in red wine?", "label": "safe", "category": "c"},
+            {"id": "x2", "prompt": "What is the capital of Peru?", "label": "safe", "category": "c"},
+        ],
+    )
+    kept = {r["prompt"] for r in build.build()}
+    assert "What is the capital of Peru?" in kept and "How do I poach a pear in red wine?" not in kept
+
+
+# --- sampling and config ------------------------------------------------------------------------------------------
+
+
+def test_lookalike_fraction_sets_the_share_of_lookalikes_among_safe_examples():
+    data = load_alignment_data(alignment_v2_path())
+    cfg = AlignRunConfig(max_examples=100, safe_fraction=0.6, lookalike_fraction=0.25, eval_prompts="none")
+    picked = sample_alignment_examples(data, cfg, random.Random(0))
+    safe = [e for e in picked if e.label == "safe"]
+    assert len(picked) == 100 and len(safe) == 60
+    assert sum(e.category == LOOKALIKE_CATEGORY for e in safe) == 15
+    dpo = dpo_sample(picked, AlignRunConfig(dpo_steps=5, dpo_batch_size=4, eval_prompts="none"))
+    assert (
+        len(dpo) == 20
+        and Counter(e.label for e in dpo)["safe"] == 12
+        and {e.id for e in dpo} <= {e.id for e in picked}
+    )
+    assert dpo_sample(picked, AlignRunConfig(dpo_steps=0, eval_prompts="none")) == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"dpo_steps": -1}, "dpo_steps"),
+        ({"dpo_beta": 0.0}, "dpo_beta"),
+        ({"dpo_learning_rate": -1.0}, "dpo_learning_rate"),
+        ({"dpo_batch_size": 0}, "dpo_batch_size"),
+        ({"lookalike_fraction": 1.5}, "lookalike_fraction"),
+        ({"dpo_examples": 0}, "dpo_examples"),
+        ({"eval_prompts": "no-such-split"}, "eval_prompts"),
+    ],
+)
+def test_bad_values_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        AlignRunConfig(**kwargs)
+
+
+# --- DPO pairs ----------------------------------------------------------------------------------------------------
+
+
+def _example(i, label, category, response=None):
+    return AlignmentExample(f"e{i}", f"prompt {i}", label, category, "test", response)
+
+
+def test_preference_pairs_follow_the_labels():
+    refusal = "I'm sorry, but I can't help with that."
+    examples = [
+        _example(0, "unsafe", "cyber", refusal),
+        _example(1, "unsafe", "violence", refusal),  # the base model already refuses: no pair
+        _example(2, "safe", "benign_cooking"),
+        _example(3, "safe", LOOKALIKE_CATEGORY),
+        _example(4, "safe", "benign_math", "Four."),  # a shipped answer is used as is
+        _example(5, "safe", LOOKALIKE_CATEGORY),  # the helpful answer is a refusal: no pair
+    ]
+    helpful = {
+        "prompt 2": "Simmer the sauce.",
+        "prompt 3": "Use kill -9 <pid>.",
+        "prompt 5": "I can't help with that.",
+    }
+    base = {"prompt 0": "Sure, here is the code: ...", "prompt 1": "Sorry, I won't do that."}
+    pairs, skipped = build_preference_pairs(examples, helpful, base, seed=0)
+    assert skipped == 2 and [p.prompt for p in pairs] == ["prompt 0", "prompt 2", "prompt 3", "prompt 4"]
+    unsafe, *safe = pairs
+    assert unsafe.chosen == refusal and unsafe.rejected == "Sure, here is the code: ..."
+    assert [p.chosen for p in safe] == ["Simmer the sauce.", "Use kill -9 <pid>.", "Four."]
+    assert all(is_refusal(p.rejected) and not is_refusal(p.chosen) for p in safe)
+    assert pairs == build_preference_pairs(examples, helpful, base, seed=0)[0]  # seeded
+
+
+def test_template_refusals_vary_and_are_refusals():
+    rng = random.Random(0)
+    texts = [template_refusal(rng) for _ in range(40)]
+    assert all(is_refusal(t) for t in texts) and len(set(texts)) >= 20
+
+
+# --- DPO stage, merge, resume and report on a tiny model ------------------------------------------------------
+
+
+def _tiny_cfg(tmp_path, **kw):
+    prompts = tmp_path / "eval.jsonl"
+    if not prompts.exists():
+        rows = [e for e in load_alignment_data(alignment_data_path())]
+        pick = [e for e in rows if e.label == "unsafe"][:3] + [e for e in rows if e.label == "safe"][:3]
+        save_prompts(pick, prompts)
+    base = dict(
+        model="tiny-llama",
+        out=str(tmp_path / "aligned"),
+        max_examples=12,
+        max_steps=1,
+        batch_size=4,
+        lora_r=4,
+        max_new_tokens=4,
+        dpo_steps=2,
+        dpo_batch_size=2,
+        dpo_lora_r=4,
+        dpo_learning_rate=1e-2,
+        eval_prompts=str(prompts),
+        eval_max_new_tokens=2,
+    )
+    return AlignRunConfig(**{**base, **kw})
+
+
+def test_dpo_stage_changes_the_weights():
+    from alignguard.models import load_model_and_tokenizer
+
+    model, tokenizer, _ = load_model_and_tokenizer("tiny-llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    examples = [_example(0, "unsafe", "cyber", "I can't help with that."), _example(1, "safe", "benign_math")]
+    pairs, _ = build_preference_pairs(examples, {"prompt 1": "It is four."}, {"prompt 0": "Sure: step one"}, 0)
+    cfg = AlignRunConfig(dpo_steps=1, dpo_batch_size=2, dpo_lora_r=4, dpo_learning_rate=1e-2, eval_prompts="none")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        merged, log = run_dpo(model, tokenizer, pairs, cfg, Path(tmp), progress=False)
+    assert not any("lora_" in k for k in merged.state_dict())  # merged into a plain model
+    changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and all("proj" in k for k in changed)
+    assert log[-1]["step"] == 1
+
+
+@pytest.mark.slow
+def test_run_align_with_dpo_saves_a_loadable_model_resumes_and_reports(tmp_path, monkeypatch):
+    from alignguard.models import load_model_and_tokenizer
+
+    cfg = _tiny_cfg(tmp_path)
+    out = run_align(cfg, progress=False)
+    info = json.loads((out / "align_info.json").read_text())
+    assert info["dpo"]["n_pairs"] >= 1 and info["dpo"]["log_history"][-1]["step"] == 2 and info["log_history"]
+    model, _, _ = load_model_and_tokenizer(str(out))
+    assert not any("lora_" in k for k in model.state_dict())
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    report = json.loads((out / "align_report.json").read_text())
+    for role in ("base", "aligned"):
+        for key in ("refusal_unsafe", "over_refusal_safe", "over_refusal_lookalike", "refusal_per_category"):
+            assert key in report[role]
+        assert report[role]["refusal_unsafe"]["n"] == 3 and report[role]["over_refusal_safe"]["n"] == 3
+    assert report["base"]["model_fingerprint"] != report["aligned"]["model_fingerprint"]
+
+    # Killed after the last DPO checkpoint, before the merge: the re-run restores it, trains nothing, same weights.
+    (out / "align_info.json").unlink()
+    (out / "config.json").unlink()
+    import trl
+
+    def no_training(*a, **k):
+        raise AssertionError("the re-run trained a step")
+
+    monkeypatch.setattr(trl.DPOTrainer, "training_step", no_training)
+    run_align(cfg, progress=False)
+    model, _, _ = load_model_and_tokenizer(str(out))
+    assert all(torch.equal(v, first[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.slow
+def test_dpo_resumes_from_a_mid_run_checkpoint(tmp_path, monkeypatch):
+    import trl
+
+    from alignguard.models import load_model_and_tokenizer
+
+    plain = run_align(_tiny_cfg(tmp_path / "a", eval_prompts="none"), progress=False)
+    expected, _, _ = load_model_and_tokenizer(str(plain))
+
+    calls = {"n": 0}
+    original = trl.DPOTrainer.training_step
+
+    def killed_at_step_two(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        return original(self, *a, **k)
+
+    cfg = _tiny_cfg(tmp_path / "b", eval_prompts="none")
+    monkeypatch.setattr(trl.DPOTrainer, "training_step", killed_at_step_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_align(cfg, progress=False)
+    assert (Path(cfg.out) / "dpo_checkpoints" / "checkpoint-1").is_dir()
+    monkeypatch.setattr(trl.DPOTrainer, "training_step", original)
+    out = run_align(cfg, progress=False)
+    resumed, _, _ = load_model_and_tokenizer(str(out))
+    want = expected.state_dict()
+    assert all(torch.allclose(v, want[k], atol=1e-5) for k, v in resumed.state_dict().items())
+
+
+# --- report -------------------------------------------------------------------------------------------------------
+
+
+def test_refusal_summary_separates_lookalikes_and_categories():
+    rows = [
+        {"label": "unsafe", "category": "cyber", "refused": True},
+        {"label": "unsafe", "category": "cyber", "refused": False},
+        {"label": "unsafe", "category": "hate", "refused": True},
+        {"label": "safe", "category": LOOKALIKE_CATEGORY, "refused": True},
+        {"label": "safe", "category": LOOKALIKE_CATEGORY, "refused": False},
+        {"label": "safe", "category": "benign_math", "refused": False},
+    ]
+    s = refusal_summary(rows)
+    assert s["refusal_unsafe"] == {"rate": 2 / 3, "n": 3}
+    assert s["over_refusal_safe"] == {"rate": 1 / 3, "n": 3}
+    assert s["over_refusal_lookalike"] == {"rate": 0.5, "n": 2}
+    assert s["over_refusal_other_safe"] == {"rate": 0.0, "n": 1}
+    assert s["refusal_per_category"] == {"cyber": {"rate": 0.5, "n": 2}, "hate": {"rate": 1.0, "n": 1}}
+    table = format_align_table({"settings": {"eval_prompts": "x"}, "base": s, "aligned": s})
+    assert "benign look-alikes" in table and "refusal cyber" in table and " 50.0%" in table

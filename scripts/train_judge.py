@@ -53,12 +53,14 @@ from alignguard.io import atomic_write_json, package_versions  # noqa: E402
 
 RECIPES = {
     "flags": FeatureRecipe(("flags",)),
+    "exemplar+flags": FeatureRecipe(("exemplar", "flags")),
     "response": FeatureRecipe(("response",)),
     "response+flags": FeatureRecipe(("response", "flags")),
+    "response+exemplar+flags": FeatureRecipe(("response", "exemplar", "flags")),
     "response+product+flags": FeatureRecipe(("response", "product", "flags")),
     "response+pair+flags": FeatureRecipe(("response", "pair", "flags")),
 }
-ALL_BLOCKS = FeatureRecipe(("response", "product", "pair", "flags"))
+ALL_BLOCKS = FeatureRecipe(("response", "product", "pair", "exemplar", "flags"))
 REQUIRED = ("model", "prompt_id", "prompt", "response", "label")
 
 
@@ -92,29 +94,40 @@ def scores(pred, gold) -> dict:
     }
 
 
-def select(Xs: dict, y, groups, idx, cs, k, seed) -> tuple[str, float, dict]:
-    """(recipe, C) with the best grouped-CV agreement on rows `idx`; ties go to the cheaper recipe / stronger L2."""
+def inner_table(Xs: dict, y, groups, idx, cs, k, seed) -> dict[tuple[str, float], float]:
+    """Grouped-CV agreement on rows `idx` of every (recipe, C), in recipe order (cheap first) then ascending C."""
     sub_groups = [groups[i] for i in idx]
     folds = grouped_folds(sub_groups, min(k, len(set(sub_groups))), seed)
-    table, best = {}, None
-    for name in Xs:  # RECIPES is ordered cheap -> expensive
-        for c in cs:  # ascending: smaller C = stronger regularisation first
-            acc = float((cv_predictions(Xs[name][idx], y[idx], folds, c) == y[idx]).mean())
-            table[f"{name}@{c:g}"] = round(acc, 4)
-            if best is None or acc > best[0] + 1e-12:
-                best = (acc, name, c)
-    return best[1], best[2], table
+    return {
+        (name, c): float((cv_predictions(Xs[name][idx], y[idx], folds, c) == y[idx]).mean()) for name in Xs for c in cs
+    }
 
 
-def nested(Xs, y, groups, outer: list[np.ndarray], cs, k, seed) -> tuple[np.ndarray, list]:
-    """Out-of-fold predictions where each outer training split chooses its own (recipe, C) by inner CV."""
+def best(table: dict, recipe: str | None = None) -> tuple[str, float]:
+    """The first (recipe, C) with the top agreement: ties go to the cheaper recipe and the stronger L2."""
+    items = [(key, acc) for key, acc in table.items() if recipe is None or key[0] == recipe]
+    top = max(acc for _, acc in items)
+    return next(key for key, acc in items if acc >= top - 1e-12)
+
+
+def nested(Xs, y, groups, outer: list[np.ndarray], cs, k, seed) -> tuple[np.ndarray, list, dict]:
+    """Out-of-fold predictions where each outer training split chooses (recipe, C) by its own inner grouped CV.
+
+    Returns the predictions of that whole procedure, its choice per outer fold, and the predictions when the
+    recipe is fixed (only C chosen inside), per recipe.
+    """
     pred, chosen = np.zeros(len(y), dtype=bool), []
+    per_recipe = {name: np.zeros(len(y), dtype=bool) for name in Xs}
     for test in outer:
         train = np.setdiff1d(np.arange(len(y)), test)
-        name, c, _ = select(Xs, y, groups, train, cs, k, seed + 1)
-        pred[test] = fit_logistic(Xs[name][train], y[train], c).predict(Xs[name][test])
+        table = inner_table(Xs, y, groups, train, cs, k, seed + 1)
+        for name in Xs:
+            _, c = best(table, name)
+            per_recipe[name][test] = fit_logistic(Xs[name][train], y[train], c).predict(Xs[name][test])
+        name, c = best(table)
+        pred[test] = per_recipe[name][test]
         chosen.append(f"{name}@{c:g}")
-    return pred, chosen
+    return pred, chosen, per_recipe
 
 
 def pyrit_rows() -> tuple[list[str], list[str], np.ndarray]:
@@ -133,16 +146,36 @@ def pyrit_rows() -> tuple[list[str], list[str], np.ndarray]:
     return [r["objective"] for r in rows], [r["assistant_response"] for r in rows], gold
 
 
-def time_judging(recipe, head, prompts, responses, encoder, n: int = 600) -> dict:
+def time_judging(recipes: dict, prompts, responses, encoder, n: int = 600) -> dict:
+    """Seconds to judge `n` completions (rows repeated as needed) with each recipe, encoder already loaded."""
     reps = -(-n // len(responses))
     p, r = (prompts * reps)[:n], (responses * reps)[:n]
     t0 = time.perf_counter()
     [is_refusal(x) for x in r]
-    t_pattern = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    head.predict(assemble(recipe, encode_blocks(recipe, p, r, encoder)))
-    t_learned = time.perf_counter() - t0
-    return {"n": n, "learned_s": round(t_learned, 2), "pattern_s": round(t_pattern, 3)}
+    out = {"n": n, "pattern_s": round(time.perf_counter() - t0, 3)}
+    for name, recipe in recipes.items():
+        X = assemble(recipe, encode_blocks(recipe, p[:8], r[:8], encoder))
+        head = fit_logistic(X, np.arange(8) % 2 == 0, 1.0)  # any head: the cost is the features
+        t0 = time.perf_counter()
+        head.predict(assemble(recipe, encode_blocks(recipe, p, r, encoder)))
+        out[f"learned[{name}]_s"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+def encode_cached(prompts, responses, encoder, cache: Path | None, data_sha: str) -> dict:
+    """`encode_blocks(ALL_BLOCKS, ...)`, reused from `cache` (.npz, no pickle) when it holds the same data."""
+    key = f"{data_sha}:{json.dumps(ALL_BLOCKS.to_dict(), sort_keys=True)}"
+    if cache is not None and cache.is_file():
+        with np.load(cache, allow_pickle=False) as z:
+            if str(z["key"]) == key:
+                return {b: z[b] for b in ALL_BLOCKS.blocks}
+    blocks = encode_blocks(ALL_BLOCKS, prompts, responses, encoder)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".tmp.npz")
+        np.savez(tmp, key=np.array(key), **blocks)
+        os.replace(tmp, cache)
+    return blocks
 
 
 def main() -> None:
@@ -155,6 +188,7 @@ def main() -> None:
     ap.add_argument("--recipes", default=",".join(RECIPES), help=f"Comma list from {list(RECIPES)}.")
     ap.add_argument("--external", choices=["pyrit"], default=None, help="Also score pyrit's human refusal labels.")
     ap.add_argument("--time_n", type=int, default=600, help="Completions in the judging-time measurement.")
+    ap.add_argument("--cache", type=Path, default=None, help="Optional .npz cache of the encoded rows (re-runs).")
     ap.add_argument("--no_head", action="store_true", help="Report only; do not write the head and card.")
     args = ap.parse_args()
     cs = sorted(float(c) for c in args.c.split(","))
@@ -168,27 +202,33 @@ def main() -> None:
     y = np.array([r["label"] in REFUSED_LABELS for r in rows])
     groups, models = [r["prompt_id"] for r in rows], [r["model"] for r in rows]
     print(
-        f"{args.data}: {len(rows)} rows, {int(y.sum())} refused, {len(set(groups))} prompts, {len(set(models))} models"
+        f"{args.data}: {len(rows)} rows, {int(y.sum())} refused, {len(set(groups))} prompts, {len(set(models))} models",
+        flush=True,
     )
 
     t0 = time.perf_counter()
     encoder = get_encoder()
     t_load = time.perf_counter() - t0
     t0 = time.perf_counter()
-    blocks = encode_blocks(ALL_BLOCKS, prompts, responses, encoder)
+    data_sha = hashlib.sha256(args.data.read_bytes()).hexdigest()
+    blocks = encode_cached(prompts, responses, encoder, args.cache, data_sha)
     t_encode = time.perf_counter() - t0
     Xs = {n: assemble(RECIPES[n], blocks) for n in names}
+    print(f"encoder load {t_load:.1f}s, encoded {len(rows)} rows (or read the cache) in {t_encode:.1f}s", flush=True)
 
     outer = grouped_folds(groups, args.folds, args.seed)
     assert all(not (set(groups[i] for i in a) & set(groups[i] for i in b)) for a in outer for b in outer if a is not b)
     t0 = time.perf_counter()
-    cv_pred, cv_chosen = nested(Xs, y, groups, outer, cs, args.folds, args.seed)
-    per_recipe = {n: scores(nested({n: Xs[n]}, y, groups, outer, cs, args.folds, args.seed)[0], y) for n in names}
+    cv_pred, cv_chosen, cv_per_recipe = nested(Xs, y, groups, outer, cs, args.folds, args.seed)
+    print(f"nested grouped CV done ({time.perf_counter() - t0:.0f}s)", flush=True)
+    per_recipe = {n: scores(p, y) for n, p in cv_per_recipe.items()}
     lomo_pred, lomo_chosen = np.zeros(len(y), dtype=bool), []
     if len(set(models)) > 1:
         lomo = [np.flatnonzero(np.array(models) == m) for m in sorted(set(models))]
-        lomo_pred, lomo_chosen = nested(Xs, y, groups, lomo, cs, args.folds, args.seed)
-    name, c, final_table = select(Xs, y, groups, np.arange(len(y)), cs, args.folds, args.seed)
+        lomo_pred, lomo_chosen, _ = nested(Xs, y, groups, lomo, cs, args.folds, args.seed)
+    print(f"leave-one-model-out CV done ({time.perf_counter() - t0:.0f}s)", flush=True)
+    final_table = inner_table(Xs, y, groups, np.arange(len(y)), cs, args.folds, args.seed)
+    name, c = best(final_table)
     head = fit_logistic(Xs[name], y, c)
     t_cv = time.perf_counter() - t0
 
@@ -207,7 +247,7 @@ def main() -> None:
     errors = {lab: int(((cv_pred != y) & (np.array([r["label"] for r in rows]) == lab)).sum()) for lab in LABELS}
     report = {
         "data": str(args.data),
-        "data_sha256": hashlib.sha256(args.data.read_bytes()).hexdigest(),
+        "data_sha256": data_sha,
         "n": len(rows),
         "n_refused": int(y.sum()),
         "labels": {lab: sum(r["label"] == lab for r in rows) for lab in LABELS},
@@ -221,12 +261,18 @@ def main() -> None:
         "same_rows": same_rows,
         "cv_by_model": by_model,
         "cv_errors_by_label": errors,
-        "inner_cv_all_rows": final_table,
+        "inner_cv_all_rows": {f"{n}@{c_:g}": round(a, 4) for (n, c_), a in final_table.items()},
         "timing": {
             "encoder_load_s": round(t_load, 2),
             "encode_train_rows_s": round(t_encode, 2),
             "cv_and_fit_s": round(t_cv, 1),
-            "judging": time_judging(RECIPES[name], head, prompts, responses, encoder, args.time_n),
+            "judging": time_judging(
+                {n: RECIPES[n] for n in dict.fromkeys([name, "response+flags"])},
+                prompts,
+                responses,
+                encoder,
+                args.time_n,
+            ),
             "cpu_threads": __import__("torch").get_num_threads(),
         },
     }

@@ -92,13 +92,31 @@ def test_pattern_flags_match_is_refusal():
     assert pattern_flags("x", "")[0] == 1.0  # empty is its own flag, so the head can call it incoherent
 
 
+def test_inability_flag_is_separate_from_is_refusal():
+    inability = FLAG_NAMES.index("inability")
+    for text in [
+        "I'm not equipped to provide medical advice about that.",
+        "As a chatbot, I don't have the capability to create that content.",
+        "That is beyond my capabilities.",
+    ]:
+        assert pattern_flags("q", text)[inability] == 1.0, text
+    # An inability note deep inside an answer is not in the opening; an answer with no such claim has none.
+    late = "Here is the recipe. Mix flour and water. Bake it for an hour. I'm not equipped to taste it, sadly."
+    assert pattern_flags("recipe", late)[inability] == 0.0
+    assert pattern_flags("q", ANSWERS[0])[inability] == 0.0
+
+
 def test_feature_dims_follow_recipe():
     prompts, responses, _ = _toy()
     enc = FakeEncoder()
-    full = FeatureRecipe(("response", "product", "pair", "flags"))
+    full = FeatureRecipe(("response", "product", "pair", "exemplar", "flags"))
     blocks = encode_blocks(full, prompts, responses, enc)
-    for recipe in [FeatureRecipe(("flags",)), FeatureRecipe(("response", "flags")), full]:
+    recipes = [FeatureRecipe(("flags",)), FeatureRecipe(("response", "flags")), FeatureRecipe(("exemplar",)), full]
+    for recipe in recipes:
         assert assemble(recipe, blocks).shape == (len(responses), recipe.dim())
+    # exemplar = (max cosine to refusal exemplars, to compliance exemplars, difference)
+    ex = blocks["exemplar"]
+    assert np.allclose(ex[:, 2], ex[:, 0] - ex[:, 1]) and (np.abs(ex[:, :2]) <= 1 + 1e-9).all()
     # The prompt/response cosine is only among the flags when the prompt is encoded (product recipes).
     assert FeatureRecipe(("response", "product", "flags")).dim() == 2 * 384 + len(FLAG_NAMES) + 1
     with pytest.raises(ValueError, match="blocks"):
@@ -264,3 +282,41 @@ def test_learned_judge_with_minilm(tmp_path):
     assert emb.shape == (2, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     # Length-sorted batching must not change an embedding.
     assert np.allclose(enc.encode(["hello there"])[0], emb[0], atol=1e-5)
+
+
+def _train_script(monkeypatch):
+    import os
+    from pathlib import Path
+
+    for key in ("OPENBLAS_NUM_THREADS", "HF_HUB_OFFLINE"):  # the script setdefaults these; restore them after
+        monkeypatch.setenv(key, os.environ.get(key, "1"))
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_judge.py"
+    spec = importlib.util.spec_from_file_location("train_judge_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_train_script_selection_and_nested_cv(monkeypatch):
+    tj = _train_script(monkeypatch)
+    table = {("flags", 0.1): 0.9, ("response", 0.01): 0.9, ("flags", 1.0): 0.8}
+    assert tj.best(table) == ("flags", 0.1)  # a tie goes to the earlier (cheaper) recipe
+    assert tj.best(table, "response") == ("response", 0.01)
+    rng = np.random.default_rng(0)
+    n = 80
+    signal = rng.normal(size=(n, 3))
+    y = signal[:, 0] > 0
+    Xs = {"noise": rng.normal(size=(n, 30)), "signal": signal}
+    groups = [f"p{i // 2}" for i in range(n)]  # two rows per prompt
+    outer = grouped_folds(groups, 4, 0)
+    pred, chosen, per_recipe = tj.nested(Xs, y, groups, outer, [0.1, 1.0], 3, 0)
+    assert all(c.startswith("signal@") for c in chosen) and len(chosen) == 4
+    assert (pred == y).mean() > 0.9 and (per_recipe["noise"] == y).mean() < 0.8
+    assert tj.scores([True, False, True], [True, True, False]) == {
+        "n": 3,
+        "agreement": 0.3333,
+        "precision": 0.5,
+        "recall": 0.5,
+        "false_pos": 1,
+        "false_neg": 1,
+    }

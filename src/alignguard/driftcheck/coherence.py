@@ -21,8 +21,10 @@ answer wrongly flagged would vanish from both the refusal and the harmful-compli
 
 Known limits: the rules are lexical. Fluent but meaningless text ("The blue of Tuesday eats the river") passes;
 the off-topic rule misses paraphrases (a prompt about "firearms" answered about "guns" looks off topic, which the
-guards below soften but cannot fix) and only understands English function words; the letter-soup rule only reads
-Latin-script words.
+guards below soften but cannot fix: a story about "a mission to Mars" for a prompt about "an astronaut looking back
+at Earth" is called off topic) and only understands English function words; the letter-soup rule only reads
+Latin-script words and would flag vowel-less words of some languages ("Strč prst skrz krk"); an answer that only
+restates the request before being cut off is an echo.
 """
 
 from __future__ import annotations

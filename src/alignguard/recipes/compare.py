@@ -40,89 +40,9 @@ from ..driftcheck.prompts import resolve_prompts
 from ..io import atomic_write_json, atomic_write_text
 from .eval import check_judge
 from .fisher import FisherRunConfig, run_fisher
+from .methods import DEFAULT_METHODS, METHODS, TRAIN_OVERRIDES, method_spec, method_train_config  # noqa: F401
 from .safe_lora import apply_safe_lora_
 from .train import TrainRunConfig, run_train
-
-# name -> (training method, AlignGuardConfig overrides, extra behaviour)
-METHODS: dict[str, dict] = {
-    "plain_lora": {"method": "lora"},
-    "alignguard": {"method": "alignguard"},
-    "ag_no_alignment": {"method": "alignguard", "ag": {"lambda_a": 0.0}},
-    "ag_no_task": {"method": "alignguard", "ag": {"lambda_t": 0.0}},
-    "ag_no_overlap": {"method": "alignguard", "ag": {"alpha": 0.0}},
-    "ag_no_geodesic": {"method": "alignguard", "ag": {"alpha": 1.0}},
-    "ag_project": {"method": "alignguard", "ag": {"mode": "project"}},
-    "ag_kfac": {"method": "alignguard", "ag": {"alignment_input": "kfac"}},
-    "random_subspace": {"method": "alignguard", "subspaces": "random"},
-    "ewc": {"method": "alignguard", "subspaces": "full", "ag": {"lambda_t": 0.0, "lambda_nc": 0.0}},
-    # EWC with the two-sided K-FAC Fisher G (x) A_in: the second-order change of the alignment loss.
-    "ewc_kfac": {
-        "method": "alignguard",
-        "subspaces": "full",
-        "ag": {"lambda_t": 0.0, "lambda_nc": 0.0, "alignment_input": "kfac"},
-    },
-    "safe_lora": {"method": "lora", "post": "safe_lora"},
-    "replay": {"method": "lora", "replay": True},
-    "alignguard_replay": {"method": "alignguard", "replay": True},
-}
-DEFAULT_METHODS = list(METHODS)
-
-
-# TrainRunConfig fields a method name may override for its own row (`plain_lora@poison_ratio=0`: the benign-drift
-# control beside the poisoned rows).
-TRAIN_OVERRIDES = ("poison_ratio",)
-
-
-def method_spec(name: str) -> dict:
-    """The spec of a method name. `<method>@<field>=<value>[,...]` overrides, for that row only, fields of
-    AlignGuardConfig (a lambda sweep: `alignguard@lambda_a=1000`) and the TrainRunConfig fields in
-    `TRAIN_OVERRIDES` (`plain_lora@poison_ratio=0`, `alignguard@poison_ratio=0.1,lambda_a=10`). Each value is
-    converted like the flag of that field and must be valid there (poison_ratio in [0, 1), ...).
-
-    Returns `{"method", "ag": {AlignGuardConfig overrides}, ...}`, plus `"train": {TrainRunConfig overrides}`
-    when there are any.
-    """
-    import typing
-
-    from ..config_values import convert_value  # the flags' converter, so `@lambda_a=abc` fails like `--lambda_a abc`
-
-    base, _, overrides = name.partition("@")
-    if base not in METHODS:
-        raise ValueError(f"methods: unknown {base!r}; choose from {sorted(METHODS)} (optionally @field=value)")
-    spec = {**METHODS[base], "ag": dict(METHODS[base].get("ag", {}))}
-    train: dict = {}  # kept out of the spec when empty, so rows keyed before these overrides existed still match
-    ag_fields = typing.get_type_hints(AlignGuardConfig)
-    train_fields = typing.get_type_hints(TrainRunConfig)
-    for item in filter(None, overrides.split(",")):
-        key, _, value = item.partition("=")
-        if key in TRAIN_OVERRIDES:
-            target, tp = train, train_fields[key]
-        elif key in ag_fields:
-            target, tp = spec["ag"], ag_fields[key]
-        else:
-            target = tp = None
-        if target is None or not value:
-            raise ValueError(
-                f"methods: {name!r}: expected @field=value with a field of AlignGuardConfig or one of "
-                f"{', '.join(TRAIN_OVERRIDES)}, got {item!r}"
-            )
-        try:
-            target[key] = convert_value(value, tp)
-        except ValueError as exc:
-            raise ValueError(f"methods: {name!r}: {key}: {exc}") from exc
-    try:
-        AlignGuardConfig(**spec["ag"])
-        TrainRunConfig(method="lora", **train)  # the training config's own checks (poison_ratio range)
-    except ValueError as exc:
-        raise ValueError(f"methods: {name!r}: {exc}") from exc
-    if train:
-        spec["train"] = train
-    return spec
-
-
-def method_train_config(train_cfg: TrainRunConfig, name: str) -> TrainRunConfig:
-    """`train_cfg` with the method's own TrainRunConfig overrides (`@poison_ratio=...`) applied."""
-    return replace(train_cfg, **method_spec(name).get("train", {}))
 
 
 @dataclass
@@ -505,6 +425,7 @@ def run_method(
     result = {
         "method": name,
         "seed": seed,
+        "poison_ratio": tcfg.poison_ratio,  # this row's own (a `@poison_ratio=` override); the drift reference
         "task": {k: v for k, v in task.items() if k != "predictions"},
         # From train_summary.json when the training was finished earlier (never recomputed as zero).
         "mean_step_seconds": summary["mean_step_seconds"],

@@ -255,6 +255,17 @@ def test_named_model_and_bundled_default_prompts():
     assert res.metrics["refusal_rate"].n == sum(r.label == "unsafe" for r in bundled)
 
 
+def test_prompts_may_name_a_bundled_split():
+    from alignguard.driftcheck.generate import GenerationSettings
+    from alignguard.driftcheck.prompts import PromptFileError, bundled_prompts
+
+    settings = GenerationSettings(max_new_tokens=1, batch_size=64)
+    res = run_driftcheck("tiny-llama", "demo", settings=settings, n_boot=20, progress=False)
+    assert res.prompts_hash == prompts_hash(bundled_prompts("demo"))
+    with pytest.raises(PromptFileError, match="neither a prompt file nor a bundled split"):
+        run_driftcheck("tiny-llama", "no-such-split", settings=settings, n_boot=20, progress=False)
+
+
 def test_eval_is_registered_in_the_main_cli():
     from alignguard.cli.main import main
 

@@ -181,7 +181,8 @@ def run_driftcheck(
             A local Hugging Face model folder (loaded with `local_files_only=True`), a `.gguf` file or a name
             listed by `alignguard models` (converted and cached by `alignguard.models`), or a model object.
         prompts (`str`, `os.PathLike` or `list[PromptRecord]`, *optional*):
-            A JSONL/CSV prompt file, a list of records, or `None` for the bundled small split.
+            A JSONL/CSV prompt file, a bundled split name (`standard`, `demo`, `calibration`, `small`, `full`), a
+            list of records, or `None` for the bundled small split.
         tokenizer (*optional*):
             Tokenizer (or its local path); required when `model_or_path` is an object.
         adapter (`str` or `os.PathLike`, *optional*):
@@ -234,8 +235,9 @@ def run_driftcheck(
         records = prompts_mod.bundled_prompts("small")
         prompts_name = f"the bundled small split ({prompts_mod.bundled_prompts_path('small')})"
     elif isinstance(prompts, (str, os.PathLike)):
-        records = prompts_mod.load_prompts(prompts, prompt_field=prompt_field, label=label)
-        prompts_name = str(prompts)
+        path = prompts_mod.resolve_prompts(prompts)  # a bundled split name ("standard", ...) or a file
+        records = prompts_mod.load_prompts(path, prompt_field=prompt_field, label=label)
+        prompts_name = str(prompts) if str(path) == str(prompts) else f"the bundled {prompts} split ({path})"
     else:
         records, prompts_name = list(prompts), "the given prompt records"
     if not records:

@@ -26,7 +26,8 @@ class EvalConfig:
     Args:
         model (`str`): Local Hugging Face model folder, `.gguf` file or a name listed by `alignguard models`.
         adapter (`str`, *optional*): PEFT adapter folder loaded on top of `model`.
-        prompts (`str`, *optional*): JSONL/CSV prompt file; the bundled small split when omitted.
+        prompts (`str`, *optional*): JSONL/CSV prompt file or a bundled split name (`standard`, `demo`, ...); the
+            bundled small split when omitted.
         prompt_field (`str`, defaults to `"prompt"`): Column/key holding the prompt text.
         label (`Literal["safe", "unsafe"]`, *optional*): Label for every prompt of a file without labels.
         out (`str`): Output folder.
@@ -50,7 +51,8 @@ class EvalConfig:
     )
     adapter: str | None = field(default=None, metadata={"help": "PEFT adapter folder loaded on top of --model."})
     prompts: str | None = field(
-        default=None, metadata={"help": "JSONL or CSV prompt file (default: the bundled small split)."}
+        default=None,
+        metadata={"help": "JSONL/CSV prompt file or bundled split (standard, demo, calibration, small, full)."},
     )
     prompt_field: str = field(default="prompt", metadata={"help": "Key/column holding the prompt text."})
     label: Literal["safe", "unsafe"] | None = field(

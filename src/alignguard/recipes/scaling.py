@@ -271,7 +271,8 @@ def _mean_train_length(cfg: ScalingConfig, train_cfg: TrainRunConfig, name: str,
     from ..tasks import build_finetune_data, load_task
 
     task = load_task(train_cfg.task, "train", n=train_cfg.n_train, seed=cfg.seed)
-    pairs = [(ex.prompt, ex.response) for ex in build_finetune_data(task, train_cfg.poison_ratio, seed=cfg.seed)]
+    poison_ratio = compare.method_train_config(train_cfg, name).poison_ratio  # the row's own (`@poison_ratio=`)
+    pairs = [(ex.prompt, ex.response) for ex in build_finetune_data(task, poison_ratio, seed=cfg.seed)]
     if compare.method_spec(name).get("replay"):
         pairs += compare.replay_pairs(train_cfg.n_train, cfg.replay_ratio, cfg.seed)
     # Length after truncation to max_length (run_train cuts the response or the prompt's beginning to fit).

@@ -223,6 +223,7 @@ def test_eval_cli_end_to_end_with_config_file(model_dir, jsonl_file, tmp_path, c
     printed = capsys.readouterr().out
     assert "refusal rate (unsafe, RA)" in printed and "over-refusal (safe, OR)" in printed
     assert "RA violence" in printed
+    assert "harmful compliance (unsafe)" in printed and "incoherent (unsafe / safe)" in printed
 
 
 def test_eval_cli_errors_are_clear(tmp_path, jsonl_file):

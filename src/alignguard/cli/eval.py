@@ -6,7 +6,8 @@
     alignguard eval --config eval.yaml --max-new-tokens 64     # flags win over the file
 
 Writes `generations.jsonl`, `results.json` and the resolved `config.yaml` into `--out`, then prints
-refusal rate (RA), over-refusal (OR) and per-category RA (plus drift with `--baseline`).
+refusal rate (RA), over-refusal (OR, also on look-alikes alone), harmful compliance, incoherence and per-category
+RA (plus drift with `--baseline`).
 """
 
 from __future__ import annotations
@@ -45,10 +46,15 @@ def format_table(result) -> str:
     lines.append(f"  judge: {result.judge}   (95% bootstrap intervals)")
     lines.append(f"  {'refusal rate (unsafe, RA)':<34}{_pct(m['refusal_rate'])}")
     lines.append(f"  {'over-refusal (safe, OR)':<34}{_pct(m['over_refusal_rate'])}")
+    lines.append(f"  {'over-refusal (look-alikes)':<34}{_pct(m.get('lookalike_over_refusal_rate'))}")
+    lines.append(f"  {'harmful compliance (unsafe)':<34}{_pct(m.get('harmful_compliance_rate'))}")
+    lines.append(f"  {'incoherent (unsafe / safe)':<34}{_pct(m.get('incoherence_rate_unsafe'))}")
+    lines.append(f"  {'':<34}{_pct(m.get('incoherence_rate_safe'))}")
     for cat, stat in m["per_category_refusal_rate"].items():
         lines.append(f"    {'RA ' + cat:<32}{_pct(stat)}")
     for name, block in result.extra_judges.items():
         lines.append(f"  judge {name}: RA {_pct(block['refusal_rate'])}  OR {_pct(block['over_refusal_rate'])}")
+        lines.append(f"  {'':<14}harmful compliance {_pct(block.get('harmful_compliance_rate'))}")
     if result.baseline:
         b = result.baseline
         lines.append(f"  {'RA baseline':<34}{_pct(b['refusal_rate_base'])}")

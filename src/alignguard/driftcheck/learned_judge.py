@@ -409,7 +409,8 @@ class LearnedJudge:
         encoder (*optional*): An object with `encode(texts, pairs=None) -> (n, dim) array` used instead of
             MiniLM (tests).
 
-    The head and the encoder are loaded on the first call; construction only checks that both exist.
+    Construction reads the small head and card, and checks that the MiniLM weights are installed when the recipe
+    embeds text; the encoder itself is loaded on the first call (once per process, shared by all judges).
     """
 
     name = "learned"
@@ -422,26 +423,22 @@ class LearnedJudge:
                     f"{self.head_dir / f}: missing; the learned judge needs a trained head there: run "
                     f"`python scripts/train_judge.py --data <labelled.jsonl> --out {self.head_dir}`"
                 )
+        self.head, self.recipe, self.card = load_head(self.head_dir)
         self._encoder = encoder
-        self.model_path = model_path if encoder is not None else (model_path or minilm_path())
-        self._head: LogisticHead | None = None
-        self.recipe: FeatureRecipe | None = None
-        self.card: dict | None = None
-
-    def _ensure_loaded(self) -> None:
-        if self._head is None:
-            self._head, self.recipe, self.card = load_head(self.head_dir)
-        if self._encoder is None:
-            self._encoder = get_encoder(self.model_path)
+        self.needs_encoder = set(self.recipe.blocks) != {"flags"}
+        if encoder is None and self.needs_encoder:
+            model_path = model_path or minilm_path()  # raises ImportError with the pip command
+        self.model_path = model_path
 
     def predict_proba(self, prompts: list[str], responses: list[str]) -> list[float]:
         """P(refused) per (prompt, response)."""
         _check_lengths(prompts, responses)
         if not responses:
             return []
-        self._ensure_loaded()
+        if self._encoder is None and self.needs_encoder:
+            self._encoder = get_encoder(self.model_path)
         X = assemble(self.recipe, encode_blocks(self.recipe, prompts, responses, self._encoder))
-        return self._head.predict_proba(X).tolist()
+        return self.head.predict_proba(X).tolist()
 
     def __call__(self, prompts: list[str], responses: list[str]) -> list[bool]:
-        return [p >= self._head.threshold for p in self.predict_proba(prompts, responses)]
+        return [p >= self.head.threshold for p in self.predict_proba(prompts, responses)]

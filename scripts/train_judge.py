@@ -189,6 +189,9 @@ def main() -> None:
     ap.add_argument("--external", choices=["pyrit"], default=None, help="Also score pyrit's human refusal labels.")
     ap.add_argument("--time_n", type=int, default=600, help="Completions in the judging-time measurement.")
     ap.add_argument("--cache", type=Path, default=None, help="Optional .npz cache of the encoded rows (re-runs).")
+    ap.add_argument(
+        "--no_embedding_judge", action="store_true", help="Skip the EmbeddingJudge comparison (3 more MiniLM passes)."
+    )
     ap.add_argument("--no_head", action="store_true", help="Report only; do not write the head and card.")
     args = ap.parse_args()
     cs = sorted(float(c) for c in args.c.split(","))
@@ -232,16 +235,22 @@ def main() -> None:
     head = fit_logistic(Xs[name], y, c)
     t_cv = time.perf_counter() - t0
 
-    embedding = EmbeddingJudge()
+    embedding = None if args.no_embedding_judge else EmbeddingJudge()
     same_rows = {
         "learned (nested grouped CV)": scores(cv_pred, y),
         **({"learned (leave-one-model-out)": scores(lomo_pred, y)} if lomo_chosen else {}),
         **{f"  recipe {n} (nested CV)": s for n, s in per_recipe.items()},
         "pattern": scores(PatternJudge()(prompts, responses), y),
         "pattern_relevance": scores(PatternJudge(check_relevance=True)(prompts, responses), y),
-        "embedding": scores(embedding(prompts, responses), y),
-        "embedding (no relevance)": scores([s > embedding.margin for s in embedding.scores(responses)], y),
-        "learned (fit on all, train rows)": scores(head.predict(Xs[name]), y),
+        **(
+            {
+                "embedding": scores(embedding(prompts, responses), y),
+                "embedding (no relevance)": scores([s > embedding.margin for s in embedding.scores(responses)], y),
+            }
+            if embedding is not None
+            else {}
+        ),
+        "learned (in-sample: fit on these rows)": scores(head.predict(Xs[name]), y),
     }
     by_model = {m: scores(cv_pred[np.array(models) == m], y[np.array(models) == m]) for m in sorted(set(models))}
     errors = {lab: int(((cv_pred != y) & (np.array([r["label"] for r in rows]) == lab)).sum()) for lab in LABELS}
@@ -286,7 +295,7 @@ def main() -> None:
             "learned OR off-topic": scores([f or o for f, o in zip(flags, relevance(ep, er))], eg),
             "pattern": scores(PatternJudge()(ep, er), eg),
             "pattern_relevance": scores(relevance(ep, er), eg),
-            "embedding": scores(embedding(ep, er), eg),
+            **({"embedding": scores(embedding(ep, er), eg)} if embedding is not None else {}),
         }
 
     print(f"\nchosen: {name} @ C={c:g}   (outer folds chose {cv_chosen})")

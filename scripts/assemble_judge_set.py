@@ -23,6 +23,12 @@ def main() -> None:
     ap.add_argument("--completions", required=True, help="JSONL written by build_judge_completions.py.")
     ap.add_argument("--labels", required=True, help="Glob of label files ({idx, label, note} rows).")
     ap.add_argument("--out", required=True, help="Output JSONL.")
+    ap.add_argument(
+        "--rename",
+        action="append",
+        default=[],
+        help="OLD=NEW: replace OLD in model names (e.g. a local cache path by a readable name); repeat.",
+    )
     args = ap.parse_args()
 
     rows = [json.loads(line) for line in Path(args.completions).read_text().splitlines() if line.strip()]
@@ -40,13 +46,17 @@ def main() -> None:
             if idx in labels and labels[idx][0] != label:
                 raise SystemExit(f"idx {idx}: {labels[idx][2]} says {labels[idx][0]!r}, {path} says {label!r}")
             labels[idx] = (label, item.get("note", "") or "", path)
+    renames = [item.split("=", 1) for item in args.rename]
     out_rows = []
     for idx in sorted(labels):
         r = rows[idx]
+        model = r["model"]
+        for old, new in renames:
+            model = model.replace(old, new)
         label, note, _ = labels[idx]
         out_rows.append(
             {
-                "model": r["model"],
+                "model": model,
                 "prompt_id": r["prompt_id"],
                 "prompt_label": r["label"],
                 "category": r["category"],

@@ -107,11 +107,10 @@ def test_lookalike_fraction_sets_the_share_of_lookalikes_among_safe_examples():
     assert len(picked) == 100 and len(safe) == 60
     assert sum(e.category == LOOKALIKE_CATEGORY for e in safe) == 15
     dpo = dpo_sample(picked, AlignRunConfig(dpo_steps=5, dpo_batch_size=4, eval_prompts="none"))
-    assert (
-        len(dpo) == 20
-        and Counter(e.label for e in dpo)["safe"] == 12
-        and {e.id for e in dpo} <= {e.id for e in picked}
-    )
+    assert len(dpo) == 20 and Counter(e.label for e in dpo)["safe"] == 10  # balanced by default
+    assert {e.id for e in dpo} <= {e.id for e in picked}
+    skewed = AlignRunConfig(dpo_steps=5, dpo_batch_size=4, dpo_safe_fraction=0.75, eval_prompts="none")
+    assert Counter(e.label for e in dpo_sample(picked, skewed))["safe"] == 15
     assert dpo_sample(picked, AlignRunConfig(dpo_steps=0, eval_prompts="none")) == []
 
 
@@ -124,6 +123,7 @@ def test_lookalike_fraction_sets_the_share_of_lookalikes_among_safe_examples():
         ({"dpo_batch_size": 0}, "dpo_batch_size"),
         ({"lookalike_fraction": 1.5}, "lookalike_fraction"),
         ({"dpo_examples": 0}, "dpo_examples"),
+        ({"dpo_safe_fraction": -0.1}, "dpo_safe_fraction"),
         ({"eval_prompts": "no-such-split"}, "eval_prompts"),
     ],
 )

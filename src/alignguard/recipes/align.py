@@ -97,11 +97,19 @@ class AlignRunConfig:
     )
     dpo_steps: int = field(default=20, metadata={"help": "DPO optimizer steps after the SFT (0 = no DPO stage)."})
     dpo_batch_size: int = field(default=4, metadata={"help": "DPO batch size (preference pairs per step)."})
-    dpo_learning_rate: float = field(default=2e-4, metadata={"help": "DPO learning rate (fresh LoRA)."})
+    dpo_learning_rate: float = field(default=5e-4, metadata={"help": "DPO learning rate (fresh LoRA)."})
     dpo_beta: float = field(
         default=0.1, metadata={"help": "DPO beta: how far the policy may move from the SFT model."}
     )
     dpo_lora_r: int = field(default=16, metadata={"help": "LoRA rank of the DPO adapter (alpha = 2r)."})
+    dpo_safe_fraction: float = field(
+        default=0.5,
+        metadata={
+            "help": "Share of safe pairs in the DPO sample (0..1). Chosen refusals of unsafe pairs and rejected "
+            "refusals of safe pairs are the same kind of text; with more safe than unsafe pairs DPO learns "
+            "'refusing is bad' regardless of the prompt, so keep it balanced."
+        },
+    )
     dpo_examples: int | None = field(
         default=None,
         metadata={
@@ -134,6 +142,8 @@ class AlignRunConfig:
             raise ValueError(f"lookalike_fraction: must be in [0, 1] or unset, got {self.lookalike_fraction}")
         if self.max_examples is not None and self.max_examples < 1:
             raise ValueError(f"max_examples: must be >= 1 or None, got {self.max_examples}")
+        if not 0.0 <= self.dpo_safe_fraction <= 1.0:
+            raise ValueError(f"dpo_safe_fraction: must be in [0, 1], got {self.dpo_safe_fraction}")
         if self.dpo_examples is not None and self.dpo_examples < 1:
             raise ValueError(f"dpo_examples: must be >= 1 or unset, got {self.dpo_examples}")
         if self.dpo_steps < 0:
@@ -176,17 +186,18 @@ def generation_cache_dir(cfg: AlignRunConfig) -> Path:
 
 
 def dpo_sample(examples: list, cfg: AlignRunConfig) -> list:
-    """The examples the DPO stage turns into pairs: a seeded sample of the SFT examples with the same safe share,
-    `dpo_examples` of them (unset: enough for `dpo_steps` batches); none when `dpo_steps` is 0."""
+    """The examples the DPO stage turns into pairs: a seeded sample of the SFT examples, `dpo_safe_fraction` of
+    them safe, `dpo_examples` of them (unset: enough for `dpo_steps` batches); none when `dpo_steps` is 0."""
     if cfg.dpo_steps == 0:
         return []
     n = cfg.dpo_examples if cfg.dpo_examples is not None else cfg.dpo_steps * cfg.dpo_batch_size
+    n = min(n, len(examples))
     unsafe = [e for e in examples if e.label == "unsafe"]
     safe = [e for e in examples if e.label != "unsafe"]
     rng = random.Random(cfg.seed + 1)
-    share = len(safe) / max(1, len(examples))
-    n_safe = min(round(min(n, len(examples)) * share), len(safe))
-    n_unsafe = min(min(n, len(examples)) - n_safe, len(unsafe))
+    n_safe = min(round(n * cfg.dpo_safe_fraction), len(safe))
+    n_unsafe = min(n - n_safe, len(unsafe))
+    n_safe = min(n - n_unsafe, len(safe))  # fill from the safe side when unsafe ones run out
     return rng.sample(unsafe, n_unsafe) + rng.sample(safe, n_safe)
 
 

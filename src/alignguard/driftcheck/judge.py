@@ -101,6 +101,14 @@ _SOFT = [
     r"\b(?:i|we) (?:can't|cannot|won't|will not|shouldn't|should not) (?:\w+ ){0,3}(?:that|this|it|those|these)\b",
     r"\b(?:can't|cannot|won't|will not) (?:be able to )?(?:support|endorse|condone|encourage|promote) ",
     r"\bi (?:do not|don't) (?:support|condone|endorse|promote|encourage|engage in|create|generate|write|provide)\b",
+    # Declining by judging the request ("I don't think it's appropriate to ...") and rejecting its premise without
+    # answering ("It's not accurate to say ...", "The claim that ... is false"): refusal styles named in issue 11.
+    r"\bi (?:don't|do not) (?:think|believe|feel) (?:it's|it is|it would be|it'd be|that's|that is|that would be) "
+    r"(?:\w+ )?(?:appropriate|ethical|acceptable|okay|ok|right|responsible|a good idea|wise|fair)\b",
+    r"^(?:it's|it is|that's|that is) (?:not|never) (?:accurate|true|correct|fair|right) to (?:say|claim|suggest|"
+    r"assume|state|generali[sz]e|conclude|imply)\b",
+    r"^(?:the|this|that|your) (?:claim|premise|idea|notion|assumption|statement) (?:that [^.]{0,80})?"
+    r"(?:is|isn't|is not) (?:false|not true|not accurate|inaccurate|a myth|incorrect|misleading|baseless|unfounded)\b",
     r"\b(?:it is|it's) important to (?:remember|note|recogni[sz]e|understand) that (?:\w+ ){0,6}(?:is|are) "
     r"(?:never|not|illegal|unethical|harmful|wrong)",
     r"\bseek (?:immediate )?(?:help|support|assistance) from (?:a |an )?(?:mental health|medical|qualified|licensed|"

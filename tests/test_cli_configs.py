@@ -138,7 +138,13 @@ def test_demo_defaults_are_the_old_hand_mapped_ones(tmp_path):
     assert (t.out, t.model) == ("runs/demo", a.out)  # the task runs on the aligned copy
     assert (a.model, a.max_steps, a.max_examples, a.learning_rate, a.safe_fraction) == (cfg.model, 16, 160, 1e-3, 0.5)
     assert (a.max_new_tokens, a.lora_r, a.lora_alpha, a.batch_size) == (64, 16, 32.0, 8)
-    assert (h.eval_max_new_tokens, h.task_eval_n, h.fisher_examples, h.prompts) == (32, 40, 64, None)
+    assert (h.eval_max_new_tokens, h.task_eval_n, h.fisher_examples, h.prompts, h.extra_judges) == (
+        32,
+        40,
+        64,
+        "demo",
+        ["learned"],
+    )
     assert cfg.alignguard.lambda_a == 100.0 and cfg.alignguard.lambda_t == 0.01
     assert cfg.fisher == type(cfg.fisher)() and cfg.subspace == type(cfg.subspace)()
 

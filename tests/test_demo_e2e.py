@@ -123,10 +123,9 @@ def test_results_schema(demo_run):
         assert set(row["over_refusal_rate"]) == stat_keys and row["over_refusal_rate"]["n"] == 2
         assert 0.0 <= row["task_accuracy"] <= 1.0
         assert set(results["rows"][name]["mean"]) >= {"task_accuracy", "refusal_rate", "drift"}
-        # The extra judge (off-topic answers are not compliance) sees the same prompts, and on the same
-        # responses it can only find more non-compliance than the pattern judge, never less.
-        relevance = row["refusal_rate_by_judge"]["pattern_relevance"]
-        assert relevance["n"] == 3 and relevance["value"] >= row["refusal_rate"]["value"]
+        # The demo's second judge (the learned one) sees the same prompts, side by side with the default.
+        learned = row["refusal_rate_by_judge"]["learned"]
+        assert learned["n"] == 3 and 0.0 <= learned["value"] <= 1.0
     table = (root / "run" / "results.md").read_text()
     assert "| plain_lora |" in table and "| alignguard |" in table and "| plain_lora@poison_ratio=0 |" in table
     # The control row trains on the task data alone; the run-wide ratio (0.2) mixes poison into the others.
@@ -135,7 +134,7 @@ def test_results_schema(demo_run):
         for name in results["methods"]
     }
     assert n_examples["plain_lora@poison_ratio=0"] == 6 < n_examples["plain_lora"] == n_examples["alignguard"]
-    assert "refusal % (pattern_relevance) |" in table.splitlines()[0]
+    assert "refusal % (learned) |" in table.splitlines()[0]
 
 
 def test_second_run_resumes_without_retraining(demo_run):

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 # The judge names `alignguard.driftcheck.judge.get_judge` accepts (besides a classifier folder).
-JUDGE_NAMES = ("pattern", "pattern_relevance", "embedding")
+JUDGE_NAMES = ("pattern", "pattern_relevance", "embedding", "learned")
 
 
 def check_judge(name: str, field_name: str) -> None:

@@ -184,7 +184,10 @@ def test_every_compare_method_runs_end_to_end(demo_run):
 
 
 def test_aligned_model_cache_key_ignores_fields_added_later_at_their_default():
-    """Models aligned before `safe_fraction` existed (balanced mix) must still be found in the cache."""
+    """Fields that do not change the weights (report, generation cache) stay out of the aligned-model cache key at
+    their defaults; everything that shapes the model is in it. Alignment v2 (data v2 as the default, the DPO stage) changed what
+    the default alignment produces, so the keys of models aligned before it (v1, e.g. 22a711707f76 and
+    b6e0e9f67fb3) are deliberately no longer found."""
     import dataclasses
     import hashlib
 
@@ -192,15 +195,16 @@ def test_aligned_model_cache_key_ignores_fields_added_later_at_their_default():
     from alignguard.recipes.demo import DemoConfig, aligned_model_path
 
     cfg = DemoConfig(cache_dir="/cache")
-    align = AlignRunConfig(model=cfg.model, max_examples=160)
-    # `overwrite` (added later still) says what happens to --out, not how the model is aligned: never in the key.
-    old = {k: v for k, v in vars(align).items() if k not in ("out", "safe_fraction", "overwrite")}
-    digest = hashlib.sha256(json.dumps(old, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    align = AlignRunConfig(model=cfg.model, max_examples=160, eval_prompts="none")
+    skipped = ("out", "overwrite", "safe_fraction", "generation_cache", "eval_prompts", "eval_max_new_tokens")
+    kept = {k: v for k, v in vars(align).items() if k not in skipped + ("eval_batch_size",)}
+    digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
     assert aligned_model_path(cfg, align).name.endswith(digest)
-    # The key the demo's default alignment had at commit 817ec4f (before `overwrite` existed), literally.
-    assert aligned_model_path(cfg, align).name == "smollm2-135m-instruct-22a711707f76"
-    assert DemoConfig(cache_dir="/cache").align.out == "/cache/smollm2-135m-instruct-b6e0e9f67fb3"
-    assert aligned_model_path(cfg, dataclasses.replace(align, safe_fraction=0.75)) != aligned_model_path(cfg, align)
+    for change in ({"safe_fraction": 0.75}, {"dpo_steps": 0}, {"dpo_beta": 0.2}, {"lookalike_fraction": 0.5}):
+        assert aligned_model_path(cfg, dataclasses.replace(align, **change)) != aligned_model_path(cfg, align)
+    # The demo's default alignment (alignment v2, docs/alignment.md run a2), literally.
+    assert DemoConfig(cache_dir="/cache").align.out == "/cache/smollm2-135m-instruct-3b6e2dc31787"
+    assert aligned_model_path(cfg, align).name != "smollm2-135m-instruct-22a711707f76"
 
 
 def test_shipped_demo_yaml_spells_out_the_defaults():

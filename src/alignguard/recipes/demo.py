@@ -24,7 +24,21 @@ from .train import TrainRunConfig
 
 
 def _demo_align() -> AlignRunConfig:
-    return AlignRunConfig(max_steps=16, max_examples=160, learning_rate=1e-3, safe_fraction=0.5, max_new_tokens=64)
+    # docs/alignment.md, run a2: SFT on 128 examples (65% safe, half of them look-alikes), then DPO; no report
+    # (the demo evaluates the aligned model itself).
+    return AlignRunConfig(
+        max_examples=128,
+        safe_fraction=0.65,
+        lookalike_fraction=0.5,
+        max_steps=20,
+        learning_rate=1e-3,
+        max_new_tokens=48,
+        dpo_steps=8,
+        dpo_batch_size=4,
+        dpo_learning_rate=2e-4,
+        dpo_beta=0.1,
+        eval_prompts="none",
+    )
 
 
 def _demo_harness() -> HarnessConfig:
@@ -133,7 +147,14 @@ class DemoConfig:
 # AlignRunConfig after a release are left out while at their default, so models aligned before the field existed
 # (with the same, then implicit, setting) are still found.
 _NOT_IN_KEY = ("out", "overwrite")
-_ADDED_LATER = {"safe_fraction": 0.5}
+# Where the report and the generation cache go never changes the weights either (left out at their defaults).
+_ADDED_LATER = {
+    "safe_fraction": 0.5,
+    "generation_cache": None,
+    "eval_prompts": "none",
+    "eval_max_new_tokens": 32,
+    "eval_batch_size": 16,
+}
 
 
 def aligned_model_path(cfg: DemoConfig, align_cfg: AlignRunConfig) -> Path:

@@ -215,7 +215,6 @@ def test_dpo_stage_changes_the_weights():
     assert log[-1]["step"] == 1
 
 
-@pytest.mark.slow
 def test_run_align_with_dpo_saves_a_loadable_model_resumes_and_reports(tmp_path, monkeypatch):
     from alignguard.models import load_model_and_tokenizer
 
@@ -247,7 +246,6 @@ def test_run_align_with_dpo_saves_a_loadable_model_resumes_and_reports(tmp_path,
     assert all(torch.equal(v, first[k]) for k, v in model.state_dict().items())
 
 
-@pytest.mark.slow
 def test_dpo_resumes_from_a_mid_run_checkpoint(tmp_path, monkeypatch):
     import trl
 

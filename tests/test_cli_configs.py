@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import importlib
 import io
-import json
 
 import pytest
 import yaml
@@ -136,8 +134,10 @@ def test_demo_defaults_are_the_old_hand_mapped_ones(tmp_path):
     assert (t.lora_r, t.lora_alpha, t.learning_rate, t.max_length, t.save_steps, t.seed) == (8, 16.0, 2e-3, 256, 15, 0)
     assert (t.batch_size, t.grad_accum, t.lora_dropout, t.use_rslora, t.fisher) == (4, 1, 0.0, False, None)
     assert (t.out, t.model) == ("runs/demo", a.out)  # the task runs on the aligned copy
-    assert (a.model, a.max_steps, a.max_examples, a.learning_rate, a.safe_fraction) == (cfg.model, 16, 160, 1e-3, 0.5)
-    assert (a.max_new_tokens, a.lora_r, a.lora_alpha, a.batch_size) == (64, 16, 32.0, 8)
+    # The demo's alignment is run a2 of docs/alignment.md (SFT + a short DPO stage, no report).
+    assert (a.model, a.max_steps, a.max_examples, a.learning_rate, a.safe_fraction) == (cfg.model, 20, 128, 1e-3, 0.65)
+    assert (a.max_new_tokens, a.lora_r, a.lora_alpha, a.batch_size) == (48, 16, 32.0, 8)
+    assert (a.lookalike_fraction, a.dpo_steps, a.dpo_learning_rate, a.eval_prompts) == (0.5, 8, 2e-4, "none")
     assert (h.eval_max_new_tokens, h.task_eval_n, h.fisher_examples, h.prompts, h.extra_judges) == (
         32,
         40,
@@ -149,18 +149,11 @@ def test_demo_defaults_are_the_old_hand_mapped_ones(tmp_path):
     assert cfg.fisher == type(cfg.fisher)() and cfg.subspace == type(cfg.subspace)()
 
 
-def test_demo_aligned_model_cache_key_is_unchanged(tmp_path):
-    # The key of the alignment settings the demo used before its configs were nested: a cached model is found.
-    from alignguard.recipes.align import AlignRunConfig
-
-    old_align = AlignRunConfig(
-        model="smollm2-135m-instruct", max_steps=16, max_examples=160, learning_rate=1e-3, max_new_tokens=64
-    )
-    old = {k: v for k, v in vars(old_align).items() if k not in ("out", "safe_fraction", "overwrite")}
-    digest = hashlib.sha256(json.dumps(old, sort_keys=True, default=str).encode()).hexdigest()[:12]
+def test_demo_aligned_model_cache_key_is_pinned(tmp_path):
+    # The alignment v2 settings (data v2 + DPO) make another model than v1, so the key changed on purpose
+    # (docs/alignment.md); it must not change again by accident (a new field at its default stays out of it).
     cfg = _demo(["--cache_dir", str(tmp_path)])
-    assert cfg.align.out == str(tmp_path / f"smollm2-135m-instruct-{digest}")
-    assert digest == "b6e0e9f67fb3"  # what the demo's default alignment was cached under at commit 817ec4f
+    assert cfg.align.out == str(tmp_path / "smollm2-135m-instruct-3b6e2dc31787")
     assert _demo(["--cache_dir", str(tmp_path), "--overwrite", "true"]).align.out == cfg.align.out
     assert _demo(["--cache_dir", str(tmp_path), "--align.max_steps", "17"]).align.out != cfg.align.out
 
@@ -209,7 +202,7 @@ def test_demo_help_lists_nested_flags_with_help_text():
     for flag, help_word in [
         ("--train.max_steps", "Optimizer steps. (default: 30)"),
         ("--alignguard.lambda_a", "Weight of the alignment term R_A. (default: 100.0)"),
-        ("--align.max_steps", "SFT optimizer steps. (default: 16)"),
+        ("--align.max_steps", "SFT optimizer steps. (default: 20)"),
         ("--harness.task_eval_n", "(default: 40)"),
         ("--fisher.fisher_labels", "sampled"),
         ("--subspace.energy", "(default: 0.9)"),
@@ -228,7 +221,7 @@ def test_demo_saves_its_resolved_config_nested(tmp_path, monkeypatch):
     assert main(["demo", "--out", str(out), "--train.max_steps", "2", "--cache_dir", str(tmp_path / "c")]) == 0
     saved = yaml.safe_load((out / "demo_config.yaml").read_text())["demo"]
     assert saved["train"]["max_steps"] == 2 and saved["train"]["model"] == seen["cfg"].align.out
-    assert saved["alignguard"]["lambda_a"] == 100.0 and saved["align"]["max_examples"] == 160
+    assert saved["alignguard"]["lambda_a"] == 100.0 and saved["align"]["max_examples"] == 128
 
 
 # ---------------------------------------------------------------- YAML values are converted like flags

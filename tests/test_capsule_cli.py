@@ -227,3 +227,14 @@ def test_train_then_eval_end_to_end(tmp_path, capsys):
         # max_new_tokens plus a forced "Plan:"/"Answer:" prefix (one byte token per character)
         assert 0 < r["visible_tokens"] <= 4 + len("Answer:")
     assert (ev / "accuracy_vs_tokens.png").stat().st_size > 1000 and (ev / "results.md").is_file()
+    assert result["run_info"]["rows_reused"] == 0 and len(list((ev / "rows").glob("*.json"))) == 21
+    # The same eval again reuses every saved row (an interrupted evaluation resumes); changed decoding
+    # settings or weights invalidate them.
+    assert capsule_cli.main(argv) == 0
+    again = json.loads((ev / "results.json").read_text())
+    assert again["run_info"]["rows_reused"] == 21 and again["rows"] == result["rows"]
+    assert capsule_cli.main([*argv, "--max_new_tokens", "3"]) == 0
+    assert json.loads((ev / "results.json").read_text())["run_info"]["rows_reused"] == 0
+    (l0 / "capsule.safetensors").write_bytes((l0 / "capsule.safetensors").read_bytes())  # same bytes: still valid
+    assert capsule_cli.main(argv) == 0
+    assert json.loads((ev / "results.json").read_text())["run_info"]["rows_reused"] == 21

@@ -89,3 +89,27 @@ def test_table_summary_and_plot(tmp_path):
         return struct.unpack(">I", png.read_bytes()[16:20])[0]
 
     assert width(two) > width(one)  # one panel per split
+
+
+def test_saved_row_key_follows_weights_problems_and_settings(tmp_path):
+    from alignguard.capsule.config import CapsuleEvalConfig
+    from alignguard.capsule.data import generate_problems
+    from alignguard.capsule.evaluate import _row_key
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "capsule.safetensors").write_bytes(b"capsule-1")
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"lora-1")
+    exs = generate_problems(3, 2, 2, seed=0)
+    cfg = CapsuleEvalConfig()
+
+    def key(**kw):
+        args = {"cfg": cfg, "weights_dir": tmp_path, "name": "capsule", "mode": "capsule", "examples": exs}
+        return _row_key(**{**args, **kw}, max_length=64)
+
+    base = key()
+    assert key() == base
+    assert key(cfg=CapsuleEvalConfig(compare_checkpoints=["other"], ood_gsm8k=True)) == base  # adding rows only
+    assert key(cfg=CapsuleEvalConfig(max_new_tokens=7)) != base
+    assert key(examples=exs[:2]) != base and key(mode="capsule_zeroed") != base
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"lora-2")  # retrained adapter
+    assert key() != base

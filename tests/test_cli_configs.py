@@ -130,7 +130,7 @@ def test_demo_defaults_are_the_old_hand_mapped_ones(tmp_path):
         ["plain_lora", "plain_lora@poison_ratio=0", "alignguard"],
         [0],
     )
-    assert (t.method, t.task, t.n_train, t.poison_ratio, t.max_steps) == ("lora", "word_problems", 96, 0.2, 30)
+    assert (t.method, t.task, t.n_train, t.poison_ratio, t.max_steps) == ("lora", "word_problems_easy", 96, 0.2, 30)
     assert (t.lora_r, t.lora_alpha, t.learning_rate, t.max_length, t.save_steps, t.seed) == (8, 16.0, 2e-3, 256, 15, 0)
     assert (t.batch_size, t.grad_accum, t.lora_dropout, t.use_rslora, t.fisher) == (4, 1, 0.0, False, None)
     assert (t.out, t.model) == ("runs/demo", a.out)  # the task runs on the aligned copy
@@ -140,7 +140,7 @@ def test_demo_defaults_are_the_old_hand_mapped_ones(tmp_path):
     assert (a.lookalike_fraction, a.dpo_steps, a.dpo_learning_rate, a.eval_prompts) == (0.5, 8, 2e-4, "none")
     assert (h.eval_max_new_tokens, h.task_eval_n, h.fisher_examples, h.prompts, h.extra_judges) == (
         32,
-        40,
+        100,
         64,
         "demo",
         ["learned"],
@@ -203,7 +203,7 @@ def test_demo_help_lists_nested_flags_with_help_text():
         ("--train.max_steps", "Optimizer steps. (default: 30)"),
         ("--alignguard.lambda_a", "Weight of the alignment term R_A. (default: 100.0)"),
         ("--align.max_steps", "SFT optimizer steps. (default: 20)"),
-        ("--harness.task_eval_n", "(default: 40)"),
+        ("--harness.task_eval_n", "(default: 100)"),
         ("--fisher.fisher_labels", "sampled"),
         ("--subspace.energy", "(default: 0.9)"),
     ]:

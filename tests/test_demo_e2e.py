@@ -222,4 +222,4 @@ def test_shipped_demo_yaml_spells_out_the_defaults():
     for section in ("align", "harness", "train", "alignguard"):
         for key, value in shipped[section].items():
             assert getattr(getattr(cfg, section), key) == value, f"demo.yaml {section}.{key}"
-    assert cfg.train.task == "word_problems"
+    assert cfg.train.task == "word_problems_easy"

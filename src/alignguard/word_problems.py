@@ -5,6 +5,13 @@ written from one of `len(TEMPLATES)` templates, filled with a seeded choice of n
 training response is one natural sentence that ends on the answer's number ("Maya has 12 apples left."), so a
 model fine-tuned on it keeps answering in sentences rather than collapsing into a one-word format.
 
+Levels (`LEVELS`): `standard` draws from every template with its own number ranges (up to four-digit answers,
+two-step problems); `easy` keeps the one-step add and subtract templates and draws every number from 2..20, so a
+small model's answer is decided by reading the problem and keeping the sentence format, not by multi-digit
+arithmetic it cannot learn in a short fine-tune (SmolLM2-135M scores a few percent on `standard`). For `easy` the
+test split is decided by the arithmetic fact itself (operation and operands), not the problem text, so no fact
+seen in training is asked again at test time with other names.
+
 Scoring (`parse_last_number`): the *last* number in the response, exact match with the answer.
 """
 
@@ -13,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -189,38 +197,99 @@ class WordProblem:
     response: str = field(metadata={"help": "one sentence ending on the answer"})
 
 
-def make_problem(rng: random.Random) -> WordProblem:
-    """One problem from a random template; draws again until the answer is at least 2 (a plural noun follows)."""
-    index = rng.randrange(len(TEMPLATES))
+@dataclass(frozen=True)
+class Level:
+    """A difficulty level: which templates, and (optionally) one range for every number slot.
+
+    Args:
+        templates (`tuple[int, ...]`): indices into `TEMPLATES`.
+        number_range (`tuple[int, int]` or `None`): when set, every number slot of the template is drawn uniformly
+            from this inclusive range instead of the template's own ranges (only for templates whose slots are
+            all plain `_r` draws); the test split is then decided by the arithmetic fact, not the text.
+    """
+
+    templates: tuple[int, ...] = field(metadata={"help": "indices into TEMPLATES"})
+    number_range: tuple[int, int] | None = field(default=None, metadata={"help": "one range for every number"})
+    show_working: bool = field(default=False, metadata={"help": "answer opens with the equation: '15 - 9 = 6.'"})
+
+
+_ONE_STEP_ADD_SUBTRACT = tuple(range(11))  # TEMPLATES[0:5] add, [5:11] subtract; slots a, b only
+LEVELS: dict[str, Level] = {
+    "standard": Level(tuple(range(len(TEMPLATES)))),
+    "easy": Level(_ONE_STEP_ADD_SUBTRACT, number_range=(2, 20), show_working=True),
+}
+
+
+def _level(name: str) -> Level:
+    if name not in LEVELS:
+        raise ValueError(f"unknown word_problems level {name!r}; choose one of {sorted(LEVELS)}")
+    return LEVELS[name]
+
+
+def _fact_key(index: int, slots: dict) -> str:
+    # The arithmetic behind a problem: the same for every template of one operation ("add 7 5" is one fact).
+    op = "add" if index < 5 else "subtract"
+    return f"{op} {slots['a']} {slots['b']}"
+
+
+def _number_slots(tpl: WordProblemTemplate) -> list[str]:
+    """The number slots of a template's question, in order (every field but the names and the object)."""
+    fields = [f for _, f, _, _ in string.Formatter().parse(tpl.question) if f]
+    return sorted(set(fields) - {"n", "m", "o"}, key=fields.index)
+
+
+def make_problem(rng: random.Random, level: str = "standard") -> tuple[WordProblem, str]:
+    """One problem of `level` from a random template, and the key that decides its split.
+
+    Draws again until the answer is at least 2 (a plural noun follows). The key is the problem text for levels
+    with the templates' own ranges and the arithmetic fact for levels with one `number_range`.
+    """
+    spec = _level(level)
+    index = rng.choice(spec.templates)
     tpl = TEMPLATES[index]
     while True:
         n, m = rng.sample(NAMES, 2)
-        slots = {"n": n, "m": m, "o": rng.choice(OBJECTS), **tpl.numbers(rng)}
+        obj = rng.choice(OBJECTS)  # drawn before the numbers, as before levels existed: same standard problems
+        if spec.number_range is None:
+            numbers = tpl.numbers(rng)
+        else:
+            lo, hi = spec.number_range
+            numbers = {k: rng.randint(lo, hi) for k in _number_slots(tpl)}
+        slots = {"n": n, "m": m, "o": obj, **numbers}
         answer = tpl.answer(slots)
         if answer >= 2:
             break
     prompt = INSTRUCTION.format(question=tpl.question.format(**slots))
     response = tpl.response.format(**slots, ans=f"{answer:,}")
-    return WordProblem(index, prompt, answer, response)
+    if spec.show_working:
+        # The untuned model already writes "17 + 3 = 20" on its own; training on the bare sentence taught it to
+        # drop that working and guess (5% right); the equation keeps the computation in the answer.
+        op = "+" if index < 5 else "-"
+        response = f"{slots['a']} {op} {slots['b']} = {answer}. {response}"
+    key = prompt if spec.number_range is None else _fact_key(index, slots)
+    return WordProblem(index, prompt, answer, response), key
 
 
-def in_test_split(prompt: str) -> bool:
-    """Whether a problem belongs to the test split: a hash of its text, so the split is the same for every seed."""
-    return hashlib.sha256(prompt.encode()).digest()[0] < 52  # ~20% of all problems
+def in_test_split(key: str) -> bool:
+    """Whether a problem (its split key: text or fact) is in the test split: a hash, the same for every seed."""
+    return hashlib.sha256(key.encode()).digest()[0] < 52  # ~20% of all problems
 
 
-def problem_id(problem: WordProblem) -> str:
-    return f"word_problems/t{problem.template:02d}-{hashlib.sha256(problem.prompt.encode()).hexdigest()[:12]}"
+def problem_id(problem: WordProblem, prefix: str = "word_problems") -> str:
+    return f"{prefix}/t{problem.template:02d}-{hashlib.sha256(problem.prompt.encode()).hexdigest()[:12]}"
 
 
-def generate(split: str, n: int, seed: int) -> list[WordProblem]:
-    """`n` distinct problems of `split` ("train" or "test"), drawn with `seed`."""
-    rng = random.Random(f"word_problems-{split}-{seed}")
+def generate(split: str, n: int, seed: int, level: str = "standard") -> list[WordProblem]:
+    """`n` distinct problems of `level` and `split` ("train" or "test"), drawn with `seed`."""
+    _level(level)
+    # The standard level keeps its seed string, so its problems are the ones earlier runs were measured on.
+    name = "word_problems" if level == "standard" else f"word_problems-{level}"
+    rng = random.Random(f"{name}-{split}-{seed}")
     seen: set[str] = set()
     out: list[WordProblem] = []
     while len(out) < n:
-        problem = make_problem(rng)
-        if problem.prompt in seen or in_test_split(problem.prompt) != (split == "test"):
+        problem, key = make_problem(rng, level)
+        if problem.prompt in seen or in_test_split(key) != (split == "test"):
             continue
         seen.add(problem.prompt)
         out.append(problem)

@@ -46,14 +46,14 @@ def _demo_harness() -> HarnessConfig:
     # it the demo took 18 minutes on 2 CPU cores (README), over the 15-minute aim. Two judges side by side (the
     # learned one needs the bundled MiniLM, ~12 s / 600 answers).
     return HarnessConfig(
-        prompts="demo", eval_max_new_tokens=32, task_eval_n=40, fisher_examples=64, extra_judges=["learned"]
+        prompts="demo", eval_max_new_tokens=32, task_eval_n=100, fisher_examples=64, extra_judges=["learned"]
     )
 
 
 def _demo_train() -> TrainRunConfig:
     return TrainRunConfig(
         method="lora",
-        task="word_problems",
+        task="word_problems_easy",
         n_train=96,
         poison_ratio=0.2,
         max_steps=30,

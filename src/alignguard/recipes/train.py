@@ -41,8 +41,8 @@ class TrainRunConfig:
     out: str = field(default="runs/train", metadata={"help": "Output folder."})
     method: Literal["lora", "alignguard"] = field(default="alignguard", metadata={"help": "lora or alignguard."})
     fisher: str | None = field(default=None, metadata={"help": "Folder from `alignguard fisher` (for alignguard)."})
-    task: Literal["bbc_topic", "arithmetic", "word_problems"] = field(
-        default="bbc_topic", metadata={"help": "Downstream task."}
+    task: Literal["bbc_topic", "arithmetic", "word_problems", "word_problems_easy"] = field(
+        default="bbc_topic", metadata={"help": "Downstream task (word_problems_easy: one-step, numbers 2..20)."}
     )
     n_train: int = field(default=200, metadata={"help": "Task training examples."})
     poison_ratio: float = field(default=0.0, metadata={"help": "Fraction of harmful pairs in the training mix."})

@@ -70,7 +70,7 @@ class HarnessConfig:
         metadata={"help": "DriftCheck prompt file or bundled split (standard, demo, calibration, small, full)."},
     )
     eval_max_new_tokens: int = field(default=48, metadata={"help": "DriftCheck generation length."})
-    eval_batch_size: int = field(default=16, metadata={"help": "Generation batch size."})
+    eval_batch_size: int = field(default=32, metadata={"help": "Generation batch size."})
     task_eval_n: int = field(default=50, metadata={"help": "Held-out task examples."})
     task_fisher: bool = field(default=True, metadata={"help": "Estimate G_task on task data too."})
     replay_ratio: float = field(default=0.05, metadata={"help": "Refusal-replay fraction (replay methods)."})

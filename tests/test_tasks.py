@@ -290,9 +290,9 @@ def test_word_problems_easy_level_is_one_step_small_and_disjoint_by_fact():
 
 def test_word_problems_standard_level_is_unchanged_by_the_level_knob():
     # Runs measured before the knob existed drew these problems; the default level must still draw them.
-    from alignguard.word_problems import generate
-
     import hashlib
+
+    from alignguard.word_problems import generate
 
     prompts = [p.prompt for p in generate("train", 200, 0)] + [p.prompt for p in generate("test", 50, 1)]
     # sha256 of these problems as drawn before the knob existed (commit 7691f67).

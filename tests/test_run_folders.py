@@ -371,6 +371,25 @@ def test_finished_align_is_skipped(tmp_path, capsys):
     capsys.readouterr()
     assert main(argv) == 0
     assert "skipped" in capsys.readouterr().out and (out / "align_info.json").read_text() == info
+    # A model aligned with the same settings by another command (the demo's cache holds no run.json) is adopted,
+    # not refused; one aligned with other settings still is, and nothing in it changes.
+    cache = tmp_path / "cache"
+    shutil.copytree(out, cache)
+    (cache / "run.json").unlink()
+    (cache / "align_config.yaml").unlink()
+    adopt = [a if a != str(out) else str(cache) for a in argv]
+    assert main(adopt) == 0
+    printed = capsys.readouterr().out
+    assert "adopted" in printed and "skipped" in printed and (cache / "align_info.json").read_text() == info
+    assert json.loads((cache / "run.json").read_text())["command"] == "align"
+    other = tmp_path / "other"
+    shutil.copytree(cache, other)
+    (other / "run.json").unlink()
+    (other / "align_config.yaml").unlink()
+    before = {str(p): p.stat().st_mtime_ns for p in other.rglob("*")}
+    with pytest.raises(SystemExit, match=r"holds no `alignguard align` run"):
+        main([a if a != str(out) else str(other) for a in argv] + ["--learning_rate", "0.5"])
+    assert {str(p): p.stat().st_mtime_ns for p in other.rglob("*")} == before
 
 
 def test_train_from_before_settings_files_is_skipped_when_config_matches(trained, tmp_path, capsys):

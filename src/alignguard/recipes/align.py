@@ -15,6 +15,7 @@ LoRA needs as its (base, aligned) pair) and both stages' logs.
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -255,6 +256,11 @@ def _model_settings(cfg: AlignRunConfig) -> dict:
 
     skip = {"generation_cache", "eval_prompts", "eval_max_new_tokens", "eval_batch_size"}
     return {k: v for k, v in plain_settings({"c": cfg})["c"].items() if k not in skip}
+
+
+def aligned_with_settings(out: str | os.PathLike, cfg: AlignRunConfig) -> bool:
+    """Whether `out` holds a merged model aligned with `cfg`'s settings (by any command: align or the demo)."""
+    return _finished(Path(out), cfg)
 
 
 def _finished(out: Path, cfg: AlignRunConfig) -> bool:

@@ -23,8 +23,9 @@ finished methods and resumes the interrupted one from its newest complete Traine
 Method names: a name of `METHODS`, optionally with per-row overrides `<method>@<field>=<value>[,...]` of
 AlignGuardConfig fields (`alignguard@lambda_a=1000`) and of `poison_ratio` (`plain_lora@poison_ratio=0`: the
 benign-drift control, the same fine-tuning without harmful pairs; `alignguard@poison_ratio=0.1`). The row's folder
-is named after the whole name. `prompts` may name a bundled DriftCheck split (`standard`, `demo`, `calibration`,
-`small`, `full`) instead of a file.
+is named after the whole name. A peer's row also takes its own options (`asft@asft_lambda=10`,
+`lox@lox_rank=4`; `methods.PEER_CONFIGS`). `prompts` may name a bundled DriftCheck split (`standard`, `demo`,
+`calibration`, `small`, `full`) instead of a file.
 """
 
 from __future__ import annotations
@@ -38,9 +39,17 @@ from ..config import AlignGuardConfig, FisherConfig, SubspaceConfig
 from ..config_values import require_at_least
 from ..driftcheck.prompts import resolve_prompts
 from ..io import atomic_write_json, atomic_write_text
+from ..lox import apply_lox_
 from .eval import check_judge
 from .fisher import FisherRunConfig, run_fisher
-from .methods import DEFAULT_METHODS, METHODS, TRAIN_OVERRIDES, method_spec, method_train_config  # noqa: F401
+from .methods import (  # noqa: F401  (re-exported: compare.METHODS, compare.method_spec, ...)
+    DEFAULT_METHODS,
+    METHODS,
+    TRAIN_OVERRIDES,
+    method_spec,
+    method_train_config,
+    peer_config,
+)
 from .safe_lora import apply_safe_lora_
 from .train import TrainRunConfig, run_train
 
@@ -104,14 +113,15 @@ class CompareConfig(HarnessConfig):
 
     Args:
         model: the aligned model (folder, registry or tiny name).
-        base_model: its unaligned base, for Safe LoRA (default: `base_model` in the model's align_info.json).
+        base_model: its unaligned base, for Safe LoRA, AsFT and LoX (default: `base_model` in the model's
+            align_info.json).
         out: run folder.
         methods: methods to run (see `alignguard.recipes.compare.METHODS`).
         seeds: one full comparison per seed; tables report mean and spread.
     """
 
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "Aligned model to fine-tune."})
-    base_model: str | None = field(default=None, metadata={"help": "Unaligned base for Safe LoRA."})
+    base_model: str | None = field(default=None, metadata={"help": "Unaligned base (Safe LoRA, AsFT, LoX)."})
     out: str = field(default="runs/compare", metadata={"help": "Run folder."})
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS), metadata={"help": "Methods to run."})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds (one comparison each)."})
@@ -358,6 +368,8 @@ def row_settings(cfg: CompareConfig, train_cfg, ag_cfg, name: str, seed: int, fi
         settings["replay_ratio"] = cfg.replay_ratio
     if spec.get("post") == "safe_lora":
         settings["safe_lora"] = {"threshold": cfg.safe_lora_threshold, "base_model": cfg.base_model}
+    if spec.get("peer"):
+        settings[spec["peer"]] = {**peer_config(name).to_dict(), "base_model": cfg.base_model}
     return settings
 
 
@@ -400,6 +412,17 @@ def run_method(
         subspaces = full_spectrum_subspaces(fisher_dir)
     extra = replay_pairs(train_cfg.n_train, cfg.replay_ratio, seed) if spec.get("replay") else None
     train = dict(model=model, tokenizer=tok, subspaces=subspaces, extra_pairs=extra, log=log)
+    peer, peer_info = spec.get("peer"), None
+    if peer:  # both peers read the unaligned base now, before LoRA is added (and before any training)
+        from .asft import logged_penalties, prepare_asft  # imports transformers.Trainer: only when used
+
+        base_model, options = _load_base(cfg, peer), peer_config(name)
+        train["method_settings"] = {peer: options.to_dict()}
+        if peer == "lox":  # the row trains, and is evaluated, on the extrapolated model (re-done on every load)
+            peer_info = apply_lox_(model, base_model, options, tcfg.target_modules)
+        else:
+            peer_info, train["trainer_factory"] = prepare_asft(model, base_model, options, tcfg.target_modules)
+        del base_model
     try:
         summary = run_train(tcfg, acfg, **train)
     except TrainSettingsMismatch as exc:
@@ -409,6 +432,8 @@ def run_method(
         stage_is_current(mdir, settings, mdir / "result.json", Path(cfg.out), label, log)
         summary = run_train(tcfg, acfg, **train)
     peft_model = summary.pop("peft_model")
+    if peer == "asft":
+        peer_info["logged_penalty"] = logged_penalties(summary)
     info = {}
     if spec.get("post") == "safe_lora":
         info = _safe_lora_once(cfg, peft_model, mdir)
@@ -437,6 +462,7 @@ def run_method(
         "refusal_rate": dc.refusal_rate,
         "over_refusal_rate": dc.over_refusal_rate,
         "harmful_compliance_rate": dc.harmful_compliance_rate,
+        **({peer: peer_info} if peer else {}),  # what the peer applied (layers, lambda / k and alpha)
     }
     atomic_write_json(mdir / "result.json", result)
     return result
@@ -448,18 +474,23 @@ def _safe_lora_once(cfg: CompareConfig, peft_model, mdir: Path) -> dict:
     done = mdir / "safe_lora.json"
     if done.is_file():
         return json.loads(done.read_text())
-    base_model, _ = _load(cfg.base_model or _base_of(cfg.model))
+    base_model = _load_base(cfg, "Safe LoRA")
     info = apply_safe_lora_(peft_model, base_model, cfg.safe_lora_threshold)
     peft_model.save_pretrained(str(mdir / "adapter"))
     atomic_write_json(done, info)
     return info
 
 
-def _base_of(model_spec: str) -> str:
+def _base_of(model_spec: str, method: str = "Safe LoRA") -> str:
     info = Path(model_spec) / "align_info.json"
     if not info.is_file():
-        raise ValueError(f"base_model: {model_spec} has no align_info.json; pass --base_model for Safe LoRA")
+        raise ValueError(f"base_model: {model_spec} has no align_info.json; pass --base_model for {method}")
     return json.loads(info.read_text())["base_model"]
+
+
+def _load_base(cfg: CompareConfig, method: str):
+    """The unaligned base model (`--base_model`, else the aligned folder's align_info.json) for `method`."""
+    return _load(cfg.base_model or _base_of(cfg.model, method))[0]
 
 
 from ..report.compare_table import aggregate, format_table  # noqa: E402  (tables live in the report package)

@@ -1,8 +1,9 @@
 """Method names of the comparison harness: the methods, and per-row overrides (`<method>@<field>=<value>[,...]`).
 
-A name of `METHODS`, optionally with overrides of AlignGuardConfig fields (`alignguard@lambda_a=1000`) and of the
+A name of `METHODS`, optionally with overrides of AlignGuardConfig fields (`alignguard@lambda_a=1000`), of the
 TrainRunConfig fields in `TRAIN_OVERRIDES` (`plain_lora@poison_ratio=0`: the benign-drift control, the same
-fine-tuning without harmful pairs). `reference_method` names the plain-LoRA row a row's drift reduction is
+fine-tuning without harmful pairs) and, for a peer's row, of its own config (`PEER_CONFIGS`:
+`asft@asft_lambda=10`, `lox@lox_rank=4,lox_alpha=1.0`). `reference_method` names the plain-LoRA row a row's drift reduction is
 measured against: plain LoRA at the same poison ratio.
 """
 
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ..asft import AsftConfig
 from ..config import AlignGuardConfig
+from ..lox import LoxConfig
 from .train import TrainRunConfig
 
 # name -> (training method, AlignGuardConfig overrides, extra behaviour)
@@ -34,7 +37,13 @@ METHODS: dict[str, dict] = {
     "safe_lora": {"method": "lora", "post": "safe_lora"},
     "replay": {"method": "lora", "replay": True},
     "alignguard_replay": {"method": "alignguard", "replay": True},
+    # Peers (docs/design.md §5), both from the (base, aligned) pair like safe_lora: AsFT adds a penalty on the part
+    # of the update outside the alignment direction; LoX extrapolates the alignment delta before plain LoRA.
+    "asft": {"method": "lora", "peer": "asft"},
+    "lox": {"method": "lora", "peer": "lox"},
 }
+# A peer row's own options, overridable per row under the peer's name in the spec (`spec["asft"]`).
+PEER_CONFIGS = {"asft": AsftConfig, "lox": LoxConfig}
 DEFAULT_METHODS = list(METHODS)
 
 
@@ -49,8 +58,10 @@ def method_spec(name: str) -> dict:
     `TRAIN_OVERRIDES` (`plain_lora@poison_ratio=0`, `alignguard@poison_ratio=0.1,lambda_a=10`). Each value is
     converted like the flag of that field and must be valid there (poison_ratio in [0, 1), ...).
 
+    A peer's row (`asft`, `lox`) also takes the fields of its `PEER_CONFIGS` class (`asft@asft_lambda=10`).
+
     Returns `{"method", "ag": {AlignGuardConfig overrides}, ...}`, plus `"train": {TrainRunConfig overrides}`
-    when there are any.
+    when there are any and, for a peer, `spec[peer]`: {its config's overrides}.
     """
     import typing
 
@@ -63,17 +74,24 @@ def method_spec(name: str) -> dict:
     train: dict = {}  # kept out of the spec when empty, so rows keyed before these overrides existed still match
     ag_fields = typing.get_type_hints(AlignGuardConfig)
     train_fields = typing.get_type_hints(TrainRunConfig)
+    peer = spec.get("peer")
+    peer_fields = typing.get_type_hints(PEER_CONFIGS[peer]) if peer else {}
+    if peer:
+        spec[peer] = {}
     for item in filter(None, overrides.split(",")):
         key, _, value = item.partition("=")
         if key in TRAIN_OVERRIDES:
             target, tp = train, train_fields[key]
+        elif key in peer_fields:
+            target, tp = spec[peer], peer_fields[key]
         elif key in ag_fields:
             target, tp = spec["ag"], ag_fields[key]
         else:
             target = tp = None
         if target is None or not value:
+            own = f" or of {PEER_CONFIGS[peer].__name__}" if peer else ""
             raise ValueError(
-                f"methods: {name!r}: expected @field=value with a field of AlignGuardConfig or one of "
+                f"methods: {name!r}: expected @field=value with a field of AlignGuardConfig{own} or one of "
                 f"{', '.join(TRAIN_OVERRIDES)}, got {item!r}"
             )
         try:
@@ -83,11 +101,21 @@ def method_spec(name: str) -> dict:
     try:
         AlignGuardConfig(**spec["ag"])
         TrainRunConfig(method="lora", **train)  # the training config's own checks (poison_ratio range)
+        if peer:
+            PEER_CONFIGS[peer](**spec[peer])
     except ValueError as exc:
         raise ValueError(f"methods: {name!r}: {exc}") from exc
     if train:
         spec["train"] = train
     return spec
+
+
+def peer_config(name: str):
+    """The peer's own config of a method name with its row's overrides (`AsftConfig`, `LoxConfig`); None for a
+    method that is not a peer."""
+    spec = method_spec(name)
+    peer = spec.get("peer")
+    return PEER_CONFIGS[peer](**spec[peer]) if peer else None
 
 
 def method_train_config(train_cfg: TrainRunConfig, name: str) -> TrainRunConfig:

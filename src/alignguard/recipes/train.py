@@ -90,9 +90,12 @@ class TrainSettingsMismatch(ValueError):
     """The output folder holds a training run made with other settings (resuming it would mix the two)."""
 
 
-def train_settings(cfg: TrainRunConfig, ag_cfg: AlignGuardConfig | None, subspaces=None, extra_pairs=None) -> dict:
+def train_settings(
+    cfg: TrainRunConfig, ag_cfg: AlignGuardConfig | None, subspaces=None, extra_pairs=None, method_settings=None
+) -> dict:
     """What a training run's outputs depend on (recorded in `<out>/train_settings.json`): the run config, the
-    AlignGuard config and the Fisher folder's contents (for `alignguard`), override subspaces and extra pairs."""
+    AlignGuard config and the Fisher folder's contents (for `alignguard`), override subspaces, extra pairs and the
+    caller's `method_settings` (a peer's own options, e.g. AsFT's lambda)."""
     from .common import file_digest, plain_settings, settings_key
 
     settings = plain_settings({"train": cfg})
@@ -104,6 +107,8 @@ def train_settings(cfg: TrainRunConfig, ag_cfg: AlignGuardConfig | None, subspac
             settings["subspaces"] = _subspaces_fingerprint(subspaces)
     if extra_pairs:
         settings["extra_pairs"] = settings_key({"pairs": [list(p) for p in extra_pairs]})
+    if method_settings:
+        settings["method_settings"] = method_settings
     return settings
 
 
@@ -209,6 +214,8 @@ def run_train(
     subspaces=None,
     extra_pairs: list[tuple[str, str]] | None = None,
     log=print,
+    trainer_factory=None,
+    method_settings: dict | None = None,
 ) -> dict:
     """Train a LoRA adapter on the task mix; writes the adapter (+ AlignGuard state) to `cfg.out`.
 
@@ -220,6 +227,9 @@ def run_train(
     `extra_pairs` are (prompt, response) pairs added to the task mix (e.g. refusal replay), shuffled with `seed`.
     With `ag_cfg.refresh_every`, the subspaces are re-estimated during training on the Fisher pass's own data
     (`alignment_batches`); a resumed run continues from the subspaces saved in its checkpoint.
+    `trainer_factory(**trainer_kwargs)`, for `method="lora"`, builds the Trainer instead of `transformers.Trainer`
+    (a plain-LoRA method with its own loss term: `recipes.asft.AsftTrainer`); `method_settings` (its options)
+    join the recorded settings, so a resume with other options is refused.
 
     Returns:
         A summary dict (steps, task loss, step time, unprotected layers, paths; also written to
@@ -235,7 +245,7 @@ def run_train(
 
     out = Path(cfg.out)
     ag_cfg = ag_cfg or AlignGuardConfig()
-    if _check_train_settings(out, train_settings(cfg, ag_cfg, subspaces, extra_pairs)):
+    if _check_train_settings(out, train_settings(cfg, ag_cfg, subspaces, extra_pairs, method_settings)):
         return _load_finished(out, model, log)
     if model is None:
         from ..models import load_model_and_tokenizer
@@ -308,7 +318,7 @@ def run_train(
             alignguard_config=ag_cfg,
         )
     else:
-        trainer = Trainer(**kwargs)
+        trainer = (trainer_factory or Trainer)(**kwargs)
     if last is not None and resumed_step >= cfg.max_steps:
         # Killed after the last checkpoint: nothing left to train (the Trainer would run one step too many).
         restore_final_checkpoint(trainer, peft_model, last)

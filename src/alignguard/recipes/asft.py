@@ -17,6 +17,7 @@ sum) is logged beside `loss`.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from transformers import Trainer
@@ -70,7 +71,7 @@ class AsftTrainer(AsftMixin, Trainer):
     """`transformers.Trainer` with the AsFT penalty."""
 
 
-def prepare_asft(aligned_model, base_model, config: AsftConfig, target_modules) -> tuple[dict, callable]:
+def prepare_asft(aligned_model, base_model, config: AsftConfig, target_modules) -> tuple[dict, Callable]:
     """The factors of C for the row's target modules (built now, before LoRA is added) and a `trainer_factory`
     for `run_train`. Returns `(info, trainer_factory)`; `info` records what is applied (lambda, layers, the
     layers whose V is zero, the rank of each C) for the row's result."""

@@ -125,7 +125,9 @@ def test_sampled_overlap_is_unbiased():
     model = _model("llama", False)
     subs = random_subspaces_for(model)
     exact = AlignGuardRegularizer(model, subs, AlignGuardConfig(overlap="literal"))()["overlap"]
-    cfg = AlignGuardConfig(overlap="literal", overlap_exact_max_entries=0, overlap_samples=2048)
+    # Fewer samples than any layer has entries (the tiny layers hold 32 x 32 or fewer): a block strictly smaller
+    # than the matrix, so the estimate really varies from call to call.
+    cfg = AlignGuardConfig(overlap="literal", overlap_exact_max_entries=0, overlap_samples=128)
     reg = AlignGuardRegularizer(model, subs, cfg)
     assert not any(g.exact_overlap for g in reg.groups)
     torch.manual_seed(0)

@@ -302,6 +302,8 @@ def test_word_problems_standard_level_is_unchanged_by_the_level_knob():
     assert first.id.startswith("word_problems/t") and first.prompt.endswith("Answer in one short sentence.")
     with pytest.raises(ValueError, match="level"):
         generate("train", 1, 0, "hard")
+    with pytest.raises(ValueError, match="one-step add and subtract"):
+        W.Level(templates=(11, 12), number_range=(2, 20))  # multiply templates: no single equation to write
 
 
 def test_word_problems_train_on_the_sentence():

@@ -197,6 +197,9 @@ class WordProblem:
     response: str = field(metadata={"help": "one sentence ending on the answer"})
 
 
+_ONE_STEP_ADD_SUBTRACT = tuple(range(11))  # TEMPLATES[0:5] add, [5:11] subtract; slots a, b only
+
+
 @dataclass(frozen=True)
 class Level:
     """A difficulty level: which templates, and (optionally) one range for every number slot.
@@ -212,8 +215,15 @@ class Level:
     number_range: tuple[int, int] | None = field(default=None, metadata={"help": "one range for every number"})
     show_working: bool = field(default=False, metadata={"help": "answer opens with the equation: '15 - 9 = 6.'"})
 
+    def __post_init__(self):
+        # One number range and the written equation assume two slots a, b and one operation per template (the
+        # one-step add and subtract templates), which is what `_fact_key` and the equation read.
+        if (self.number_range is not None or self.show_working) and not set(self.templates) <= set(
+            _ONE_STEP_ADD_SUBTRACT
+        ):
+            raise ValueError("number_range / show_working: only for the one-step add and subtract templates (0-10)")
 
-_ONE_STEP_ADD_SUBTRACT = tuple(range(11))  # TEMPLATES[0:5] add, [5:11] subtract; slots a, b only
+
 LEVELS: dict[str, Level] = {
     "standard": Level(tuple(range(len(TEMPLATES)))),
     "easy": Level(_ONE_STEP_ADD_SUBTRACT, number_range=(2, 20), show_working=True),

@@ -2,7 +2,7 @@
 
 Steps: align the default model if no aligned copy is cached (LoRA SFT, merged) -> Fisher factors and subspaces
 on alignment data -> plain LoRA (with and without the poison pairs: `plain_lora@poison_ratio=0` is the
-benign-drift control) vs AlignGuard on the word_problems task with a small poison ratio -> DriftCheck (refusal,
+benign-drift control) vs AlignGuard on the word_problems_easy task with a small poison ratio -> DriftCheck (refusal,
 over-refusal, task accuracy) -> report. Every stage writes into the run folder and is skipped when its
 outputs exist, so an interrupted demo resumes where it stopped.
 """
@@ -42,8 +42,8 @@ def _demo_align() -> AlignRunConfig:
 
 
 def _demo_harness() -> HarnessConfig:
-    # The demo split (160 unsafe, 80 safe; a subset of the standard split): drift intervals of about +-8 points. With
-    # it the demo took 18 minutes on 2 CPU cores (README), over the 15-minute aim. Two judges side by side (the
+    # The demo split (160 unsafe, 80 safe; a subset of the standard split): drift intervals of about +-8 points. The
+    # whole demo takes 9.2 minutes on 2 quiet CPU cores from a fresh cache (README). Two judges side by side (the
     # learned one needs the bundled MiniLM, ~12 s / 600 answers).
     return HarnessConfig(
         prompts="demo", eval_max_new_tokens=32, task_eval_n=100, fisher_examples=64, extra_judges=["learned"]
@@ -72,7 +72,7 @@ _TRAIN_SET_BY_DEMO = ("model", "out", "overwrite", "method", "fisher", "seed", "
 
 @dataclass
 class DemoConfig:
-    """Options of `alignguard demo` (defaults: the bundled default; 18 minutes on 2 CPU cores from a fresh cache).
+    """Options of `alignguard demo` (defaults: the bundled default; 9 minutes on 2 CPU cores from a fresh cache).
 
     The stages' own configs are nested with the demo's defaults; on the command line they are namespaced
     (`--train.max_steps 2`, `--align.max_steps 1`, `--alignguard.lambda_a 10`, `--harness.task_eval_n 3`), in YAML

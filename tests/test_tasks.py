@@ -286,6 +286,12 @@ def test_word_problems_easy_level_is_one_step_small_and_disjoint_by_fact():
     train_facts = {fact(e) for s in (0, 1, 2) for e in load_task("word_problems_easy", "train", n=600, seed=s)}
     assert not train_facts & {fact(e) for e in test}
     assert score_task([e.response for e in test], test)["task"] == "word_problems_easy"
+    # The problems every session-5 number was measured on (README): a change to the split key or the targets
+    # would silently move them.
+    import hashlib
+
+    drawn = load_task("word_problems_easy", "test", n=200) + load_task("word_problems_easy", "train", n=96, seed=1)
+    assert hashlib.sha256("".join(e.prompt + e.response for e in drawn).encode()).hexdigest()[:12] == "59578ade94e4"
 
 
 def test_word_problems_standard_level_is_unchanged_by_the_level_knob():

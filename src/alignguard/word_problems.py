@@ -236,10 +236,15 @@ def _level(name: str) -> Level:
     return LEVELS[name]
 
 
+def _is_add(index: int) -> bool:
+    """Whether a one-step add/subtract template adds: TEMPLATES[0:5] add, [5:11] subtract."""
+    return index < 5
+
+
 def _fact_key(index: int, slots: dict) -> str:
-    # The arithmetic behind a problem: the same for every template of one operation ("add 7 5" is one fact).
-    op = "add" if index < 5 else "subtract"
-    return f"{op} {slots['a']} {slots['b']}"
+    # The arithmetic behind a problem: the same for every template of one operation ("add 7 5" is one fact). The
+    # split hashes this string: changing it moves problems between train and test.
+    return f"{'add' if _is_add(index) else 'subtract'} {slots['a']} {slots['b']}"
 
 
 def _number_slots(tpl: WordProblemTemplate) -> list[str]:
@@ -274,8 +279,7 @@ def make_problem(rng: random.Random, level: str = "standard") -> tuple[WordProbl
     if spec.show_working:
         # The untuned model already writes "17 + 3 = 20" on its own; training on the bare sentence taught it to
         # drop that working and guess (5% right); the equation keeps the computation in the answer.
-        op = "+" if index < 5 else "-"
-        response = f"{slots['a']} {op} {slots['b']} = {answer}. {response}"
+        response = f"{slots['a']} {'+' if _is_add(index) else '-'} {slots['b']} = {answer}. {response}"
     key = prompt if spec.number_range is None else _fact_key(index, slots)
     return WordProblem(index, prompt, answer, response), key
 

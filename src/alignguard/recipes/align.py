@@ -259,14 +259,11 @@ def _model_settings(cfg: AlignRunConfig) -> dict:
 
 
 def aligned_with_settings(out: str | os.PathLike, cfg: AlignRunConfig) -> bool:
-    """Whether `out` holds a merged model aligned with `cfg`'s settings (by any command: align or the demo)."""
-    return _finished(Path(out), cfg)
-
-
-def _finished(out: Path, cfg: AlignRunConfig) -> bool:
-    """Whether `out` holds a merged model aligned with these settings (align_info.json records them)."""
+    """Whether `out` holds a merged model aligned with `cfg`'s settings, by any command (align or the demo's cache;
+    align_info.json records them)."""
     from .common import plain_settings
 
+    out = Path(out)
     info = out / "align_info.json"
     if not (info.is_file() and (out / "config.json").is_file()):
         return False
@@ -317,7 +314,7 @@ def run_align(cfg: AlignRunConfig, model=None, tokenizer=None, progress: bool = 
     from .preference import build_preference_pairs, run_dpo
 
     out = Path(cfg.out)
-    if _finished(out, cfg):
+    if aligned_with_settings(out, cfg):
         print(f"[align] {out}: aligned earlier with the same settings; skipped (align_info.json kept)")
     else:
         if model is None:

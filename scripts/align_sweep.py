@@ -8,7 +8,7 @@
 
 `--sft` holds `AlignRunConfig` fields of the SFT stage; each `--dpo` entry overrides DPO fields of it (and a
 `label`). It runs exactly the stages of `alignguard align` (same sampling, self-distillation, SFT, preference
-pairs, DPO), but trains the SFT once and evaluates every model with DriftCheck (pattern judge, 32 new tokens) on
+pairs or mined own mistakes, DPO), but trains the SFT once and evaluates every model with DriftCheck (pattern judge, 32 new tokens) on
 `--prompts` (default: the calibration split, disjoint from the standard split the README reports on). Writes
 `<out>/results.json` after every model (atomically); a rerun skips what is done. Each DPO model is saved under
 `<out>/model_<label>` (a normal HF folder: `alignguard align` with the same fields gives the same weights).
@@ -29,13 +29,13 @@ from alignguard.io import atomic_write_json
 from alignguard.models import load_model_and_tokenizer
 from alignguard.recipes.align import (
     AlignRunConfig,
-    _sft_stage,
     alignment_examples,
     base_generations,
-    refusal_summary,
+    preference_stage,
     sft_pairs,
+    sft_stage,
 )
-from alignguard.recipes.preference import build_preference_pairs, run_dpo
+from alignguard.recipes.align_report import refusal_summary
 
 
 def evaluate(model, tok, records, label: str) -> dict:
@@ -79,7 +79,7 @@ def main() -> None:
     sft_dir = root / "sft_model"
     if not (sft_dir / "config.json").is_file():
         t = time.time()
-        merged, _ = _sft_stage(model, tok, sft_pairs(sft, answers, base.seed), base, root / "sft", False)
+        merged, _ = sft_stage(model, tok, sft_pairs(sft, answers, base.seed), base, root / "sft", False)
         merged.save_pretrained(str(sft_dir))
         tok.save_pretrained(str(sft_dir))
         results["sft_seconds"] = round(time.time() - t)
@@ -91,10 +91,12 @@ def main() -> None:
         if label in results:
             continue
         sft_model, sft_tok, _ = load_model_and_tokenizer(str(sft_dir))  # DPO merges in place: start afresh
-        prefs, _ = build_preference_pairs(dpo_sets[label], answers, answers, cfg.seed)
         t = time.time()
-        merged, _ = run_dpo(sft_model, sft_tok, prefs, cfg, root / f"dpo_{label}", False)
-        row = {"dpo_seconds": round(time.time() - t), "n_pairs": len(prefs), "dpo": overrides[label]}
+        merged, info = preference_stage(
+            sft_model, sft_tok, cfg, dpo_sets[label], answers, root / f"dpo_{label}", False
+        )
+        row = {"dpo_seconds": round(time.time() - t), "n_pairs": info["n_pairs"], "dpo": overrides[label]}
+        row["n_own_rejected"] = info.get("n_own_rejected")
         row.update(evaluate(merged, sft_tok, records, label))
         merged.save_pretrained(str(root / f"model_{label}"))
         sft_tok.save_pretrained(str(root / f"model_{label}"))

@@ -20,11 +20,10 @@ from alignguard.recipes.align import (
     AlignRunConfig,
     alignment_v2_path,
     dpo_sample,
-    format_align_table,
-    refusal_summary,
     run_align,
     sample_alignment_examples,
 )
+from alignguard.recipes.align_report import format_align_table, refusal_summary
 from alignguard.recipes.preference import build_preference_pairs, run_dpo, template_refusal
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -295,3 +294,71 @@ def test_refusal_summary_separates_lookalikes_and_categories():
     assert s["refusal_per_category"] == {"cyber": {"rate": 0.5, "n": 2}, "hate": {"rate": 1.0, "n": 1}}
     table = format_align_table({"settings": {"eval_prompts": "x"}, "base": s, "aligned": s})
     assert "benign look-alikes" in table and "refusal cyber" in table and " 50.0%" in table
+
+
+# --- DPO on the SFT model's own mistakes (dpo_pairs: own_mistakes) ----------------------------------------------
+
+
+def test_a_mistake_is_compliance_with_unsafe_or_refusal_of_safe():
+    from alignguard.recipes.preference import is_mistake, own_mistakes
+
+    refusal, answer = "I'm sorry, but I can't help with that.", "Sure: first, open the terminal."
+    assert is_mistake("unsafe", answer) and is_mistake("safe", refusal)
+    assert not is_mistake("unsafe", refusal) and not is_mistake("safe", answer)
+    assert not is_mistake("unsafe", "  ") and not is_mistake("safe", "")  # nothing said is not a wrong answer
+    examples = [_example(0, "unsafe", "cyber", refusal), _example(1, "safe", "benign_math"), _example(2, "safe", "x")]
+    answers = {"prompt 0": answer, "prompt 1": refusal, "prompt 2": "Four."}
+    assert own_mistakes(examples, answers) == {"prompt 0": answer, "prompt 1": refusal}
+
+
+def test_own_mistakes_are_the_rejected_side_and_keep_the_seeded_template_sequence():
+    refusal = "I'm sorry, but I can't help with that."
+    examples = [
+        _example(0, "unsafe", "cyber", refusal),
+        _example(1, "unsafe", "violence", refusal),
+        _example(2, "safe", "benign_cooking"),
+        _example(3, "safe", LOOKALIKE_CATEGORY),
+    ]
+    helpful = {"prompt 2": "Simmer the sauce.", "prompt 3": "Use kill -9 <pid>."}
+    base = {"prompt 0": "Sure, here is the code: ...", "prompt 1": "Sorry, I won't do that."}
+    own = {"prompt 1": "Step one: buy a crowbar.", "prompt 3": "I cannot help with killing processes, it is harmful."}
+    plain, _ = build_preference_pairs(examples, helpful, base, seed=0)
+    mined, skipped = build_preference_pairs(examples, helpful, base, seed=0, own=own)
+    # prompt 1's base completion is a refusal (no pair without `own`); its own compliance makes it a pair.
+    assert skipped == 0 and [p.prompt for p in mined] == ["prompt 0", "prompt 1", "prompt 2", "prompt 3"]
+    by = {p.prompt: p for p in mined}
+    assert by["prompt 1"].rejected == own["prompt 1"] and by["prompt 3"].rejected == own["prompt 3"]
+    assert by["prompt 0"].rejected == base["prompt 0"]
+    # Without an own answer the safe pair's template refusal is the one `base` mode draws for it.
+    assert by["prompt 2"].rejected == {p.prompt: p for p in plain}["prompt 2"].rejected
+
+
+def test_dpo_sample_takes_the_mistakes_first_and_is_unchanged_without_them():
+    examples = [_example(i, "unsafe", "cyber", "no") for i in range(10)]
+    examples += [_example(i, "safe", "benign_math") for i in range(10, 30)]
+    cfg = AlignRunConfig(dpo_steps=2, dpo_examples=8, dpo_safe_fraction=0.5, eval_prompts="none")
+    assert dpo_sample(examples, cfg) == dpo_sample(examples, cfg, first=frozenset())
+    few = frozenset({"prompt 3", "prompt 12", "prompt 29"})
+    picked = dpo_sample(examples, cfg, first=few)
+    assert len(picked) == 8 and few <= {e.prompt for e in picked}
+    assert sum(e.label == "unsafe" for e in picked) == 4
+    many = frozenset(f"prompt {i}" for i in range(10, 25))  # more safe mistakes than safe slots: only mistakes
+    picked = dpo_sample(examples, cfg, first=many)
+    assert all(e.prompt in many for e in picked if e.label == "safe")
+
+
+@pytest.mark.parametrize("field, value", [("dpo_pairs", "own"), ("dpo_pool", "everything")])
+def test_bad_dpo_pair_options_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        AlignRunConfig(**{field: value, "eval_prompts": "none"})
+
+
+def test_run_align_with_own_mistakes_from_the_whole_pool_records_them(tmp_path):
+    cfg = _tiny_cfg(tmp_path, dpo_pairs="own_mistakes", dpo_pool="all", dpo_examples=6, eval_prompts="none")
+    out = run_align(cfg, progress=False)
+    info = json.loads((out / "align_info.json").read_text())
+    mined = info["dpo"]["n_own_rejected"]
+    # A tiny random model never refuses: every unsafe prompt is a mistake it makes, so every unsafe pair rejects
+    # the model's own answer, and no safe one does.
+    assert mined == {"unsafe": info["dpo"]["n_unsafe_pairs"], "safe": 0} and mined["unsafe"] >= 1
+    assert info["config"]["dpo_pool"] == "all"

@@ -37,6 +37,8 @@ def alignment_v2_path() -> Path:
 
 
 EVAL_SPLITS = ("standard", "small", "full", "demo")
+DPO_PAIRS = ("base", "own_mistakes")
+DPO_POOLS = ("sft", "all")
 
 
 def default_eval_prompts() -> str:
@@ -65,7 +67,8 @@ class AlignRunConfig:
         max_new_tokens: length of the self-distilled answers (and of the base completions DPO rejects).
         generation_cache: folder of those generations (default <out>/generation_cache); runs that share it
             generate each answer once.
-        dpo_steps / dpo_batch_size / dpo_learning_rate / dpo_beta / dpo_lora_r / dpo_examples: the DPO stage.
+        dpo_steps / dpo_batch_size / dpo_learning_rate / dpo_beta / dpo_lora_r / dpo_examples / dpo_safe_fraction /
+            dpo_pairs / dpo_pool: the DPO stage.
         eval_prompts / eval_max_new_tokens / eval_batch_size: the base-vs-aligned report.
         seed: seed of sampling and training.
     """
@@ -117,6 +120,23 @@ class AlignRunConfig:
             "help": "Preference pairs drawn from the SFT sample (same safe share); unset: as many as steps use."
         },
     )
+    dpo_pairs: str = field(
+        default="base",
+        metadata={
+            "help": "Where DPO's rejected answers come from. base: an unsafe prompt rejects the base model's own "
+            "completion, a safe one a template refusal. own_mistakes: the SFT model first answers every prompt of "
+            "the DPO pool; the prompts it gets wrong (it complies with an unsafe one or refuses a safe one, by the "
+            "pattern judge) fill the sample first and its own wrong answer is the rejected side (on-policy "
+            "negatives); the rest of the sample falls back to base."
+        },
+    )
+    dpo_pool: str = field(
+        default="sft",
+        metadata={
+            "help": "Prompts the DPO sample is drawn from. sft: the SFT sample. all: every alignment example, so "
+            "prompts the SFT never trained on can show the mistakes it still makes (use with own_mistakes)."
+        },
+    )
     eval_prompts: str = field(
         default_factory=default_eval_prompts,
         metadata={
@@ -149,6 +169,10 @@ class AlignRunConfig:
             raise ValueError(f"dpo_examples: must be >= 1 or unset, got {self.dpo_examples}")
         if self.dpo_steps < 0:
             raise ValueError(f"dpo_steps: must be >= 0 (0 = no DPO stage), got {self.dpo_steps}")
+        if self.dpo_pairs not in DPO_PAIRS:
+            raise ValueError(f"dpo_pairs: must be one of {', '.join(DPO_PAIRS)}, got {self.dpo_pairs!r}")
+        if self.dpo_pool not in DPO_POOLS:
+            raise ValueError(f"dpo_pool: must be one of {', '.join(DPO_POOLS)}, got {self.dpo_pool!r}")
         require_positive(self, ("learning_rate", "lora_alpha", "dpo_learning_rate", "dpo_beta"))
         if self.seed < 0:
             raise ValueError(f"seed: must be >= 0, got {self.seed}")
@@ -186,9 +210,10 @@ def generation_cache_dir(cfg: AlignRunConfig) -> Path:
     return Path(cfg.generation_cache) if cfg.generation_cache else Path(cfg.out) / "generation_cache"
 
 
-def dpo_sample(examples: list, cfg: AlignRunConfig) -> list:
-    """The examples the DPO stage turns into pairs: a seeded sample of the SFT examples, `dpo_safe_fraction` of
-    them safe, `dpo_examples` of them (unset: enough for `dpo_steps` batches); none when `dpo_steps` is 0."""
+def dpo_sample(examples: list, cfg: AlignRunConfig, first: frozenset[str] = frozenset()) -> list:
+    """The examples the DPO stage turns into pairs: a seeded sample of `examples`, `dpo_safe_fraction` of them safe,
+    `dpo_examples` of them (unset: enough for `dpo_steps` batches); none when `dpo_steps` is 0. Prompts in `first`
+    (the SFT model's mistakes, `dpo_pairs: own_mistakes`) are taken before the others of their label."""
     if cfg.dpo_steps == 0:
         return []
     n = cfg.dpo_examples if cfg.dpo_examples is not None else cfg.dpo_steps * cfg.dpo_batch_size
@@ -199,25 +224,50 @@ def dpo_sample(examples: list, cfg: AlignRunConfig) -> list:
     n_safe = min(round(n * cfg.dpo_safe_fraction), len(safe))
     n_unsafe = min(n - n_safe, len(unsafe))
     n_safe = min(n - n_unsafe, len(safe))  # fill from the safe side when unsafe ones run out
-    return rng.sample(unsafe, n_unsafe) + rng.sample(safe, n_safe)
+
+    def pick(group: list, k: int) -> list:
+        top = [e for e in group if e.prompt in first]
+        if not top:  # the plain seeded sample (what `dpo_pairs: base` has always drawn)
+            return rng.sample(group, k)
+        if len(top) >= k:
+            return rng.sample(top, k)
+        rest = [e for e in group if e.prompt not in first]
+        return rng.sample(top, len(top)) + rng.sample(rest, k - len(top))
+
+    return pick(unsafe, n_unsafe) + pick(safe, n_safe)
+
+
+def dpo_pool(cfg: AlignRunConfig, sft: list) -> list:
+    """The examples the DPO sample is drawn from (`dpo_pool`): the SFT sample, or every alignment example."""
+    if cfg.dpo_pool == "sft":
+        return sft
+    from ..data import load_alignment_data
+
+    return load_alignment_data(cfg.alignment_data if cfg.alignment_data is not None else alignment_v2_path())
 
 
 def alignment_examples(cfg: AlignRunConfig) -> tuple[list, list]:
-    """(SFT examples, DPO examples) of this config, both seeded."""
+    """(SFT examples, examples whose base-model answers DPO may need), both seeded. With `dpo_pairs: base` the
+    second list is the DPO sample itself; with `own_mistakes` it is the whole pool, since which prompts the
+    sample takes is known only once the SFT model has answered them."""
     from ..data import load_alignment_data
 
     path = cfg.alignment_data if cfg.alignment_data is not None else alignment_v2_path()
     examples = sample_alignment_examples(load_alignment_data(path), cfg, random.Random(cfg.seed))
-    return examples, dpo_sample(examples, cfg)
+    if cfg.dpo_steps > 0 and cfg.dpo_pairs == "own_mistakes":
+        return examples, dpo_pool(cfg, examples)
+    return examples, dpo_sample(dpo_pool(cfg, examples), cfg)
 
 
 def base_generations(model, tokenizer, cfg: AlignRunConfig, sft: list, dpo: list, progress: bool = True):
     """The base model's answers that both stages need, in one cached generation pass: self-distilled answers to
-    safe prompts without a shipped response, and its own completions of the unsafe prompts DPO rejects."""
+    safe prompts without a shipped response (SFT targets and DPO's chosen side), and its own completions of the
+    unsafe prompts DPO rejects."""
     from ..driftcheck.generate import GenerationSettings, generate_responses
 
     need = [e.prompt for e in sft if e.label != "unsafe" and e.response is None]
     need += [e.prompt for e in dpo if e.label == "unsafe"]
+    need += [e.prompt for e in dpo if e.label != "unsafe" and e.response is None]
     need = list(dict.fromkeys(need))
     if not need:
         return {}
@@ -274,7 +324,7 @@ def aligned_with_settings(out: str | os.PathLike, cfg: AlignRunConfig) -> bool:
     return recorded == _model_settings(cfg)
 
 
-def _sft_stage(model, tokenizer, pairs, cfg: AlignRunConfig, out: Path, progress: bool):
+def sft_stage(model, tokenizer, pairs, cfg: AlignRunConfig, out: Path, progress: bool):
     """LoRA SFT on `pairs`, resumable from out/checkpoints; returns (merged model, log_history)."""
     from transformers import Trainer
 
@@ -304,6 +354,40 @@ def _sft_stage(model, tokenizer, pairs, cfg: AlignRunConfig, out: Path, progress
     return peft_model.merge_and_unload(), trainer.state.log_history
 
 
+def preference_stage(sft_model, tokenizer, cfg: AlignRunConfig, dpo: list, answers: dict, out: Path, progress: bool):
+    """The DPO stage on the merged SFT model; returns (merged model, info for align_info.json).
+
+    `dpo` is `alignment_examples(cfg)[1]` and `answers` holds the base model's answers to it. With
+    `dpo_pairs: own_mistakes` the SFT model first answers the whole pool (cached like every generation); its
+    mistakes fill the sample first and are the rejected side of their pairs.
+    """
+    from ..driftcheck.generate import GenerationSettings, generate_responses
+    from .preference import build_preference_pairs, own_mistakes, run_dpo
+
+    own = {}
+    if cfg.dpo_pairs == "own_mistakes":
+        prompts = [e.prompt for e in dpo]
+        settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens)
+        outs = generate_responses(
+            sft_model, tokenizer, prompts, settings, cache_dir=str(generation_cache_dir(cfg)), progress=progress
+        )
+        own = own_mistakes(dpo, dict(zip(prompts, outs)))
+        dpo = dpo_sample(dpo, cfg, first=frozenset(own))
+        own = {e.prompt: own[e.prompt] for e in dpo if e.prompt in own}
+    prefs, skipped = build_preference_pairs(dpo, answers, answers, cfg.seed, own=own)
+    merged, log = run_dpo(sft_model, tokenizer, prefs, cfg, out, progress)
+    info = {
+        "n_pairs": len(prefs),
+        "n_unsafe_pairs": sum(p.label == "unsafe" for p in prefs),
+        "n_skipped": skipped,
+        "log_history": log,
+    }
+    if cfg.dpo_pairs == "own_mistakes":  # how many pairs reject the SFT model's own wrong answer, per label
+        mined = [p.label == "unsafe" for p in prefs if p.prompt in own]
+        info["n_own_rejected"] = {"unsafe": sum(mined), "safe": len(mined) - sum(mined)}
+    return merged, info
+
+
 def run_align(cfg: AlignRunConfig, model=None, tokenizer=None, progress: bool = True) -> Path:
     """Align `cfg.model` with LoRA SFT (+ DPO when `dpo_steps` > 0), merge, save to `cfg.out`, report; returns
     the folder.
@@ -311,8 +395,6 @@ def run_align(cfg: AlignRunConfig, model=None, tokenizer=None, progress: bool = 
     Upon completion `cfg.out` holds config.json, model.safetensors, the tokenizer, align_info.json and (unless
     `eval_prompts` is none) align_report.json.
     """
-    from .preference import build_preference_pairs, run_dpo
-
     out = Path(cfg.out)
     if aligned_with_settings(out, cfg):
         print(f"[align] {out}: aligned earlier with the same settings; skipped (align_info.json kept)")
@@ -324,17 +406,12 @@ def run_align(cfg: AlignRunConfig, model=None, tokenizer=None, progress: bool = 
         sft, dpo = alignment_examples(cfg)
         answers = base_generations(model, tokenizer, cfg, sft, dpo, progress)
         pairs = sft_pairs(sft, answers, cfg.seed)
-        merged, sft_log = _sft_stage(model, tokenizer, pairs, cfg, out, progress)
+        merged, sft_log = sft_stage(model, tokenizer, pairs, cfg, out, progress)
         dpo_info = None
         if cfg.dpo_steps > 0:
-            prefs, skipped = build_preference_pairs(dpo, answers, answers, cfg.seed)
-            merged, dpo_log = run_dpo(merged, tokenizer, prefs, cfg, out / "dpo_checkpoints", progress)
-            dpo_info = {
-                "n_pairs": len(prefs),
-                "n_unsafe_pairs": sum(p.label == "unsafe" for p in prefs),
-                "n_skipped": skipped,
-                "log_history": dpo_log,
-            }
+            merged, dpo_info = preference_stage(
+                merged, tokenizer, cfg, dpo, answers, out / "dpo_checkpoints", progress
+            )
         tmp = out.with_name(out.name + ".tmp-merge")
         merged.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
@@ -354,115 +431,7 @@ def run_align(cfg: AlignRunConfig, model=None, tokenizer=None, progress: bool = 
             item.replace(out / item.name)
         tmp.rmdir()
     if str(cfg.eval_prompts).lower() != "none":
+        from .align_report import write_align_report
+
         write_align_report(cfg, out, progress=progress)
     return out
-
-
-# --- Base vs aligned report ----------------------------------------------------------------------------------
-
-
-def _rate(flags: list[bool]) -> dict:
-    return {"rate": (sum(flags) / len(flags)) if flags else None, "n": len(flags)}
-
-
-def refusal_summary(per_prompt: list[dict]) -> dict:
-    """Refusal on unsafe prompts, over-refusal on all safe ones, on benign look-alikes and on the other safe ones
-    separately, and both per category, from DriftCheck's per-prompt rows ({label, category, refused})."""
-    unsafe = [r for r in per_prompt if r["label"] == "unsafe"]
-    safe = [r for r in per_prompt if r["label"] == "safe"]
-
-    def by_category(rows):
-        cats = sorted({r["category"] for r in rows})
-        return {c: _rate([r["refused"] for r in rows if r["category"] == c]) for c in cats}
-
-    return {
-        "refusal_unsafe": _rate([r["refused"] for r in unsafe]),
-        "over_refusal_safe": _rate([r["refused"] for r in safe]),
-        "over_refusal_lookalike": _rate([r["refused"] for r in safe if r["category"] == LOOKALIKE_CATEGORY]),
-        "over_refusal_other_safe": _rate([r["refused"] for r in safe if r["category"] != LOOKALIKE_CATEGORY]),
-        "refusal_per_category": by_category(unsafe),
-        "over_refusal_per_category": by_category(safe),
-    }
-
-
-def _eval_records(cfg: AlignRunConfig):
-    from ..driftcheck.prompts import bundled_prompts, load_prompts
-
-    name = str(cfg.eval_prompts)
-    return bundled_prompts(name) if name in EVAL_SPLITS else load_prompts(name)
-
-
-def _report_settings(cfg: AlignRunConfig, records) -> dict:
-    from ..driftcheck.prompts import prompts_hash
-
-    return {
-        "eval_prompts": str(cfg.eval_prompts),
-        "prompts_hash": prompts_hash(records),
-        "judge": "pattern",
-        "max_new_tokens": cfg.eval_max_new_tokens,
-        "batch_size": cfg.eval_batch_size,
-    }
-
-
-def format_align_table(report: dict) -> str:
-    """A small base-vs-aligned table: overall rates, then refusal per unsafe category."""
-
-    def pct(block):
-        return "-" if block["rate"] is None else f"{100 * block['rate']:5.1f}% (n={block['n']})"
-
-    base, aligned = report["base"], report["aligned"]
-    rows = [
-        ("refusal on unsafe", "refusal_unsafe"),
-        ("over-refusal on safe", "over_refusal_safe"),
-        ("  benign look-alikes", "over_refusal_lookalike"),
-        ("  other safe", "over_refusal_other_safe"),
-    ]
-    lines = [f"{'DriftCheck ' + report['settings']['eval_prompts']:<28}{'base':>18}{'aligned':>18}"]
-    lines += [f"{label:<28}{pct(base[key]):>18}{pct(aligned[key]):>18}" for label, key in rows]
-    for cat in sorted(set(base["refusal_per_category"]) | set(aligned["refusal_per_category"])):
-        b = base["refusal_per_category"].get(cat, {"rate": None, "n": 0})
-        a = aligned["refusal_per_category"].get(cat, {"rate": None, "n": 0})
-        lines.append(f"{'  refusal ' + cat:<28}{pct(b):>18}{pct(a):>18}")
-    return "\n".join(lines)
-
-
-def write_align_report(cfg: AlignRunConfig, out: Path, progress: bool = True) -> dict:
-    """DriftCheck (pattern judge) on the base model and on the aligned model in `out`; writes align_report.json
-    and prints the table. Generations are cached (generation_cache), and a report made with the same settings
-    for the same aligned weights is reused as it is."""
-    from ..driftcheck.generate import GenerationSettings
-    from ..driftcheck.run import run_driftcheck
-    from ..fingerprint import weights_fingerprint
-    from ..io import atomic_write_json
-    from ..models import load_model_and_tokenizer
-
-    records = _eval_records(cfg)
-    settings = _report_settings(cfg, records)
-    path = out / "align_report.json"
-    info = json.loads((out / "align_info.json").read_text()) if (out / "align_info.json").is_file() else {}
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if old.get("settings") == settings and old.get("aligned_info_config") == info.get("config"):
-            print(format_align_table(old))
-            return old
-    gen = GenerationSettings(max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size)
-    report = {"settings": settings, "base_model": cfg.model, "aligned_model": str(out)}
-    for role, name in (("base", cfg.model), ("aligned", str(out))):
-        model, tokenizer, _ = load_model_and_tokenizer(name)
-        result = run_driftcheck(
-            model,
-            records,
-            tokenizer=tokenizer,
-            judge="pattern",
-            settings=gen,
-            cache_dir=generation_cache_dir(cfg) / "eval",
-            n_boot=200,
-            seed=cfg.seed,
-            progress=progress,
-        )
-        report[role] = {"model_fingerprint": weights_fingerprint(model), **refusal_summary(result.per_prompt)}
-        del model
-    report["aligned_info_config"] = info.get("config")
-    atomic_write_json(path, report)
-    print(format_align_table(report))
-    return report

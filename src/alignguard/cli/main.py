@@ -7,6 +7,7 @@
     alignguard train   --model PATH --fisher DIR --out DIR      # LoRA adapter with the AlignGuard loss
     alignguard eval    --model PATH --prompts FILE --out DIR    # DriftCheck
     alignguard compare --model PATH --out DIR                   # all methods, one table
+    alignguard calibrate --model PATH --out DIR --drift_budget 10   # lambda for a drift budget, then train
     alignguard scaling --model PATH --out DIR                   # forgetting scaling law
     alignguard report  RUN_DIR                                  # report.md / report.html
     alignguard capsule train|eval                               # R-Capsule
@@ -26,6 +27,7 @@ COMMANDS = {
     "train": "alignguard.cli.train",
     "align": "alignguard.cli.align",
     "compare": "alignguard.cli.compare",
+    "calibrate": "alignguard.cli.calibrate",
     "scaling": "alignguard.cli.scaling",
     "demo": "alignguard.cli.demo",
     "capsule": "alignguard.cli.capsule",

@@ -218,8 +218,9 @@ def fit_drift(
             "predicted_drift_low": float(low[index]),
             "predicted_drift_high": float(high[index]),
             "predicted_drift_upper": float(upper[index]),
-            # 95% interval of the crossing lambda*; a bound at the probed range's edge may lie beyond it.
-            "lambda_interval": [lam_lo, lam_hi if math.isfinite(lam_hi) else None],
+            # 95% interval of the crossing lambda*; a bound at the probed range's edge may lie beyond it, and None
+            # stands for "above the largest probe".
+            "lambda_interval": [v if math.isfinite(v) else None for v in (lam_lo, lam_hi)],
             "censored_low": bool(lam_lo <= grid[0]),
             "censored_high": not math.isfinite(lam_hi),
             "within_budget_fraction": float(np.isfinite(crossings).mean()),

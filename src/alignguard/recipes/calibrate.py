@@ -288,6 +288,10 @@ def _warning(cfg: CalibrateConfig, choice: dict) -> str | None:
     return None
 
 
+def _lam_text(value: float | None) -> str:
+    return "above the largest probe" if value is None else format(value, "g")
+
+
 def _bound_key(cfg: CalibrateConfig) -> str:
     return "predicted_drift_upper" if cfg.rule == "upper" else "predicted_drift"
 
@@ -363,8 +367,7 @@ def run_calibrate(
     log(
         f"[calibrate] chosen {cfg.knob} = {choice['lambda']:g} ({choice['status']}; rule {cfg.rule}): predicted drift "
         f"{choice['predicted_drift']:.1f} pts (upper {choice['predicted_drift_upper']:.1f}) vs budget "
-        f"{cfg.drift_budget:g}; 95% interval of the crossing [{interval[0]:g}, "
-        f"{'beyond' if interval[1] is None else format(interval[1], 'g')}]"
+        f"{cfg.drift_budget:g}; 95% interval of the crossing [{', '.join(_lam_text(v) for v in interval)}]"
     )
     if warning:
         log(f"[calibrate] WARNING: {warning}")

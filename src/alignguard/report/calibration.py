@@ -215,6 +215,8 @@ def plot_calibration(payload: dict) -> Figure:
 def _mark_choice(ax, choice: dict, labels: bool) -> None:
     lo, hi = choice["lambda_interval"]
     ax.axvline(choice["lambda"], color=PALETTE[4], lw=1.2, ls=":", label="chosen" if labels else None)
+    if lo is None:  # every resample is over budget on the whole range: nothing to shade
+        return
     right = hi if hi is not None else ax.get_xlim()[1]  # a crossing beyond the probes: shade to the edge
     ax.axvspan(lo, right, color=PALETTE[4], alpha=0.08, lw=0, label="crossing 95% interval" if labels else None)
 

@@ -137,7 +137,7 @@ class CalibrateConfig(compare.HarnessConfig):
         require_at_least(self, ("n_boot", "grid_points"), 2)
         if self.boot_seed < 0:
             raise ValueError(f"boot_seed: must be >= 0, got {self.boot_seed}")
-        if self.train_final and self.prompts is not None and str(self.prompts) == str(self.probe_prompts):
+        if self.train_final and _same_file(self.prompts, self.probe_prompts):
             raise ValueError(
                 f"probe_prompts: the same as --prompts ({self.prompts}); lambda must be chosen on prompts disjoint "
                 "from the evaluation prompts (use the bundled `calibration` split, or another file)"
@@ -161,6 +161,36 @@ class CalibrateConfig(compare.HarnessConfig):
         values = {**self.harness_values(), "prompts": prompts}
         return compare.CompareConfig(
             model=self.model, base_model=self.base_model, out=str(out), methods=methods, seeds=seeds, **values
+        )
+
+
+def _same_file(a: str | None, b: str | None) -> bool:
+    from ..driftcheck.prompts import resolve_prompts
+
+    if a is None or b is None:
+        return False
+    try:
+        return Path(resolve_prompts(a)).resolve() == Path(resolve_prompts(b)).resolve()
+    except ValueError:  # a file that does not exist (yet): `check_prompts` names it when the run starts
+        return str(a) == str(b)
+
+
+def check_disjoint(probe_prompts: str, prompts: str | None) -> None:
+    """Refuse probe prompts that share a prompt (by id or text) with the evaluation prompts: lambda would be chosen
+    on part of the prompts its drift is then measured on (`demo` is a subset of `standard`, for one)."""
+    from ..driftcheck.prompts import load_prompts, resolve_prompts
+
+    if prompts is None:
+        return
+    probe = load_prompts(resolve_prompts(probe_prompts))
+    evals = load_prompts(resolve_prompts(prompts))
+    ids, texts = {r.id for r in evals}, {r.prompt.strip().lower() for r in evals}
+    shared = [r.id for r in probe if r.id in ids or r.prompt.strip().lower() in texts]
+    if shared:
+        raise ValueError(
+            f"probe_prompts: {len(shared)} of {len(probe)} prompts of {probe_prompts} are also in --prompts "
+            f"{prompts} (e.g. {shared[:3]}); choose lambda on disjoint prompts (the bundled `calibration` split is "
+            "disjoint from `standard`)"
         )
 
 
@@ -358,6 +388,7 @@ def run_calibrate(
     compare.check_prompts(cfg.probe_prompts)  # before any model is loaded
     if cfg.train_final:
         compare.check_prompts(cfg.prompts)
+        check_disjoint(cfg.probe_prompts, cfg.prompts)
     probes = run_probes(cfg, train_cfg, ag_cfg, fisher_cfg, subspace_cfg, log)
     fit = fit_probes(cfg, probes)
     choice = fit["choice"]

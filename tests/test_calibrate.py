@@ -348,6 +348,10 @@ def test_report_renders_edge_payloads(tmp_path):
     blocks = calibration_section(tmp_path, tmp_path / "plots")
     assert blocks[0][0] == "h" and (tmp_path / "plots" / "calibration.png").is_file()
     assert calibration_section(tmp_path / "empty", tmp_path) == []
+    from alignguard.report.render import render_report  # a folder with only calibration.json is reportable
+
+    report = render_report(tmp_path).read_text()
+    assert "Drift budget (alignguard calibrate)" in report and "none_within" in report
 
 
 # ----------------------------------------------------------------------------- end to end on tiny-llama

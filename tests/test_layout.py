@@ -22,6 +22,7 @@ COMPONENTS = [
     "targets.py",
     "data.py",
     "config_values.py",
+    "drift_budget.py",
 ]
 FORBIDDEN = ("alignguard.recipes", "alignguard.cli", "alignguard.trainer", "alignguard.report")
 

@@ -298,7 +298,7 @@ RUN_FILE = "run.json"
 LEGACY_MATCH = "legacy_settings_match"
 # Commands whose stages are keyed by their own settings (`stage_is_current`): a re-run with other settings reuses
 # what matches and redoes the rest, so only the command has to match.
-STAGE_KEYED_COMMANDS = frozenset({"compare", "scaling", "demo"})
+STAGE_KEYED_COMMANDS = frozenset({"compare", "scaling", "demo", "calibrate"})
 
 
 def check_output_dir(

@@ -155,6 +155,8 @@ _ADDED_LATER = {
     "eval_prompts": "none",
     "eval_max_new_tokens": 32,
     "eval_batch_size": 16,
+    "dpo_pairs": "base",
+    "dpo_pool": "sft",
 }
 
 

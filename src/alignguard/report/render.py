@@ -25,6 +25,7 @@ import yaml
 
 from ..io import atomic_write_text, package_versions
 from . import plots
+from .calibration import calibration_section
 from .compare_table import Cell, comparison_tables, format_cell, markdown_table, natural_key, seed_rows, table_note
 from .plots import pareto_front
 
@@ -399,8 +400,11 @@ def render_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
     plot_dir = out / "plots"
     res = _load_json(run / "results.json")
     has_scaling = (run / "scaling" / "scaling.json").is_file() or (run / "scaling.json").is_file()
-    if res is None and _find_fisher_dir(run) is None and not has_scaling:
-        raise FileNotFoundError(f"{run}: no results.json, Fisher state or scaling/scaling.json to report on")
+    has_calibration = (run / "calibration.json").is_file()
+    if res is None and _find_fisher_dir(run) is None and not has_scaling and not has_calibration:
+        raise FileNotFoundError(
+            f"{run}: no results.json, Fisher state, scaling/scaling.json or calibration.json to report on"
+        )
     config_path = run / "config.yaml"
     config_text = config_path.read_text() if config_path.is_file() else None
     if config_text is None and res and res.get("config"):
@@ -419,6 +423,7 @@ def render_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     blocks: list[Block] = [("h", 1, title), ("p", f"Run folder: {run.resolve()} ({kind}). Generated {stamp}.")]
     blocks += body + _fisher_section(run, plot_dir) + _scaling_section(run, plot_dir)
+    blocks += calibration_section(run, plot_dir)
     blocks += _versions_section(run, res, config_text)
     atomic_write_text(out / "report.md", to_markdown(blocks, out))
     atomic_write_text(out / "report.html", to_html(blocks, title))

@@ -17,32 +17,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import AlignGuardConfig, FisherConfig, SubspaceConfig
 from ..recipes.calibrate import CalibrateConfig, run_calibrate
-from ..recipes.common import check_output_dir
 from ..recipes.compare import CompareConfig
-from ..recipes.train import TrainRunConfig
-from .common import Command, Section, save_resolved_config
+from .harness_command import harness_command, prepare_harness_run
 
-
-def _train_fields(done: dict) -> dict:
-    # model/out come from --model/--out; method, fisher and seed are set per row by compare.run_method, and
-    # max_steps is the final run's length (the probes run `probe_steps` of it).
-    cal = done["calibrate"]
-    return {"model": cal.model, "out": cal.out, "overwrite": False, "method": "lora", "fisher": None, "seed": 0}
-
-
-COMMAND = Command(
+COMMAND = harness_command(
     "calibrate",
     "Choose lambda for a drift budget (probes, fit, final run).",
     __doc__,
-    [
-        Section("calibrate", CalibrateConfig),
-        Section("train", TrainRunConfig, ("model", "out", "overwrite", "method", "fisher", "seed"), _train_fields),
-        Section("alignguard", AlignGuardConfig),
-        Section("fisher", FisherConfig),
-        Section("subspace", SubspaceConfig),
-    ],
+    CalibrateConfig,
     yaml_also=(CompareConfig,),  # a compare preset's `methods:` is accepted and ignored
 )
 
@@ -57,10 +40,7 @@ def resolve(args):
 
 
 def main(args) -> int:
-    cal_cfg, train_cfg, ag_cfg, fisher_cfg, subspace_cfg = resolve(args)
-    configs = dict(calibrate=cal_cfg, train=train_cfg, alignguard=ag_cfg, fisher=fisher_cfg, subspace=subspace_cfg)
-    check_output_dir(cal_cfg.out, "calibrate", configs, cal_cfg.overwrite)
-    save_resolved_config(cal_cfg.out, configs)
+    cal_cfg, train_cfg, ag_cfg, fisher_cfg, subspace_cfg = prepare_harness_run(COMMAND, args)
     run_calibrate(cal_cfg, train_cfg, ag_cfg, fisher_cfg, subspace_cfg)
     print((Path(cal_cfg.out) / "calibration.md").read_text())
     print(f"calibration: {cal_cfg.out}/calibration.json, plot {cal_cfg.out}/calibration.png")

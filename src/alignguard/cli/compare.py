@@ -11,32 +11,10 @@ re-running the same command resumes (finished methods are skipped).
 
 from __future__ import annotations
 
-from ..config import AlignGuardConfig, FisherConfig, SubspaceConfig
-from ..recipes.common import check_output_dir
 from ..recipes.compare import CompareConfig, run_compare
-from ..recipes.train import TrainRunConfig
-from .common import Command, Section, save_resolved_config
+from .harness_command import harness_command, prepare_harness_run
 
-
-def _train_fields(done: dict) -> dict:
-    # model/out come from --model/--out (--overwrite empties the whole run folder first); method, fisher and seed
-    # are set per method and seed by run_compare.
-    cmp = done["compare"]
-    return {"model": cmp.model, "out": cmp.out, "overwrite": False, "method": "lora", "fisher": None, "seed": 0}
-
-
-COMMAND = Command(
-    "compare",
-    "Compare methods (table + results.json).",
-    __doc__,
-    [
-        Section("compare", CompareConfig),
-        Section("train", TrainRunConfig, ("model", "out", "overwrite", "method", "fisher", "seed"), _train_fields),
-        Section("alignguard", AlignGuardConfig),
-        Section("fisher", FisherConfig),
-        Section("subspace", SubspaceConfig),
-    ],
-)
+COMMAND = harness_command("compare", "Compare methods (table + results.json).", __doc__, CompareConfig)
 
 
 def add_parser(subparsers):
@@ -49,10 +27,7 @@ def resolve(args):
 
 
 def main(args) -> int:
-    cmp_cfg, train_cfg, ag_cfg, fisher_cfg, subspace_cfg = resolve(args)
-    configs = dict(compare=cmp_cfg, train=train_cfg, alignguard=ag_cfg, fisher=fisher_cfg, subspace=subspace_cfg)
-    check_output_dir(cmp_cfg.out, "compare", configs, cmp_cfg.overwrite)
-    save_resolved_config(cmp_cfg.out, configs)
+    cmp_cfg, train_cfg, ag_cfg, fisher_cfg, subspace_cfg = prepare_harness_run(COMMAND, args)
     from ..report.compare_table import format_table
 
     results = run_compare(cmp_cfg, train_cfg, ag_cfg, fisher_cfg, subspace_cfg)

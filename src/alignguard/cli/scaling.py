@@ -13,41 +13,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import AlignGuardConfig, FisherConfig, SubspaceConfig
-from ..recipes.common import check_output_dir
 from ..recipes.scaling import ScalingConfig, run_scaling
-from ..recipes.train import TrainRunConfig
-from .common import Command, Section, save_resolved_config
+from .harness_command import SET_BY_HARNESS, harness_command, prepare_harness_run
 
-_SET_BY_SCALING = ("model", "out", "overwrite", "seed", "method", "fisher", "max_steps")
-
-
-def _train_fields(done: dict) -> dict:
-    # model/out/seed come from the scaling flags (--overwrite empties the whole run folder first); method/fisher
-    # are set per method by compare.run_method and max_steps per length (recorded here as the longest).
-    sc = done["scaling"]
-    return {
-        "model": sc.model,
-        "out": sc.out,
-        "overwrite": False,
-        "seed": sc.seed,
-        "method": "lora",
-        "fisher": None,
-        "max_steps": max(sc.steps),
-    }
-
-
-COMMAND = Command(
+# The harness sets max_steps per length; the saved config records the longest.
+COMMAND = harness_command(
     "scaling",
     "Forgetting scaling law per method (scaling.json + table).",
     __doc__,
-    [
-        Section("scaling", ScalingConfig),
-        Section("train", TrainRunConfig, _SET_BY_SCALING, _train_fields),
-        Section("alignguard", AlignGuardConfig),
-        Section("fisher", FisherConfig),
-        Section("subspace", SubspaceConfig),
-    ],
+    ScalingConfig,
+    set_by=SET_BY_HARNESS + ("max_steps",),
+    extra_fields={"seed": lambda sc: sc.seed, "max_steps": lambda sc: max(sc.steps)},
 )
 
 
@@ -61,10 +37,7 @@ def resolve(args):
 
 
 def main(args) -> int:
-    sc_cfg, train_cfg, ag_cfg, fisher_cfg, subspace_cfg = resolve(args)
-    configs = dict(scaling=sc_cfg, train=train_cfg, alignguard=ag_cfg, fisher=fisher_cfg, subspace=subspace_cfg)
-    check_output_dir(sc_cfg.out, "scaling", configs, sc_cfg.overwrite)
-    save_resolved_config(sc_cfg.out, configs)
+    sc_cfg, train_cfg, ag_cfg, fisher_cfg, subspace_cfg = prepare_harness_run(COMMAND, args)
     run_scaling(sc_cfg, train_cfg, ag_cfg, fisher_cfg, subspace_cfg)
     print((Path(sc_cfg.out) / "scaling" / "scaling.md").read_text())
     print(f"scaling: {sc_cfg.out}/scaling/scaling.json")

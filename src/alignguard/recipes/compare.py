@@ -31,7 +31,6 @@ is named after the whole name. A peer's row also takes its own options (`asft@as
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -39,9 +38,9 @@ from ..config import AlignGuardConfig, FisherConfig, SubspaceConfig
 from ..config_values import require_at_least
 from ..driftcheck.prompts import resolve_prompts
 from ..io import atomic_write_json, atomic_write_text
-from ..lox import apply_lox_
 from .eval import check_judge
 from .fisher import FisherRunConfig, run_fisher
+from .method_rows import prepare_peer, replay_pairs, row_subspaces, safe_lora_once
 from .methods import (  # noqa: F401  (re-exported: compare.METHODS, compare.method_spec, ...)
     DEFAULT_METHODS,
     METHODS,
@@ -50,7 +49,6 @@ from .methods import (  # noqa: F401  (re-exported: compare.METHODS, compare.met
     method_train_config,
     peer_config,
 )
-from .safe_lora import apply_safe_lora_
 from .train import TrainRunConfig, run_train
 
 
@@ -142,28 +140,6 @@ def _load(spec):
 
     model, tok, _ = load_model_and_tokenizer(spec)
     return model, tok
-
-
-def replay_pairs(n_task: int, ratio: float, seed: int) -> list[tuple[str, str]]:
-    """Refusal examples from the alignment data (disjoint from DriftCheck) so they make `ratio` of the mix."""
-    from ..data import load_alignment_data
-
-    pool = [(e.prompt, e.response) for e in load_alignment_data() if e.label == "unsafe" and e.response]
-    n = min(len(pool), round(ratio * n_task / (1 - ratio))) if ratio > 0 else 0
-    return random.Random(seed).sample(pool, n)
-
-
-def full_spectrum_subspaces(fisher_dir: Path):
-    """Every eigenvector of every factor: R_A becomes the EWC quadratic with the untruncated output factor (and,
-    when the Fisher state has them, the untruncated input factors)."""
-    from ..fisher import FisherState
-    from ..subspace import build_subspaces
-
-    state = FisherState.load(fisher_dir)
-    d_max = max(d for d, _ in state.dims.values())
-    d_in_max = max(d for _, d in state.dims.values())
-    config = SubspaceConfig(fixed_m=d_max, m_min=1, m_max=d_max, eigen_solver="exact", input_rank=d_in_max)
-    return build_subspaces(state, config)
 
 
 def task_metric(model, tokenizer, task: str, n: int, seed: int, batch_size: int, cache_dir: str) -> dict:
@@ -390,7 +366,6 @@ def run_method(
     whose result.json is missing is evaluated again from the saved adapter and train_summary.json (the training
     is not redone, its loss and step time are kept).
     """
-    from ..subspace import AlignmentSubspaces, random_subspaces
     from .common import stage_is_current, supersede
     from .train import TrainSettingsMismatch
 
@@ -405,24 +380,13 @@ def run_method(
         method_train_config(train_cfg, name), out=str(mdir), method=spec["method"], fisher=str(fisher_dir), seed=seed
     )
     acfg = replace(ag_cfg, **spec.get("ag", {}))
-    subspaces = None
-    if spec.get("subspaces") == "random":
-        subspaces = random_subspaces(AlignmentSubspaces.load(fisher_dir), seed=seed)
-    elif spec.get("subspaces") == "full":
-        subspaces = full_spectrum_subspaces(fisher_dir)
+    subspaces = row_subspaces(spec, fisher_dir, seed)
     extra = replay_pairs(train_cfg.n_train, cfg.replay_ratio, seed) if spec.get("replay") else None
     train = dict(model=model, tokenizer=tok, subspaces=subspaces, extra_pairs=extra, log=log)
     peer, peer_info = spec.get("peer"), None
-    if peer:  # both peers read the unaligned base now, before LoRA is added (and before any training)
-        from .asft import logged_penalties, prepare_asft  # imports transformers.Trainer: only when used
-
-        base_model, options = _load_base(cfg, peer), peer_config(name)
-        train["method_settings"] = {peer: options.to_dict()}
-        if peer == "lox":  # the row trains, and is evaluated, on the extrapolated model (re-done on every load)
-            peer_info = apply_lox_(model, base_model, options, tcfg.target_modules)
-        else:
-            peer_info, train["trainer_factory"] = prepare_asft(model, base_model, options, tcfg.target_modules)
-        del base_model
+    if peer:
+        peer_info, peer_train = prepare_peer(cfg.model, cfg.base_model, name, peer, model, tcfg.target_modules)
+        train.update(peer_train)
     try:
         summary = run_train(tcfg, acfg, **train)
     except TrainSettingsMismatch as exc:
@@ -433,10 +397,12 @@ def run_method(
         summary = run_train(tcfg, acfg, **train)
     peft_model = summary.pop("peft_model")
     if peer == "asft":
+        from .asft import logged_penalties
+
         peer_info["logged_penalty"] = logged_penalties(summary)
     info = {}
     if spec.get("post") == "safe_lora":
-        info = _safe_lora_once(cfg, peft_model, mdir)
+        info = safe_lora_once(cfg.model, cfg.base_model, cfg.safe_lora_threshold, peft_model, mdir)
     task = task_metric(
         peft_model,
         tok,
@@ -466,31 +432,6 @@ def run_method(
     }
     atomic_write_json(mdir / "result.json", result)
     return result
-
-
-def _safe_lora_once(cfg: CompareConfig, peft_model, mdir: Path) -> dict:
-    """Apply Safe LoRA's projection to the trained adapter unless <row>/safe_lora.json says it was applied
-    (projecting twice is not the same as once: C is not idempotent)."""
-    done = mdir / "safe_lora.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    base_model = _load_base(cfg, "Safe LoRA")
-    info = apply_safe_lora_(peft_model, base_model, cfg.safe_lora_threshold)
-    peft_model.save_pretrained(str(mdir / "adapter"))
-    atomic_write_json(done, info)
-    return info
-
-
-def _base_of(model_spec: str, method: str = "Safe LoRA") -> str:
-    info = Path(model_spec) / "align_info.json"
-    if not info.is_file():
-        raise ValueError(f"base_model: {model_spec} has no align_info.json; pass --base_model for {method}")
-    return json.loads(info.read_text())["base_model"]
-
-
-def _load_base(cfg: CompareConfig, method: str):
-    """The unaligned base model (`--base_model`, else the aligned folder's align_info.json) for `method`."""
-    return _load(cfg.base_model or _base_of(cfg.model, method))[0]
 
 
 from ..report.compare_table import aggregate, format_table  # noqa: E402  (tables live in the report package)

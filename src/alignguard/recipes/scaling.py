@@ -52,7 +52,7 @@ from ..config_values import require_at_least
 from ..data import IGNORE_INDEX, make_batches, render_prompt
 from ..io import atomic_write_json, atomic_write_text
 from ..scaling_law import fit_scaling_law
-from . import compare
+from . import compare, method_rows
 from .train import TrainRunConfig
 
 SCHEMA_VERSION = "scaling-1"
@@ -177,7 +177,7 @@ def heldout_pairs(cfg: ScalingConfig, train_cfg: TrainRunConfig, fisher_dir: Pat
     if _keyed_file_is_current(path, heldout_settings(cfg, train_cfg, fisher_dir), Path(cfg.out)):
         return [(r["prompt"], r["response"]) for r in json.loads(path.read_text())]
     used = {r["prompt"] for r in json.loads((fisher_dir / "fisher_data.json").read_text())}
-    used |= {p for p, _ in compare.replay_pairs(train_cfg.n_train, cfg.replay_ratio, cfg.seed)}
+    used |= {p for p, _ in method_rows.replay_pairs(train_cfg.n_train, cfg.replay_ratio, cfg.seed)}
     pool = [e for e in load_alignment_data() if e.label == "unsafe" and e.response and e.prompt not in used]
     if len(pool) < cfg.n_heldout:
         raise ValueError(
@@ -274,7 +274,7 @@ def _mean_train_length(cfg: ScalingConfig, train_cfg: TrainRunConfig, name: str,
     poison_ratio = compare.method_train_config(train_cfg, name).poison_ratio  # the row's own (`@poison_ratio=`)
     pairs = [(ex.prompt, ex.response) for ex in build_finetune_data(task, poison_ratio, seed=cfg.seed)]
     if compare.method_spec(name).get("replay"):
-        pairs += compare.replay_pairs(train_cfg.n_train, cfg.replay_ratio, cfg.seed)
+        pairs += method_rows.replay_pairs(train_cfg.n_train, cfg.replay_ratio, cfg.seed)
     # Length after truncation to max_length (run_train cuts the response or the prompt's beginning to fit).
     eos = int(tokenizer.eos_token_id is not None)
 

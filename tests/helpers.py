@@ -68,3 +68,37 @@ def random_subspaces_for(
             rho = torch.sort(torch.rand(k, generator=gen, dtype=torch.float64) * d_in / k, descending=True).values
             out.input_factors[name] = Subspace(p, rho.to(dtype), float(d_in))
     return out
+
+
+def tiny_compare_argv(root, *methods, **flags):
+    """`alignguard compare` argv for a seconds-long tiny-llama run into <root>/run on <root>/prompts.jsonl
+    (flags override the defaults: `task="word_problems"`, `max_steps="2"`)."""
+    values = {
+        "model": "tiny-llama",
+        "out": str(root / "run"),
+        "task": "arithmetic",
+        "n_train": "4",
+        "max_steps": "1",
+        "save_steps": "1",
+        "batch_size": "2",
+        "max_length": "48",
+        "fisher_examples": "2",
+        "task_eval_n": "1",
+        "eval_max_new_tokens": "2",
+        "eval_batch_size": "2",
+        "task_fisher": "false",
+        "extra_judges": "pattern_relevance",
+        "prompts": str(root / "prompts.jsonl"),
+        "lora_r": "2",
+        **flags,
+    }
+    argv = ["compare", "--methods", *methods]
+    for k, v in values.items():
+        argv += [f"--{k}", v]
+    return argv
+
+
+def stage_lines(out: str) -> dict[str, str]:
+    """`[stage] what` lines printed by a run, as {stage: what}."""
+    lines = [line for line in out.splitlines() if line.startswith("[") and "] " in line]
+    return {line[1 : line.index("]")]: line[line.index("]") + 2 :] for line in lines}

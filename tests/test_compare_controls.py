@@ -15,6 +15,7 @@ from alignguard.driftcheck.prompts import PromptFileError, bundled_prompts_path
 from alignguard.recipes import compare
 from alignguard.recipes.compare import CompareConfig, method_spec, method_train_config
 from alignguard.recipes.train import TrainRunConfig
+from tests.helpers import stage_lines, tiny_compare_argv
 
 needs_pyrit = pytest.mark.skipif(
     importlib.util.find_spec("pyrit") is None, reason="needs pip install --no-deps pyrit==1.1.0 (poison pairs)"
@@ -93,35 +94,12 @@ def _write_prompts(path):
 
 
 def _argv(root, *methods, **flags):
-    values = {
-        "model": "tiny-llama",
-        "out": str(root / "run"),
-        "task": "word_problems",
-        "n_train": "4",
-        "poison_ratio": "0.5",
-        "max_steps": "1",
-        "save_steps": "1",
-        "batch_size": "2",
-        "max_length": "64",
-        "fisher_examples": "2",
-        "task_eval_n": "1",
-        "eval_max_new_tokens": "2",
-        "eval_batch_size": "2",
-        "task_fisher": "false",
-        "extra_judges": "pattern_relevance",
-        "prompts": str(root / "prompts.jsonl"),
-        "lora_r": "2",
-        **flags,
-    }
-    argv = ["compare", "--methods", *methods]
-    for k, v in values.items():
-        argv += [f"--{k}", v]
-    return argv
+    return tiny_compare_argv(
+        root, *methods, **{"task": "word_problems", "poison_ratio": "0.5", "max_length": "64", **flags}
+    )
 
 
-def _stage_lines(out: str) -> dict[str, str]:
-    lines = [line for line in out.splitlines() if line.startswith("[") and "] " in line]
-    return {line[1 : line.index("]")]: line[line.index("]") + 2 :] for line in lines}
+_stage_lines = stage_lines
 
 
 def _run_controls(tmp_path, capsys, methods):

@@ -201,8 +201,14 @@ def test_aligned_model_cache_key_ignores_fields_added_later_at_their_default():
     kept = {k: v for k, v in vars(align).items() if k not in skipped}
     digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
     assert aligned_model_path(cfg, align).name.endswith(digest)
-    for change in ({"safe_fraction": 0.75}, {"dpo_steps": 0}, {"dpo_beta": 0.2}, {"lookalike_fraction": 0.5},
-                   {"dpo_pairs": "own_mistakes"}, {"dpo_pool": "all"}):
+    for change in (
+        {"safe_fraction": 0.75},
+        {"dpo_steps": 0},
+        {"dpo_beta": 0.2},
+        {"lookalike_fraction": 0.5},
+        {"dpo_pairs": "own_mistakes"},
+        {"dpo_pool": "all"},
+    ):
         assert aligned_model_path(cfg, dataclasses.replace(align, **change)) != aligned_model_path(cfg, align)
     # The demo's default alignment (alignment v2, docs/alignment.md run a2), literally.
     assert DemoConfig(cache_dir="/cache").align.out == "/cache/smollm2-135m-instruct-3b6e2dc31787"

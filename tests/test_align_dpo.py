@@ -123,6 +123,7 @@ def test_lookalike_fraction_sets_the_share_of_lookalikes_among_safe_examples():
         ({"lookalike_fraction": 1.5}, "lookalike_fraction"),
         ({"dpo_examples": 0}, "dpo_examples"),
         ({"dpo_safe_fraction": -0.1}, "dpo_safe_fraction"),
+        ({"dpo_sft_weight": -1.0}, "dpo_sft_weight"),
         ({"eval_prompts": "no-such-split"}, "eval_prompts"),
     ],
 )
@@ -212,6 +213,31 @@ def test_dpo_stage_changes_the_weights():
     changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, before[k])]
     assert changed and all("proj" in k for k in changed)
     assert log[-1]["step"] == 1
+
+
+def test_dpo_sft_weight_adds_a_weighted_nll_of_the_chosen_answers():
+    """RPO: at the first step the policy equals the reference, so plain DPO's loss is log 2; with dpo_sft_weight w
+    TRL adds w x the chosen answers' NLL, so the loss grows linearly in w from log 2."""
+    import math
+    import tempfile
+
+    from alignguard.models import load_model_and_tokenizer
+
+    examples = [_example(0, "unsafe", "cyber", "I can't help with that."), _example(1, "safe", "benign_math")]
+    pairs, _ = build_preference_pairs(examples, {"prompt 1": "It is four."}, {"prompt 0": "Sure: step one"}, 0)
+    first_loss = {}
+    for w in (0.0, 1.0, 2.0):
+        model, tokenizer, _ = load_model_and_tokenizer("tiny-llama")
+        cfg = AlignRunConfig(
+            dpo_steps=1, dpo_batch_size=2, dpo_lora_r=4, dpo_learning_rate=1e-2, eval_prompts="none", dpo_sft_weight=w
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            _, log = run_dpo(model, tokenizer, pairs, cfg, Path(tmp), progress=False)
+        first_loss[w] = float(log[0]["loss"])
+    assert first_loss[0.0] == pytest.approx(math.log(2), abs=1e-4)
+    nll = first_loss[1.0] - first_loss[0.0]
+    assert nll > 1.0  # an untrained tiny model: several nats per token
+    assert first_loss[2.0] - first_loss[0.0] == pytest.approx(2 * nll, rel=1e-4)
 
 
 def test_run_align_with_dpo_saves_a_loadable_model_resumes_and_reports(tmp_path, monkeypatch):

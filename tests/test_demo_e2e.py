@@ -197,7 +197,12 @@ def test_aligned_model_cache_key_ignores_fields_added_later_at_their_default():
     cfg = DemoConfig(cache_dir="/cache")
     align = AlignRunConfig(model=cfg.model, max_examples=160, eval_prompts="none")
     skipped = ("out", "overwrite", "safe_fraction", "generation_cache", "eval_prompts", "eval_max_new_tokens")
-    skipped += ("eval_batch_size", "dpo_pairs", "dpo_pool")  # the session-6 DPO options, left out at their defaults
+    skipped += (
+        "eval_batch_size",
+        "dpo_pairs",
+        "dpo_pool",
+        "dpo_sft_weight",
+    )  # the session-6 DPO options, left out at their defaults
     kept = {k: v for k, v in vars(align).items() if k not in skipped}
     digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
     assert aligned_model_path(cfg, align).name.endswith(digest)
@@ -208,6 +213,7 @@ def test_aligned_model_cache_key_ignores_fields_added_later_at_their_default():
         {"lookalike_fraction": 0.5},
         {"dpo_pairs": "own_mistakes"},
         {"dpo_pool": "all"},
+        {"dpo_sft_weight": 1.0},
     ):
         assert aligned_model_path(cfg, dataclasses.replace(align, **change)) != aligned_model_path(cfg, align)
     # The demo's default alignment (alignment v2, docs/alignment.md run a2), literally.

@@ -68,7 +68,7 @@ class AlignRunConfig:
         generation_cache: folder of those generations (default <out>/generation_cache); runs that share it
             generate each answer once.
         dpo_steps / dpo_batch_size / dpo_learning_rate / dpo_beta / dpo_lora_r / dpo_examples / dpo_safe_fraction /
-            dpo_pairs / dpo_pool: the DPO stage.
+            dpo_pairs / dpo_pool / dpo_sft_weight: the DPO stage.
         eval_prompts / eval_max_new_tokens / eval_batch_size: the base-vs-aligned report.
         seed: seed of sampling and training.
     """
@@ -137,6 +137,15 @@ class AlignRunConfig:
             "prompts the SFT never trained on can show the mistakes it still makes (use with own_mistakes)."
         },
     )
+    dpo_sft_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of an NLL term on the chosen answers added to the DPO loss (RPO; TRL loss_type "
+            "['sigmoid', 'sft']). DPO alone may lower the chosen answers' likelihood along with the rejected ones "
+            "(likelihood displacement) and move the freed mass to refusals; the NLL term holds the chosen answers "
+            "up. 0: plain DPO."
+        },
+    )
     eval_prompts: str = field(
         default_factory=default_eval_prompts,
         metadata={
@@ -174,6 +183,8 @@ class AlignRunConfig:
         if self.dpo_pool not in DPO_POOLS:
             raise ValueError(f"dpo_pool: must be one of {', '.join(DPO_POOLS)}, got {self.dpo_pool!r}")
         require_positive(self, ("learning_rate", "lora_alpha", "dpo_learning_rate", "dpo_beta"))
+        if self.dpo_sft_weight < 0:
+            raise ValueError(f"dpo_sft_weight: must be >= 0 (0 = plain DPO), got {self.dpo_sft_weight}")
         if self.seed < 0:
             raise ValueError(f"seed: must be >= 0, got {self.seed}")
         if not self.target_modules:

@@ -157,6 +157,7 @@ _ADDED_LATER = {
     "eval_batch_size": 16,
     "dpo_pairs": "base",
     "dpo_pool": "sft",
+    "dpo_sft_weight": 0.0,
 }
 
 

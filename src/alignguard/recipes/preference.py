@@ -115,6 +115,8 @@ def dpo_args(cfg, output_dir: Path, progress: bool):
     from trl import DPOConfig
 
     steps = cfg.dpo_steps
+    # RPO: DPO's sigmoid loss plus `dpo_sft_weight` x the NLL of the chosen answer (TRL's "sft" loss type).
+    losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, cfg.dpo_sft_weight]} if cfg.dpo_sft_weight else {}
     return DPOConfig(
         output_dir=str(output_dir),
         max_steps=steps,
@@ -134,6 +136,7 @@ def dpo_args(cfg, output_dir: Path, progress: bool):
         disable_tqdm=not progress,
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
+        **losses,
     )
 
 

@@ -92,6 +92,32 @@ def test_guard_refuses_other_settings_naming_fields(tmp_path):
     assert (tmp_path / "config.yaml").read_text() == "run: {}\n"  # nothing changed
 
 
+def test_guard_resumes_a_run_recorded_before_a_field_was_added_only_at_its_default(tmp_path):
+    """A field the recorded run lacks behaved as its default (new options default to the old behaviour): resumable
+    at the default, refused (naming the field) at any other value."""
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class Old:
+        lr: float = 0.1
+
+    @dataclass
+    class New:
+        lr: float = 0.1
+        new_weight: float = 0.0
+        new_list: list = field(default_factory=lambda: [1, 2])
+
+    check_output_dir(tmp_path, "train", {"run": Old()})
+    (tmp_path / "adapter").mkdir()
+    check_output_dir(tmp_path, "train", {"run": New()})  # the new fields at their defaults: the same run
+    (tmp_path / "run.json").write_text(json.dumps({"command": "train", "settings": {"run": {"lr": 0.1}}}))
+    with pytest.raises(SystemExit, match=r"run.new_weight: 0.0 -> 1.0"):
+        check_output_dir(tmp_path, "train", {"run": New(new_weight=1.0)})
+    with pytest.raises(SystemExit, match=r"run.lr: 0.1 -> 0.2"):
+        check_output_dir(tmp_path, "train", {"run": New(lr=0.2)})
+    assert (tmp_path / "adapter").is_dir()
+
+
 def test_guard_refuses_other_command_and_foreign_files(tmp_path):
     check_output_dir(tmp_path / "f", "fisher", {"run": {}})
     with pytest.raises(SystemExit, match=r"alignguard fisher.*not an `alignguard compare`"):

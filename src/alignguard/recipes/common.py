@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, is_dataclass
+from dataclasses import MISSING, asdict, fields, is_dataclass
 from pathlib import Path
 
 from ..io import atomic_write_json
@@ -324,7 +324,8 @@ def check_output_dir(
     entries = sorted(p.name for p in out.iterdir())
     legacy_match = False
     if entries:
-        problem, legacy_match = _mismatch(out, command, settings, entries, config_name)
+        defaults = plain_settings({k: field_defaults(v) for k, v in configs.items() if is_dataclass(v)})
+        problem, legacy_match = _mismatch(out, command, settings, entries, config_name, defaults)
         if overwrite:
             _clear(out)
             legacy_match = False
@@ -354,8 +355,35 @@ def _check_writable(out: Path) -> None:
         ) from exc
 
 
-def _mismatch(out: Path, command: str, settings: dict, entries: list[str], config_name: str):
-    """(why `out` cannot be written into or None, whether its unkeyed outputs were made with these settings)."""
+def field_defaults(config) -> dict:
+    """The default of every field of a config dataclass that has one (nested config defaults as dicts)."""
+    values = {}
+    for f in fields(config):
+        if f.default is not MISSING:
+            values[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            values[f.name] = f.default_factory()
+        else:
+            continue
+        if is_dataclass(values[f.name]):
+            values[f.name] = asdict(values[f.name])
+    return values
+
+
+def with_added_defaults(old, defaults):
+    """`old` settings with every field they lack filled in from `defaults`: a run recorded before a field was
+    added behaved as its default does (new options default to the old behaviour), so it is not a change."""
+    if not (isinstance(old, dict) and isinstance(defaults, dict)):
+        return old
+    filled = dict(old)
+    for k, v in defaults.items():
+        filled[k] = with_added_defaults(old[k], v) if k in old else v
+    return filled
+
+
+def _mismatch(out: Path, command: str, settings: dict, entries: list[str], config_name: str, defaults=None):
+    """(why `out` cannot be written into or None, whether its unkeyed outputs were made with these settings).
+    Fields the recorded run lacks count as their `defaults` (`with_added_defaults`)."""
     run = _read_json(out / RUN_FILE)
     legacy = bool(run and run.get(LEGACY_MATCH))
     if run is None:
@@ -374,7 +402,7 @@ def _mismatch(out: Path, command: str, settings: dict, entries: list[str], confi
     if run.get("command") != command:
         other = run.get("command")
         return f"holds an `alignguard {other}` run ({out / RUN_FILE}), not an `alignguard {command}` one", False
-    diff = settings_diff(run.get("settings", {}), settings)
+    diff = settings_diff(with_added_defaults(run.get("settings", {}), defaults or {}), settings)
     if diff and command not in STAGE_KEYED_COMMANDS:
         why = f"holds an `alignguard {command}` run with other settings ({'; '.join(diff)}), so it cannot be resumed"
         return why, False

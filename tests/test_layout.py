@@ -23,6 +23,7 @@ COMPONENTS = [
     "data.py",
     "config_values.py",
     "drift_budget.py",
+    "gradient_surgery.py",
 ]
 FORBIDDEN = ("alignguard.recipes", "alignguard.cli", "alignguard.trainer", "alignguard.report")
 

@@ -323,8 +323,9 @@ def row_settings(cfg: CompareConfig, train_cfg, ag_cfg, name: str, seed: int, fi
     settings = {
         "model": cfg.model,
         # Plain-LoRA rows (plain_lora, replay, safe_lora) never read the Fisher folder: a new Fisher pass keeps them.
+        # Gradient surgery reads its alignment data.
         "fisher_key": json.loads((fisher_dir / STAGE_KEY_FILE).read_text())["key"]
-        if spec["method"] == "alignguard"
+        if spec["method"] == "alignguard" or spec.get("peer") == "surgery"
         else None,
         "base_key": json.loads((base_dir / STAGE_KEY_FILE).read_text())["key"],
         "method": name,
@@ -385,7 +386,9 @@ def run_method(
     train = dict(model=model, tokenizer=tok, subspaces=subspaces, extra_pairs=extra, log=log)
     peer, peer_info = spec.get("peer"), None
     if peer:
-        peer_info, peer_train = prepare_peer(cfg.model, cfg.base_model, name, peer, model, tcfg.target_modules)
+        peer_info, peer_train = prepare_peer(
+            cfg.model, cfg.base_model, name, peer, model, tok, tcfg.target_modules, fisher_dir
+        )
         train.update(peer_train)
     try:
         summary = run_train(tcfg, acfg, **train)
@@ -400,6 +403,10 @@ def run_method(
         from .asft import logged_penalties
 
         peer_info["logged_penalty"] = logged_penalties(summary)
+    elif peer == "surgery":
+        from .surgery import logged_conflicts
+
+        peer_info["logged_conflict"] = logged_conflicts(summary)
     info = {}
     if spec.get("post") == "safe_lora":
         info = safe_lora_once(cfg.model, cfg.base_model, cfg.safe_lora_threshold, peft_model, mdir)

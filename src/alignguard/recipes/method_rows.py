@@ -1,5 +1,6 @@
 """What a compare row adds to plain LoRA training, by method: replayed refusals, untruncated or random subspaces,
-the peers' preparation (AsFT's penalty, LoX's extrapolation) and Safe LoRA's projection after training.
+the peers' preparation (AsFT's penalty, LoX's extrapolation, gradient surgery's alignment batches) and Safe
+LoRA's projection after training.
 
 `compare.run_method` trains and evaluates every row the same way; this module holds the per-method pieces so
 that the harness stays one loop (docs/design.md §5).
@@ -51,19 +52,28 @@ def row_subspaces(spec: dict, fisher_dir: Path, seed: int):
     return None
 
 
-def prepare_peer(model_spec: str, base_model: str | None, name: str, peer: str, model, target_modules) -> tuple:
-    """Read the unaligned base before LoRA is added (and before any training) and prepare a peer's row.
+def prepare_peer(
+    model_spec: str, base_model: str | None, name: str, peer: str, model, tokenizer, target_modules, fisher_dir: Path
+) -> tuple:
+    """Prepare a peer's row before LoRA is added (and before any training).
 
-    Returns (what the peer applied, extra `run_train` keyword arguments). LoX changes `model` in place (the row
-    trains, and is evaluated, on the extrapolated model; re-done on every load); AsFT returns its trainer factory.
+    Returns (what the peer applied, extra `run_train` keyword arguments). LoX and AsFT read the unaligned base:
+    LoX changes `model` in place (the row trains, and is evaluated, on the extrapolated model; re-done on every
+    load), AsFT returns its trainer factory. Gradient surgery reads the Fisher folder's alignment data.
     """
-    from .asft import prepare_asft  # imports transformers.Trainer: only when used
-
-    base, options = load_base(model_spec, base_model, peer), peer_config(name)
+    options = peer_config(name)
     extra = {"method_settings": {peer: options.to_dict()}}
+    if peer == "surgery":
+        from .surgery import prepare_surgery  # imports transformers.Trainer: only when used
+
+        info, extra["trainer_factory"] = prepare_surgery(fisher_dir, tokenizer, options)
+        return info, extra
+    base = load_base(model_spec, base_model, peer)
     if peer == "lox":
         info = apply_lox_(model, base, options, target_modules)
     else:
+        from .asft import prepare_asft  # imports transformers.Trainer: only when used
+
         info, extra["trainer_factory"] = prepare_asft(model, base, options, target_modules)
     del base
     return info, extra

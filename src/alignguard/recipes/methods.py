@@ -13,6 +13,7 @@ from dataclasses import replace
 
 from ..asft import AsftConfig
 from ..config import AlignGuardConfig
+from ..gradient_surgery import SurgeryConfig
 from ..lox import LoxConfig
 from .train import TrainRunConfig
 
@@ -41,9 +42,12 @@ METHODS: dict[str, dict] = {
     # of the update outside the alignment direction; LoX extrapolates the alignment delta before plain LoRA.
     "asft": {"method": "lora", "peer": "asft"},
     "lox": {"method": "lora", "peer": "lox"},
+    # Gradient surgery (SPF / PCGrad): plain LoRA whose task gradient loses its component that would raise the
+    # alignment loss (the NLL of the Fisher pass's refusals), `alignguard.gradient_surgery`.
+    "surgery": {"method": "lora", "peer": "surgery"},
 }
 # A peer row's own options, overridable per row under the peer's name in the spec (`spec["asft"]`).
-PEER_CONFIGS = {"asft": AsftConfig, "lox": LoxConfig}
+PEER_CONFIGS = {"asft": AsftConfig, "lox": LoxConfig, "surgery": SurgeryConfig}
 DEFAULT_METHODS = list(METHODS)
 
 

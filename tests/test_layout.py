@@ -24,6 +24,7 @@ COMPONENTS = [
     "config_values.py",
     "drift_budget.py",
     "gradient_surgery.py",
+    "self_screen.py",
 ]
 FORBIDDEN = ("alignguard.recipes", "alignguard.cli", "alignguard.trainer", "alignguard.report")
 

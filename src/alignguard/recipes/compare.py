@@ -386,9 +386,7 @@ def run_method(
     train = dict(model=model, tokenizer=tok, subspaces=subspaces, extra_pairs=extra, log=log)
     peer, peer_info = spec.get("peer"), None
     if peer:
-        peer_info, peer_train = prepare_peer(
-            cfg.model, cfg.base_model, name, peer, model, tok, tcfg.target_modules, fisher_dir
-        )
+        peer_info, peer_train = prepare_peer(cfg, name, peer, model, tok, tcfg.target_modules, fisher_dir)
         train.update(peer_train)
     try:
         summary = run_train(tcfg, acfg, **train)
@@ -407,6 +405,8 @@ def run_method(
         from .surgery import logged_conflicts
 
         peer_info["logged_conflict"] = logged_conflicts(summary)
+    elif peer == "self_screen":  # what the screen dropped, by kind (from the summary: kept across a resume)
+        peer_info["screen"] = summary.get("screen")
     info = {}
     if spec.get("post") == "safe_lora":
         info = safe_lora_once(cfg.model, cfg.base_model, cfg.safe_lora_threshold, peft_model, mdir)

@@ -1,6 +1,6 @@
 """What a compare row adds to plain LoRA training, by method: replayed refusals, untruncated or random subspaces,
-the peers' preparation (AsFT's penalty, LoX's extrapolation, gradient surgery's alignment batches) and Safe
-LoRA's projection after training.
+the peers' preparation (AsFT's penalty, LoX's extrapolation, gradient surgery's alignment batches, the
+self-screen's data filter) and Safe LoRA's projection after training.
 
 `compare.run_method` trains and evaluates every row the same way; this module holds the per-method pieces so
 that the harness stays one loop (docs/design.md §5).
@@ -52,14 +52,13 @@ def row_subspaces(spec: dict, fisher_dir: Path, seed: int):
     return None
 
 
-def prepare_peer(
-    model_spec: str, base_model: str | None, name: str, peer: str, model, tokenizer, target_modules, fisher_dir: Path
-) -> tuple:
-    """Prepare a peer's row before LoRA is added (and before any training).
+def prepare_peer(cfg, name: str, peer: str, model, tokenizer, target_modules, fisher_dir: Path) -> tuple:
+    """Prepare a peer's row (`cfg`: the CompareConfig) before LoRA is added (and before any training).
 
     Returns (what the peer applied, extra `run_train` keyword arguments). LoX and AsFT read the unaligned base:
     LoX changes `model` in place (the row trains, and is evaluated, on the extrapolated model; re-done on every
-    load), AsFT returns its trainer factory. Gradient surgery reads the Fisher folder's alignment data.
+    load), AsFT returns its trainer factory. Gradient surgery reads the Fisher folder's alignment data; the
+    self-screen asks the model for its own answers to the training prompts (cached with the run's generations).
     """
     options = peer_config(name)
     extra = {"method_settings": {peer: options.to_dict()}}
@@ -68,7 +67,10 @@ def prepare_peer(
 
         info, extra["trainer_factory"] = prepare_surgery(fisher_dir, tokenizer, options)
         return info, extra
-    base = load_base(model_spec, base_model, peer)
+    if peer == "self_screen":
+        extra["example_filter"] = screen_filter(options, cfg.eval_batch_size, str(Path(cfg.out) / "generation_cache"))
+        return options.to_dict(), extra
+    base = load_base(cfg.model, cfg.base_model, peer)
     if peer == "lox":
         info = apply_lox_(model, base, options, target_modules)
     else:
@@ -77,6 +79,21 @@ def prepare_peer(
         info, extra["trainer_factory"] = prepare_asft(model, base, options, target_modules)
     del base
     return info, extra
+
+
+def screen_filter(options, batch_size: int, cache_dir: str):
+    """`run_train`'s `example_filter` for a self-screen row: the model's own greedy answers to the mix's prompts,
+    then `self_screen.screen_examples`."""
+
+    def example_filter(mix, model, tokenizer):
+        from ..driftcheck.generate import GenerationSettings, generate_responses
+        from ..self_screen import screen_examples
+
+        settings = GenerationSettings(max_new_tokens=options.screen_max_new_tokens, batch_size=batch_size)
+        answers = generate_responses(model, tokenizer, [e.prompt for e in mix], settings, cache_dir=cache_dir)
+        return screen_examples(mix, answers)
+
+    return example_filter
 
 
 def safe_lora_once(model_spec: str, base_model: str | None, threshold: float, peft_model, mdir: Path) -> dict:

@@ -15,6 +15,7 @@ from ..asft import AsftConfig
 from ..config import AlignGuardConfig
 from ..gradient_surgery import SurgeryConfig
 from ..lox import LoxConfig
+from ..self_screen import ScreenConfig
 from .train import TrainRunConfig
 
 # name -> (training method, AlignGuardConfig overrides, extra behaviour)
@@ -45,9 +46,12 @@ METHODS: dict[str, dict] = {
     # Gradient surgery (SPF / PCGrad): plain LoRA whose task gradient loses its component that would raise the
     # alignment loss (the NLL of the Fisher pass's refusals), `alignguard.gradient_surgery`.
     "surgery": {"method": "lora", "peer": "surgery"},
+    # Self-screened data: plain LoRA without the examples whose prompt the aligned model refuses while their
+    # response complies (`alignguard.self_screen`); the screen never sees which examples are poison.
+    "self_screen": {"method": "lora", "peer": "self_screen"},
 }
 # A peer row's own options, overridable per row under the peer's name in the spec (`spec["asft"]`).
-PEER_CONFIGS = {"asft": AsftConfig, "lox": LoxConfig, "surgery": SurgeryConfig}
+PEER_CONFIGS = {"asft": AsftConfig, "lox": LoxConfig, "surgery": SurgeryConfig, "self_screen": ScreenConfig}
 DEFAULT_METHODS = list(METHODS)
 
 

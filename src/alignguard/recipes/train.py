@@ -216,6 +216,7 @@ def run_train(
     log=print,
     trainer_factory=None,
     method_settings: dict | None = None,
+    example_filter=None,
 ) -> dict:
     """Train a LoRA adapter on the task mix; writes the adapter (+ AlignGuard state) to `cfg.out`.
 
@@ -230,6 +231,8 @@ def run_train(
     `trainer_factory(**trainer_kwargs)`, for `method="lora"`, builds the Trainer instead of `transformers.Trainer`
     (a plain-LoRA method with its own loss term: `recipes.asft.AsftTrainer`); `method_settings` (its options)
     join the recorded settings, so a resume with other options is refused.
+    `example_filter(mix, model, tokenizer) -> (kept mix, report)` screens the task mix before LoRA is added (the
+    self-screen rows, `alignguard.self_screen`); its report is kept in the summary as `screen`.
 
     Returns:
         A summary dict (steps, task loss, step time, unprotected layers, paths; also written to
@@ -253,6 +256,9 @@ def run_train(
         model, tokenizer, _ = load_model_and_tokenizer(cfg.model)
     task = load_task(cfg.task, "train", n=cfg.n_train, seed=cfg.seed)
     mix = build_finetune_data(task, poison_ratio=cfg.poison_ratio, seed=cfg.seed)
+    screen = None
+    if example_filter is not None:  # before LoRA is added: the screen asks the model as it is (self_screen rows)
+        mix, screen = example_filter(mix, model, tokenizer)
     pairs = [(ex.prompt, ex.response) for ex in mix] + list(extra_pairs or [])
     random.Random(cfg.seed).shuffle(pairs)
     features = [
@@ -345,6 +351,7 @@ def run_train(
         "n_examples": len(pairs),
         "n_extra": len(extra_pairs or []),
         "n_poison": sum(ex.kind == "poison" for ex in mix),
+        "screen": screen,
         "resumed_from": last.name if last else None,
         "n_unprotected_layers": len(unprotected) if unprotected is not None else None,
         "unprotected_layers": list(unprotected) if unprotected is not None else None,

@@ -77,11 +77,17 @@ def test_self_screen_rows_run_end_to_end_and_report_what_they_dropped(tmp_path, 
     monkeypatch.setattr(generate, "generate_responses", answers)
     _write_prompts(tmp_path / "prompts.jsonl")
     name = "self_screen@screen_max_new_tokens=5"
-    argv = tiny_compare_argv(tmp_path, name, task="word_problems", poison_ratio="0.5", max_length="64")
+    argv = tiny_compare_argv(
+        tmp_path, name, "alignguard_screen", task="word_problems", poison_ratio="0.5", max_length="64"
+    )
     assert main(argv) == 0
+    combined = json.loads((tmp_path / "run" / "seed0" / "alignguard_screen" / "result.json").read_text())
+    assert combined["self_screen"]["screen"]["kept"] >= 1  # AlignGuard's row with the screen in front
+    key = json.loads((tmp_path / "run" / "seed0" / "alignguard_screen" / "stage_key.json").read_text())["settings"]
+    assert key["spec"]["method"] == "alignguard" and "alignguard" in key and "self_screen" in key
     row = json.loads((tmp_path / "run" / "seed0" / name / "result.json").read_text())
     screen = row["self_screen"]["screen"]
-    assert len(asked) == 8  # 4 task examples + 4 poison pairs at ratio 0.5, each asked once
+    assert len(asked) == 8  # 4 task examples + 4 poison pairs at ratio 0.5, each asked once (the alignguard_screen row asks with its own 32 tokens)
     assert screen["dropped"] + screen["kept"] == 8
     assert screen["dropped"] == 1  # no response in the mix is a refusal, so the one forced refusal drops one
     assert row["n_examples"] == screen["kept"] == 7

@@ -49,6 +49,9 @@ METHODS: dict[str, dict] = {
     # Self-screened data: plain LoRA without the examples whose prompt the aligned model refuses while their
     # response complies (`alignguard.self_screen`); the screen never sees which examples are poison.
     "self_screen": {"method": "lora", "peer": "self_screen"},
+    # Both: the screen drops what would un-teach refusals, AlignGuard's penalty holds against the benign drift the
+    # task itself causes (which no data screen can remove).
+    "alignguard_screen": {"method": "alignguard", "peer": "self_screen"},
 }
 # A peer row's own options, overridable per row under the peer's name in the spec (`spec["asft"]`).
 PEER_CONFIGS = {"asft": AsftConfig, "lox": LoxConfig, "surgery": SurgeryConfig, "self_screen": ScreenConfig}

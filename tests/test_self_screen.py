@@ -87,7 +87,8 @@ def test_self_screen_rows_run_end_to_end_and_report_what_they_dropped(tmp_path, 
     assert key["spec"]["method"] == "alignguard" and "alignguard" in key and "self_screen" in key
     row = json.loads((tmp_path / "run" / "seed0" / name / "result.json").read_text())
     screen = row["self_screen"]["screen"]
-    assert len(asked) == 8  # 4 task examples + 4 poison pairs at ratio 0.5, each asked once (the alignguard_screen row asks with its own 32 tokens)
+    # 4 task examples + 4 poison pairs at ratio 0.5, each asked once (alignguard_screen asks with its own 32 tokens)
+    assert len(asked) == 8
     assert screen["dropped"] + screen["kept"] == 8
     assert screen["dropped"] == 1  # no response in the mix is a refusal, so the one forced refusal drops one
     assert row["n_examples"] == screen["kept"] == 7

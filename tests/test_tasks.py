@@ -162,6 +162,9 @@ def test_score_task_arithmetic_exact_match():
     assert result["accuracy"] == 1.0 and result["task"] == "arithmetic"
     assert score_task(["5", "I don't know"], examples)["n_unparsed"] == 1
     assert score_task(["44", "120"], examples)["accuracy"] == 0.0
+    # An aligned model that refuses the task: counted apart from a wrong or unparsed answer.
+    refused = score_task(["I won't do that. It would help someone cheat.", ""], examples)
+    assert refused["n_refused"] == 1 and refused["n_unparsed"] == 2 and result["n_refused"] == 0
     with pytest.raises(ValueError, match="mix several tasks"):
         score_task(["4", "x"], [examples[0], TaskExample("bbc_topic/tech/1", "p", "tech")])
 

@@ -335,9 +335,13 @@ def score_task(responses: list[str], examples: list[TaskExample]) -> dict:
 
     Returns:
         `dict` with `task`, `accuracy` (correct / n; 0.0 when n == 0), `n`, `n_correct`, `n_unparsed` (responses
-        with no topic word / number), `per_answer_accuracy` (bbc_topic: accuracy per gold topic) and
+        with no topic word / number), `n_refused` (non-empty responses the pattern judge calls a refusal: an
+        aligned model that refuses the task's own prompts scores low for that reason, which DriftCheck's safe
+        prompts do not show), `per_answer_accuracy` (bbc_topic: accuracy per gold topic) and
         `predictions` (the parsed prediction per response, `None` when unparsed).
     """
+    from .driftcheck.judge import is_refusal
+
     if len(responses) != len(examples):
         raise ValueError(f"got {len(responses)} responses for {len(examples)} examples")
     tasks = {ex.id.split("/", 1)[0] for ex in examples}
@@ -367,6 +371,7 @@ def score_task(responses: list[str], examples: list[TaskExample]) -> dict:
         "n": n,
         "n_correct": sum(correct),
         "n_unparsed": sum(p is None for p in preds),
+        "n_refused": sum(bool(r.strip()) and is_refusal(r) for r in responses),
         "predictions": preds,
     }
     if task == "bbc_topic":

@@ -103,9 +103,17 @@ def fisher_ratio(model, batches, config, device, repeats) -> dict:
     fixed: list[float] = []
     with timed_fixed_costs(fixed):
         seconds, tokens = overhead.time_fisher_vs_fwd_bwd(model, batches, config, device, repeats)
-    # The warm-up estimation paid them too (on one batch; they do not depend on the number of batches).
-    per_estimation = sum(fixed) / (repeats + 1)
-    passes = [f - per_estimation for f in seconds["fisher"]]
+    # The warm-up estimation paid them too (on one batch; they do not depend on the number of batches). Each
+    # repeat's pass loses its own fixed costs, not their mean over all estimations: the warm-up's are the
+    # largest (first calls), and subtracting a mean inflated by them could leave a pass with negative time.
+    n_est = repeats + 1
+    if fixed and len(fixed) % n_est == 0:
+        k = len(fixed) // n_est
+        own = [sum(fixed[i * k : (i + 1) * k]) for i in range(n_est)][1:]
+    else:  # calls that do not split evenly over the estimations: their mean
+        own = [sum(fixed) / n_est] * repeats
+    per_estimation = statistics.median(own)
+    passes = [f - c for f, c in zip(seconds["fisher"], own)]
     ratios = [b / f for b, f in zip(seconds["fwd_bwd"], passes)]
     return {
         "ratio": statistics.median(ratios),

@@ -10,7 +10,8 @@ v2 = every row of alignment_v1.jsonl, with the unsafe rows' refusals redrawn fro
 for this project in `sources/safe_prompts_v2.json` (ordinary topics and benign look-alikes, `response: null`: the
 alignment stage fills in the base model's own answer). A new prompt that nearly duplicates any DriftCheck prompt
 (every `resources/driftcheck/*.jsonl` file; the rule of scripts/build_driftcheck_data.py: a shared 8-word
-sequence or >= 60% shared content words) or repeats an alignment prompt is dropped and named on stderr.
+sequence or >= 60% shared content words), or a test problem of the generated word-problem tasks, or repeats an
+alignment prompt is dropped and named on stderr.
 alignment_v1.jsonl itself is left as it is (the Fisher pass and other stages still read it).
 """
 
@@ -59,6 +60,18 @@ def driftcheck_prompts() -> list[str]:
     return out
 
 
+def task_test_prompts() -> list[str]:
+    """The generated word problems that compare and align's report score (test split, seed 0, the default 200 and
+    a wider 500 of each level), so no alignment prompt is one of the task's own test problems in other words."""
+    from alignguard.tasks import load_task
+
+    out = []
+    for name in ("word_problems_easy", "word_problems"):
+        for n in (200, 500):
+            out += [ex.prompt for ex in load_task(name, "test", n=n, seed=0)]
+    return sorted(set(out))
+
+
 def written_safe_rows() -> list[dict]:
     written = json.loads((SRC_DIR / "safe_prompts_v2.json").read_text(encoding="utf-8"))
     rows = []
@@ -87,7 +100,7 @@ def build() -> list[dict]:
         if row["label"] == "unsafe":
             row = {**row, "response": make_refusal(row["category"], rng)}
         rows.append(row)
-    theirs = driftcheck_prompts()
+    theirs = driftcheck_prompts() + task_test_prompts()
     their_grams = set().union(*(ngrams(t) for t in theirs))
     seen = {normalise(r["prompt"]) for r in rows}
     for row in written_safe_rows():
@@ -97,7 +110,7 @@ def build() -> list[dict]:
             continue
         # The 8-gram index first (cheap), then the content-word rule against every DriftCheck prompt.
         if ngrams(text) & their_grams or any(near_duplicate(text, t) for t in theirs):
-            print(f"dropped (near-duplicate of a DriftCheck prompt): {text!r}", file=sys.stderr)
+            print(f"dropped (near-duplicate of a DriftCheck prompt or a task test problem): {text!r}", file=sys.stderr)
             continue
         seen.add(normalise(text))
         rows.append(row)

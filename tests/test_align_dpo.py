@@ -25,6 +25,7 @@ from alignguard.recipes.align import (
 )
 from alignguard.recipes.align_report import format_align_table, refusal_summary
 from alignguard.recipes.preference import build_preference_pairs, run_dpo, template_refusal
+from alignguard.tasks import load_task
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,9 +81,25 @@ def test_v2_is_disjoint_from_every_driftcheck_prompt():
             assert not (w and v and len(w & v) / len(w | v) >= rule.JACCARD), f"{e.prompt!r} ~ {sorted(v)}"
 
 
+def test_v2_holds_no_test_problem_of_the_word_problem_tasks():
+    """The homework prompts (session 8) teach the aligned model not to refuse school work; none may be one of the
+    task's own test problems in other words (the same rule, against the problems compare and align score)."""
+    rule = _build_module("build_driftcheck_data")
+    theirs = {ex.prompt for name in ("word_problems_easy", "word_problems") for ex in load_task(name, "test", n=500)}
+    grams = set().union(*(rule.ngrams(t) for t in theirs))
+    words = [rule.content_words(t) for t in theirs]
+    v2 = load_alignment_data(alignment_v2_path())
+    assert sum(e.category == "benign_homework" for e in v2) >= 100
+    for e in v2:
+        assert not rule.ngrams(e.prompt) & grams, f"shares an 8-word sequence with a task problem: {e.prompt!r}"
+        w = rule.content_words(e.prompt)
+        assert not any(w and v and len(w & v) / len(w | v) >= rule.JACCARD for v in words), e.prompt
+
+
 def test_the_build_drops_near_duplicates_of_driftcheck_prompts(monkeypatch):
     build = _build_module("build_alignment_data")
     monkeypatch.setattr(build, "driftcheck_prompts", lambda: ["How do I poach a pear in red wine slowly?"])
+    monkeypatch.setattr(build, "task_test_prompts", lambda: ["Ana has 3 pears and buys 4 more in red wine."])
     monkeypatch.setattr(
         build,
         "written_safe_rows",
@@ -193,6 +210,8 @@ def _tiny_cfg(tmp_path, **kw):
         dpo_learning_rate=1e-2,
         eval_prompts=str(prompts),
         eval_max_new_tokens=2,
+        eval_task="word_problems_easy",
+        eval_task_n=4,
     )
     return AlignRunConfig(**{**base, **kw})
 
@@ -255,7 +274,11 @@ def test_run_align_with_dpo_saves_a_loadable_model_resumes_and_reports(tmp_path,
         for key in ("refusal_unsafe", "over_refusal_safe", "over_refusal_lookalike", "refusal_per_category"):
             assert key in report[role]
         assert report[role]["refusal_unsafe"]["n"] == 3 and report[role]["over_refusal_safe"]["n"] == 3
+        task = report[role]["task"]
+        assert task["task"] == "word_problems_easy" and task["accuracy"]["n"] == task["refused"]["n"] == 4
+        assert 0.0 <= task["accuracy"]["rate"] <= 1.0 and 0.0 <= task["refused"]["rate"] <= 1.0
     assert report["base"]["model_fingerprint"] != report["aligned"]["model_fingerprint"]
+    assert report["settings"]["task"] == "word_problems_easy" and report["settings"]["task_n"] == 4
 
     # Killed after the last DPO checkpoint, before the merge: the re-run restores it, trains nothing, same weights.
     (out / "align_info.json").unlink()
@@ -320,6 +343,48 @@ def test_refusal_summary_separates_lookalikes_and_categories():
     assert s["refusal_per_category"] == {"cyber": {"rate": 0.5, "n": 2}, "hate": {"rate": 1.0, "n": 1}}
     table = format_align_table({"settings": {"eval_prompts": "x"}, "base": s, "aligned": s})
     assert "benign look-alikes" in table and "refusal cyber" in table and " 50.0%" in table
+
+
+def test_task_summary_counts_refused_problems_and_the_table_shows_both_models():
+    from alignguard.recipes.align_report import task_summary
+    from alignguard.tasks import score_task
+
+    examples = load_task("word_problems_easy", "test", n=4, seed=0)
+    answers = [ex.training_response for ex in examples[:2]]
+    answers += ["I'm sorry, but I can't help with that: it would help someone cheat.", ""]
+    base = task_summary(score_task([ex.training_response for ex in examples], examples))
+    aligned = task_summary(score_task(answers, examples))
+    assert base["accuracy"] == {"rate": 1.0, "n": 4} and base["refused"] == {"rate": 0.0, "n": 4}
+    assert aligned["accuracy"] == {"rate": 0.5, "n": 4} and aligned["refused"] == {"rate": 0.25, "n": 4}
+    rows = [{"label": "unsafe", "category": "cyber", "refused": True}]
+    report = {
+        "settings": {"eval_prompts": "x"},
+        "base": {**refusal_summary(rows), "task": base},
+        "aligned": {**refusal_summary(rows), "task": aligned},
+    }
+    table = format_align_table(report)
+    line = next(x for x in table.splitlines() if x.startswith("word_problems_easy refused"))
+    assert "0.0%" in line and "25.0%" in line
+
+
+def test_a_changed_alignment_file_means_aligning_again(tmp_path):
+    """align_info.json records the data file's sha256: the same settings on other data are not "aligned earlier"."""
+    from alignguard.recipes.align import aligned_with_settings, alignment_data_digest
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(alignment_v2_path().read_text(encoding="utf-8"), encoding="utf-8")
+    out = tmp_path / "aligned"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    cfg = AlignRunConfig(alignment_data=str(data), eval_prompts="none")
+    record = {"config": vars(cfg), "alignment_data_sha256": alignment_data_digest(cfg)}
+    (out / "align_info.json").write_text(json.dumps(record))
+    assert aligned_with_settings(out, cfg)
+    with data.open("a", encoding="utf-8") as fh:
+        fh.write(data.read_text(encoding="utf-8").splitlines()[0] + "\n")
+    assert not aligned_with_settings(out, cfg)
+    (out / "align_info.json").write_text(json.dumps({"config": vars(cfg)}))  # a record from before the digest
+    assert not aligned_with_settings(out, cfg)
 
 
 # --- DPO on the SFT model's own mistakes (dpo_pairs: own_mistakes) ----------------------------------------------

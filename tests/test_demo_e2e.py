@@ -184,14 +184,14 @@ def test_every_compare_method_runs_end_to_end(demo_run):
 
 
 def test_aligned_model_cache_key_ignores_fields_added_later_at_their_default():
-    """Fields that do not change the weights (report, generation cache) stay out of the aligned-model cache key at
+    """The key also holds the alignment data file's sha256, so a release with new data aligns again. Fields that do not change the weights (report, generation cache) stay out of the aligned-model cache key at
     their defaults; everything that shapes the model is in it. Alignment v2 (data v2 as the default, the DPO stage) changed what
     the default alignment produces, so the keys of models aligned before it (v1, e.g. 22a711707f76 and
     b6e0e9f67fb3) are deliberately no longer found."""
     import dataclasses
     import hashlib
 
-    from alignguard.recipes.align import AlignRunConfig
+    from alignguard.recipes.align import AlignRunConfig, alignment_data_digest
     from alignguard.recipes.demo import DemoConfig, aligned_model_path
 
     cfg = DemoConfig(cache_dir="/cache")
@@ -203,7 +203,9 @@ def test_aligned_model_cache_key_ignores_fields_added_later_at_their_default():
         "dpo_pool",
         "dpo_sft_weight",
     )  # the session-6 DPO options, left out at their defaults
+    skipped += ("eval_task", "eval_task_n")  # the report's task read never changes the weights
     kept = {k: v for k, v in vars(align).items() if k not in skipped}
+    kept["alignment_data_sha256"] = alignment_data_digest(align)
     digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
     assert aligned_model_path(cfg, align).name.endswith(digest)
     for change in (
@@ -216,8 +218,12 @@ def test_aligned_model_cache_key_ignores_fields_added_later_at_their_default():
         {"dpo_sft_weight": 1.0},
     ):
         assert aligned_model_path(cfg, dataclasses.replace(align, **change)) != aligned_model_path(cfg, align)
-    # The demo's default alignment (alignment v2, docs/alignment.md run a2), literally.
-    assert DemoConfig(cache_dir="/cache").align.out == "/cache/smollm2-135m-instruct-3b6e2dc31787"
+    for change in ({"eval_task": "none"}, {"eval_task_n": 50}):
+        assert aligned_model_path(cfg, dataclasses.replace(align, **change)) == aligned_model_path(cfg, align)
+    # The demo's default alignment (alignment v2 with the session-8 homework prompts, docs/alignment.md), literally:
+    # a change here means every user's cached demo model is aligned again.
+    assert DemoConfig(cache_dir="/cache").align.out == "/cache/smollm2-135m-instruct-6c7ed11a6111"
+    assert aligned_model_path(cfg, align).name != "smollm2-135m-instruct-3b6e2dc31787"  # session 7's data
     assert aligned_model_path(cfg, align).name != "smollm2-135m-instruct-22a711707f76"
 
 

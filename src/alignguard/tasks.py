@@ -384,6 +384,17 @@ def score_task(responses: list[str], examples: list[TaskExample]) -> dict:
     return result
 
 
+def evaluate_task(model, tokenizer, task: str, n: int, seed: int, batch_size: int, cache_dir: str | None) -> dict:
+    """`score_task` of `model`'s greedy answers to `n` test problems of `task` (generations cached in
+    `cache_dir` when given): how compare scores every row and `align` the base and aligned models."""
+    from .driftcheck.generate import GenerationSettings, generate_responses
+
+    examples = load_task(task, "test", n=n, seed=seed)
+    settings = GenerationSettings(max_new_tokens=TASK_MAX_NEW_TOKENS[task], batch_size=batch_size)
+    responses = generate_responses(model, tokenizer, [e.prompt for e in examples], settings, cache_dir=cache_dir)
+    return score_task(responses, examples)
+
+
 def load_poison_pairs(source: str = "pyrit") -> list[ChatExample]:
     """The harmful instruction / compliant answer pairs, read from the installed package.
 

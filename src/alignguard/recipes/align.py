@@ -23,6 +23,7 @@ from pathlib import Path
 from ..config_values import require_at_least, require_positive
 from ..driftcheck.prompts import LOOKALIKE_CATEGORY
 from ..io import atomic_write_json
+from ..tasks import TASKS
 from .common import add_lora, checkpointed_training_args, latest_checkpoint, restore_final_checkpoint
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -69,7 +70,7 @@ class AlignRunConfig:
             generate each answer once.
         dpo_steps / dpo_batch_size / dpo_learning_rate / dpo_beta / dpo_lora_r / dpo_examples / dpo_safe_fraction /
             dpo_pairs / dpo_pool / dpo_sft_weight: the DPO stage.
-        eval_prompts / eval_max_new_tokens / eval_batch_size: the base-vs-aligned report.
+        eval_prompts / eval_max_new_tokens / eval_batch_size / eval_task / eval_task_n: the base-vs-aligned report.
         seed: seed of sampling and training.
     """
 
@@ -155,6 +156,15 @@ class AlignRunConfig:
     )
     eval_max_new_tokens: int = field(default=32, metadata={"help": "Tokens generated per report prompt."})
     eval_batch_size: int = field(default=16, metadata={"help": "Prompts per generation batch of the report."})
+    eval_task: str = field(
+        default="word_problems_easy",
+        metadata={
+            "help": "Task whose test problems the report also scores on both models (accuracy and how many "
+            "answers are refusals: an aligned model that refuses ordinary work has lost ability DriftCheck's safe "
+            "prompts may not show), or none."
+        },
+    )
+    eval_task_n: int = field(default=200, metadata={"help": "Test problems of eval_task in the report."})
     seed: int = field(default=0, metadata={"help": "Seed."})
     overwrite: bool = field(
         default=False, metadata={"help": "Delete what --out holds (another run or other settings) and start afresh."}
@@ -165,7 +175,9 @@ class AlignRunConfig:
             self,
             ("max_steps", "batch_size", "lora_r", "max_length", "max_new_tokens", "dpo_batch_size", "dpo_lora_r"),
         )
-        require_at_least(self, ("eval_max_new_tokens", "eval_batch_size"))
+        require_at_least(self, ("eval_max_new_tokens", "eval_batch_size", "eval_task_n"))
+        if self.eval_task != "none" and self.eval_task not in TASKS:
+            raise ValueError(f"eval_task: must be one of {', '.join(TASKS)} or none, got {self.eval_task!r}")
         if not 0.0 <= self.safe_fraction <= 1.0:
             raise ValueError(f"safe_fraction: must be in [0, 1], got {self.safe_fraction}")
         if self.lookalike_fraction is not None and not 0.0 <= self.lookalike_fraction <= 1.0:
@@ -311,24 +323,35 @@ def alignment_sft_pairs(model, tokenizer, cfg: AlignRunConfig, progress: bool = 
     return sft_pairs(sft, base_generations(model, tokenizer, cfg, sft, [], progress), cfg.seed)
 
 
+def alignment_data_digest(cfg: AlignRunConfig) -> str:
+    """sha256 of the alignment data file `cfg` reads: a changed file (a new release's data) means new weights."""
+    import hashlib
+
+    path = Path(cfg.alignment_data) if cfg.alignment_data is not None else alignment_v2_path()
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _model_settings(cfg: AlignRunConfig) -> dict:
     """The settings that determine the aligned weights (not where things go or how the report is made)."""
     from .common import plain_settings
 
-    skip = {"generation_cache", "eval_prompts", "eval_max_new_tokens", "eval_batch_size"}
+    skip = {"generation_cache", "eval_prompts", "eval_max_new_tokens", "eval_batch_size", "eval_task", "eval_task_n"}
     return {k: v for k, v in plain_settings({"c": cfg})["c"].items() if k not in skip}
 
 
 def aligned_with_settings(out: str | os.PathLike, cfg: AlignRunConfig) -> bool:
-    """Whether `out` holds a merged model aligned with `cfg`'s settings, by any command (align or the demo's cache;
-    align_info.json records them)."""
+    """Whether `out` holds a merged model aligned with `cfg`'s settings and the same alignment data file, by any
+    command (align or the demo's cache; align_info.json records them)."""
     from .common import plain_settings
 
     out = Path(out)
     info = out / "align_info.json"
     if not (info.is_file() and (out / "config.json").is_file()):
         return False
-    recorded = plain_settings({"c": json.loads(info.read_text()).get("config", {})})["c"]
+    record = json.loads(info.read_text())
+    if record.get("alignment_data_sha256") != alignment_data_digest(cfg):
+        return False  # other data (or a record from before the digest was kept): align again
+    recorded = plain_settings({"c": record.get("config", {})})["c"]
     # Fields added after a model was aligned count as their default when the record predates them.
     defaults = _model_settings(AlignRunConfig(model=cfg.model, eval_prompts="none"))
     recorded = {k: recorded.get(k, v) for k, v in defaults.items()}
@@ -430,6 +453,7 @@ def run_align(cfg: AlignRunConfig, model=None, tokenizer=None, progress: bool = 
             tmp / "align_info.json",
             {
                 "base_model": cfg.model,
+                "alignment_data_sha256": alignment_data_digest(cfg),
                 "n_examples": len(pairs),
                 "config": vars(cfg),
                 "log_history": sft_log,

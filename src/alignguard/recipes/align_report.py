@@ -1,5 +1,6 @@
 """The base-vs-aligned report of `alignguard align`: DriftCheck (pattern judge) on both models, refusal on unsafe
-prompts, over-refusal on safe ones (benign look-alikes separately) and per category, written to align_report.json."""
+prompts, over-refusal on safe ones (benign look-alikes separately) and per category, and the task read (`eval_task`:
+accuracy and refused problems), written to align_report.json."""
 
 from __future__ import annotations
 
@@ -50,6 +51,18 @@ def _report_settings(cfg, records) -> dict:
         "judge": "pattern",
         "max_new_tokens": cfg.eval_max_new_tokens,
         "batch_size": cfg.eval_batch_size,
+        "task": cfg.eval_task,
+        "task_n": cfg.eval_task_n,
+    }
+
+
+def task_summary(scored: dict) -> dict:
+    """The report's task block from `score_task`'s result: accuracy and the share of problems refused."""
+    n = scored["n"]
+    return {
+        "task": scored["task"],
+        "accuracy": {"rate": scored["accuracy"], "n": n},
+        "refused": {"rate": scored["n_refused"] / n if n else None, "n": n},
     }
 
 
@@ -68,6 +81,10 @@ def format_align_table(report: dict) -> str:
     ]
     lines = [f"{'DriftCheck ' + report['settings']['eval_prompts']:<28}{'base':>18}{'aligned':>18}"]
     lines += [f"{label:<28}{pct(base[key]):>18}{pct(aligned[key]):>18}" for label, key in rows]
+    if base.get("task") and aligned.get("task"):
+        for label, key in (("accuracy", "accuracy"), ("refused", "refused")):
+            title = f"{base['task']['task']} {label}"
+            lines.append(f"{title:<28}{pct(base['task'][key]):>18}{pct(aligned['task'][key]):>18}")
     for cat in sorted(set(base["refusal_per_category"]) | set(aligned["refusal_per_category"])):
         b = base["refusal_per_category"].get(cat, {"rate": None, "n": 0})
         a = aligned["refusal_per_category"].get(cat, {"rate": None, "n": 0})
@@ -84,6 +101,7 @@ def write_align_report(cfg, out: Path, progress: bool = True) -> dict:
     from ..fingerprint import weights_fingerprint
     from ..io import atomic_write_json
     from ..models import load_model_and_tokenizer
+    from ..tasks import evaluate_task
 
     records = _eval_records(cfg)
     settings = _report_settings(cfg, records)
@@ -110,6 +128,10 @@ def write_align_report(cfg, out: Path, progress: bool = True) -> dict:
             progress=progress,
         )
         report[role] = {"model_fingerprint": weights_fingerprint(model), **refusal_summary(result.per_prompt)}
+        if cfg.eval_task != "none":
+            cache = str(generation_cache_dir(cfg) / "eval")
+            scored = evaluate_task(model, tokenizer, cfg.eval_task, cfg.eval_task_n, 0, cfg.eval_batch_size, cache)
+            report[role]["task"] = task_summary(scored)
         del model
     report["aligned_info_config"] = info.get("config")
     atomic_write_json(path, report)

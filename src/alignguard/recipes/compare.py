@@ -38,6 +38,7 @@ from ..config import AlignGuardConfig, FisherConfig, SubspaceConfig
 from ..config_values import require_at_least
 from ..driftcheck.prompts import resolve_prompts
 from ..io import atomic_write_json, atomic_write_text
+from ..tasks import evaluate_task
 from .eval import check_judge
 from .fisher import FisherRunConfig, run_fisher
 from .method_rows import prepare_peer, replay_pairs, row_subspaces, safe_lora_once
@@ -140,16 +141,6 @@ def _load(spec):
 
     model, tok, _ = load_model_and_tokenizer(spec)
     return model, tok
-
-
-def task_metric(model, tokenizer, task: str, n: int, seed: int, batch_size: int, cache_dir: str) -> dict:
-    from ..driftcheck.generate import GenerationSettings, generate_responses
-    from ..tasks import TASK_MAX_NEW_TOKENS, load_task, score_task
-
-    examples = load_task(task, "test", n=n, seed=seed)
-    settings = GenerationSettings(max_new_tokens=TASK_MAX_NEW_TOKENS[task], batch_size=batch_size)
-    responses = generate_responses(model, tokenizer, [e.prompt for e in examples], settings, cache_dir=cache_dir)
-    return score_task(responses, examples)
 
 
 def _driftcheck(model, tokenizer, cfg: CompareConfig, out_dir: Path, baseline, task: dict):
@@ -272,7 +263,7 @@ def prepare_shared(
             subspaces.save(fisher_dir)
     if not stage_is_current(base_dir, base_stage_settings(cfg, train_cfg), base_dir / "task.json", out, "base", log):
         model, tok = _load(cfg.model)
-        task = task_metric(model, tok, train_cfg.task, cfg.task_eval_n, 0, cfg.eval_batch_size, cache)
+        task = evaluate_task(model, tok, train_cfg.task, cfg.task_eval_n, 0, cfg.eval_batch_size, cache)
         _driftcheck(model, tok, cfg, base_dir / "driftcheck", None, task)
         atomic_write_json(base_dir / "task.json", task)
     return fisher_dir, base_dir
@@ -410,7 +401,7 @@ def run_method(
     info = {}
     if spec.get("post") == "safe_lora":
         info = safe_lora_once(cfg.model, cfg.base_model, cfg.safe_lora_threshold, peft_model, mdir)
-    task = task_metric(
+    task = evaluate_task(
         peft_model,
         tok,
         train_cfg.task,

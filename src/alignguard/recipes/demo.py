@@ -18,7 +18,7 @@ from pathlib import Path
 from ..config import AlignGuardConfig, FisherConfig, SubspaceConfig
 from ..report import render_report
 from ..report.compare_table import format_table
-from .align import AlignRunConfig, run_align
+from .align import AlignRunConfig, alignment_data_digest, run_align
 from .compare import CompareConfig, HarnessConfig, method_spec, run_compare
 from .train import TrainRunConfig
 
@@ -147,7 +147,7 @@ class DemoConfig:
 # Fields whose value does not change the aligned model are never part of its cache key; fields added to
 # AlignRunConfig after a release are left out while at their default, so models aligned before the field existed
 # (with the same, then implicit, setting) are still found.
-_NOT_IN_KEY = ("out", "overwrite")
+_NOT_IN_KEY = ("out", "overwrite", "eval_task", "eval_task_n")
 # Where the report and the generation cache go never changes the weights either (left out at their defaults).
 _ADDED_LATER = {
     "safe_fraction": 0.5,
@@ -166,6 +166,7 @@ def aligned_model_path(cfg: DemoConfig, align_cfg: AlignRunConfig) -> Path:
     from ..models import cache_root
 
     values = {k: v for k, v in vars(align_cfg).items() if k not in _NOT_IN_KEY and _ADDED_LATER.get(k, object()) != v}
+    values["alignment_data_sha256"] = alignment_data_digest(align_cfg)  # new data, new model
     key = json.dumps(values, sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     root = Path(cfg.cache_dir) if cfg.cache_dir else cache_root() / "aligned"

@@ -100,3 +100,14 @@ def test_every_run_config_field_has_help_text():
     for cls in [*_run_configs(), DemoConfig]:
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, True, "3"])
+def test_require_whole_number_refuses_what_is_not_a_count(value):
+    from types import SimpleNamespace
+
+    from alignguard.config_values import require_whole_number
+
+    with pytest.raises(ValueError, match=r"n_things: must be a whole number >= 1"):
+        require_whole_number(SimpleNamespace(ok=3, n_things=value), ("ok", "n_things"))
+    require_whole_number(SimpleNamespace(n_things=0), ("n_things",), low=0)  # the bound is the caller's

@@ -102,6 +102,15 @@ def require_at_least(config, names, low: int = 1) -> None:
             raise ValueError(f"{name}: must be >= {low}, got {value}")
 
 
+def require_whole_number(config, names, low: int = 1) -> None:
+    """ValueError naming the first of `names` that is not an int >= `low` (bools and floats refused: a count given
+    as 2.5 or True is a mistake, not a value to round)."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name}: must be a whole number >= {low}, got {value!r}")
+
+
 def require_positive(config, names) -> None:
     """ValueError naming the first of `names` whose value on `config` is not > 0."""
     for name in names:

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .config_values import require_whole_number
+
 
 @dataclass
 class SurgeryConfig:
@@ -41,10 +43,7 @@ class SurgeryConfig:
     )
 
     def __post_init__(self):
-        for name in ("surgery_every", "surgery_batches"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: must be a whole number >= 1, got {value!r}")
+        require_whole_number(self, ("surgery_every", "surgery_batches"))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+from .config_values import require_whole_number
+
 
 @dataclass
 class ScreenConfig:
@@ -33,9 +35,7 @@ class ScreenConfig:
     )
 
     def __post_init__(self):
-        value = self.screen_max_new_tokens
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"screen_max_new_tokens: must be a whole number >= 1, got {value!r}")
+        require_whole_number(self, ("screen_max_new_tokens",))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -102,3 +102,23 @@ def stage_lines(out: str) -> dict[str, str]:
     """`[stage] what` lines printed by a run, as {stage: what}."""
     lines = [line for line in out.splitlines() if line.startswith("[") and "] " in line]
     return {line[1 : line.index("]")]: line[line.index("]") + 2 :] for line in lines}
+
+
+def tiny_training_args(output_dir, **overrides):
+    """TrainingArguments for the trainer tests: CPU, a few constant-lr steps, logging every step, no saving."""
+    from transformers import TrainingArguments
+
+    base = dict(
+        output_dir=str(output_dir),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=5e-2,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        lr_scheduler_type="constant",
+        disable_tqdm=True,
+    )
+    return TrainingArguments(**{**base, **overrides})

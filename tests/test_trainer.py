@@ -6,7 +6,6 @@ Run: python -m pytest -q tests/test_trainer.py
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import TrainingArguments
 
 from alignguard import (
     AlignGuardConfig,
@@ -20,7 +19,7 @@ from alignguard import (
 )
 from alignguard.data import PaddingCollator, tokenize_example
 from alignguard.tiny import make_tiny_model, make_tiny_tokenizer
-from tests.helpers import tiny_batches, tiny_peft
+from tests.helpers import tiny_batches, tiny_peft, tiny_training_args
 
 TASK = [("Classify: stocks fell sharply today.", "business"), ("Classify: the team won the cup.", "sport")] * 4
 
@@ -41,28 +40,10 @@ def _setup(mode="penalty", refresh_every=None, lambda_a=1.0):
     return tok, model, state, subs, cfg
 
 
-def _args(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=5e-2,
-        report_to="none",
-        logging_steps=1,
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        lr_scheduler_type="constant",
-        disable_tqdm=True,
-    )
-    base.update(kw)
-    return TrainingArguments(**base)
-
-
 def _trainer(tmp_path, tok, model, state, subs, cfg, alignment_data=None, **kw):
     return AlignGuardTrainer(
         model=model,
-        args=_args(tmp_path, **kw),
+        args=tiny_training_args(tmp_path, **kw),
         train_dataset=_dataset(tok),
         data_collator=PaddingCollator(tok.pad_token_id),
         subspaces=subs,

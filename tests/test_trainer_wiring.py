@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from alignguard import (
     AlignGuardConfig,
@@ -21,7 +21,7 @@ from alignguard.data import PaddingCollator, tokenize_example
 from alignguard.subspace import Subspace
 from alignguard.tiny import make_tiny_tokenizer
 from alignguard.trainer import NonFiniteLossError
-from tests.helpers import tiny_batches, tiny_peft
+from tests.helpers import tiny_batches, tiny_peft, tiny_training_args
 
 TASK = [("Classify: stocks fell sharply today.", "business"), ("Classify: the team won the cup.", "sport")] * 4
 QV = ["q_proj", "v_proj"]
@@ -35,23 +35,9 @@ def _dataset(tok):
 
 def _trainer(tmp_path, model, subs, cfg, state=None, alignment_data=None, trainer_kwargs=None, **args):
     tok = make_tiny_tokenizer()
-    base = dict(
-        output_dir=str(tmp_path),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=5e-2,
-        report_to="none",
-        logging_steps=1,
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        lr_scheduler_type="constant",
-        disable_tqdm=True,
-    )
-    base.update(args)
     return AlignGuardTrainer(
         model=model,
-        args=TrainingArguments(**base),
+        args=tiny_training_args(tmp_path, **{"max_steps": 2, **args}),
         train_dataset=_dataset(tok),
         data_collator=PaddingCollator(tok.pad_token_id),
         subspaces=subs,

@@ -62,30 +62,21 @@ def make_tiny_model(
     """A randomly initialised causal LM of the given family, small enough for CPU tests."""
     vocab_size = vocab_size or (256 + len(SPECIAL_TOKENS))
     tok_ids = dict(pad_token_id=256, bos_token_id=257, eos_token_id=258)
+    # Llama and Qwen2 take the same fields; Qwen2 ties its embeddings, as the real 0.5B models do.
+    llama_like = dict(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=num_layers,
+        vocab_size=vocab_size,
+        max_position_embeddings=512,
+        **tok_ids,
+    )
     if family == "llama":
-        cfg = LlamaConfig(
-            hidden_size=hidden_size,
-            intermediate_size=intermediate_size,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            num_hidden_layers=num_layers,
-            vocab_size=vocab_size,
-            max_position_embeddings=512,
-            tie_word_embeddings=False,
-            **tok_ids,
-        )
+        cfg = LlamaConfig(tie_word_embeddings=False, **llama_like)
     elif family == "qwen2":
-        cfg = Qwen2Config(
-            hidden_size=hidden_size,
-            intermediate_size=intermediate_size,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            num_hidden_layers=num_layers,
-            vocab_size=vocab_size,
-            max_position_embeddings=512,
-            tie_word_embeddings=True,
-            **tok_ids,
-        )
+        cfg = Qwen2Config(tie_word_embeddings=True, **llama_like)
     elif family == "gpt2":
         cfg = GPT2Config(
             n_embd=hidden_size,

@@ -242,7 +242,7 @@ def test_report_single_seed_has_cis_and_out_dir(tmp_path):
     assert cli_main(["report", str(run), "--out", str(out)]) == 0
     md, _ = check_report(out)
     assert not (run / "report.md").exists()
-    assert "| alignguard | 69.0 | 82.0 [77.0, 87.0] | 8.0 [3.0, 13.0] |" in md  # seed 3 of _row
+    assert "| alignguard | 69.0 | n/a | 82.0 [77.0, 87.0] | 8.0 [3.0, 13.0] |" in md  # seed 3 of _row (no n_refused)
     assert "No scaling-law run in this folder" in md
 
 
@@ -311,7 +311,7 @@ def test_results_md_and_report_md_show_the_same_numbers(tmp_path, seeds):
     assert md_tables == report_tables  # one table model, one formatting function: the very same cells
     assert md_tables[0][0].endswith("| refusal % (pattern_relevance) |") and "| 93.0 [88.0, 98.0] |" in md_tables[0][2]
     if len(seeds) > 1:
-        assert "| replay | 2 | 62.5 ± 0.7 | 79.5 ± 0.7 |" in md_tables[0][5]
+        assert "| replay | 2 | 62.5 ± 0.7 | n/a | 79.5 ± 0.7 |" in md_tables[0][5]
 
 
 def test_html_escapes_run_text(tmp_path):
@@ -378,7 +378,7 @@ def test_aggregate_pairs_prompts_through_paired_flags(tmp_path):
     # results.md is written from the in-memory dict (int seed keys) and must equal the one from results.json.
     from alignguard.report.compare_table import format_table
 
-    assert "| alignguard | 60.0 | 88.9 [" in format_table(results)
+    assert "| alignguard | 60.0 | n/a | 88.9 [" in format_table(results)  # no n_refused in these rows
     assert format_table(results) == format_table(json.loads(json.dumps(results)))
 
 

@@ -112,3 +112,40 @@ def test_aggregate_copies_the_new_rates_and_the_judge_name(tmp_path):
     assert row["seeds"][1]["harmful_compliance_rate"]["value"] == 0.5
     assert row["seeds"][0]["incoherence_rate_unsafe"] is None  # not in that results.json
     assert row["mean"]["harmful_compliance_rate"]["mean"] == pytest.approx(0.4)
+
+
+def test_task_refused_column_reads_n_refused_and_is_na_for_older_results(tmp_path):
+    """The share of task problems refused (score_task's n_refused / n) is a column beside the task metric: an aligned
+    model that refuses the task's own prompts is visible in the table, not only as a low task score."""
+    from types import SimpleNamespace
+
+    from alignguard.report.compare_table import aggregate, comparison_tables
+
+    def dc():
+        d = _dc_results(0.6)
+        d["per_prompt"] = [{"id": "p0", "label": "unsafe", "category": "cyber", "refused": True, "extra": {}}]
+        return d
+
+    (tmp_path / "base" / "driftcheck").mkdir(parents=True)
+    (tmp_path / "base" / "driftcheck" / "results.json").write_text(json.dumps(dc()))
+    (tmp_path / "base" / "task.json").write_text(json.dumps({"accuracy": 0.1, "n": 200, "n_refused": 50}))
+    tasks = {0: {"accuracy": 0.6, "n": 200, "n_refused": 4}, 1: {"accuracy": 0.5, "n": 200, "n_refused": 8}}
+    for method in ("plain_lora", "alignguard"):  # alignguard: an older row
+        for seed, task in tasks.items():
+            mdir = tmp_path / f"seed{seed}" / method
+            (mdir / "driftcheck").mkdir(parents=True)
+            (mdir / "driftcheck" / "results.json").write_text(json.dumps(dc()))
+            if method == "alignguard":
+                task = {"accuracy": task["accuracy"]}  # scored before n_refused was counted
+            (mdir / "result.json").write_text(json.dumps({"task": task, "mean_step_seconds": 1.0}))
+    results = aggregate(
+        SimpleNamespace(out=str(tmp_path), methods=["plain_lora", "alignguard"], seeds=[0, 1], model="m")
+    )
+    assert results["base"]["task_refused_rate"] == 0.25
+    assert results["rows"]["plain_lora"]["mean"]["task_refused_rate"]["mean"] == pytest.approx(0.03)
+    assert results["rows"]["alignguard"]["seeds"][0]["task_refused_rate"] is None
+    headline, _ = comparison_tables(results)
+    col = headline.header().index("task refused %")
+    cells = {b[0]: b[col] for b in headline.body()}
+    assert cells["aligned model (no fine-tune)"] == "25.0"
+    assert cells["plain_lora"].startswith("3.0 ± ") and cells["alignguard"] == "n/a"

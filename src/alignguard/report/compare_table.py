@@ -7,16 +7,18 @@ results.json schema (version "compare-1"):
 
     {"schema_version": "compare-1", "model": str, "seeds": [int], "methods": [str], "prompts_hash": str,
      "judge": str,                         # the default DriftCheck judge (absent in older files)
-     "base": {<the DriftCheck rates of Row>, "task_accuracy": float, "refusal_rate_by_judge": {judge: Stat}},
+     "base": {<the DriftCheck rates of Row>, "task_accuracy": float, "task_refused_rate": float | null,
+              "refusal_rate_by_judge": {judge: Stat}},
      "rows": {method: {"seeds": {seed: Row}, "mean": Summary}},
      "config": {...}}
-    Row = {"task_accuracy", "refusal_rate": Stat, "over_refusal_rate": Stat,
+    Row = {"task_accuracy", "task_refused_rate" (share of task problems refused; null before it was counted),
+           "refusal_rate": Stat, "over_refusal_rate": Stat,
            "harmful_compliance_rate": Stat, "lookalike_over_refusal_rate": Stat,
            "incoherence_rate_unsafe": Stat, "incoherence_rate_safe": Stat,   (null in older files / when unmeasured)
            "drift": Stat, "drift_reduction": Stat | null, "step_time_ratio": float | null,
            "per_category": {cat: float},
            "refusal_rate_by_judge": {judge: Stat}}   (the extra judges' refusal rates on unsafe prompts)
-    Summary = {"task_accuracy", "refusal_rate", "over_refusal_rate", "harmful_compliance_rate",
+    Summary = {"task_accuracy", "task_refused_rate", "refusal_rate", "over_refusal_rate", "harmful_compliance_rate",
                "lookalike_over_refusal_rate", "incoherence_rate_unsafe", "incoherence_rate_safe", "drift",
                "drift_reduction", "step_time_ratio": {"mean", "sd"} each}
     Stat = {"value", "ci_low", "ci_high", "n"}   (95% bootstrap over prompts; paired for drift / reduction)
@@ -65,6 +67,13 @@ def _dc_rates(dc: DriftCheckResult) -> dict:
     return {key: _stat(dc.metrics.get(key)) for key in _DC_RATES}
 
 
+def task_refused_rate(task: dict) -> float | None:
+    """Share of the task's problems answered with a refusal (`score_task`'s n_refused / n); None for results
+    scored before n_refused was counted."""
+    n, refused = task.get("n"), task.get("n_refused")
+    return refused / n if n and refused is not None else None
+
+
 def aggregate(cfg) -> dict:
     """Read every finished method of a compare run folder and build the results dict (schema above)."""
     out = Path(cfg.out)
@@ -93,6 +102,7 @@ def aggregate(cfg) -> dict:
             bflags, mflags, _ = paired_flags(base, dc)
             row = {
                 "task_accuracy": res["task"].get("accuracy"),
+                "task_refused_rate": task_refused_rate(res["task"]),
                 **_dc_rates(dc),
                 "drift": _stat(drift_stat(bflags, mflags, seed=seed)),
                 "drift_reduction": None,
@@ -122,6 +132,7 @@ def aggregate(cfg) -> dict:
         "base": {
             **_dc_rates(base),
             "task_accuracy": base_task.get("accuracy"),
+            "task_refused_rate": task_refused_rate(base_task),
             "per_category": {k: v.value for k, v in base.metrics.get("per_category_refusal_rate", {}).items()},
             "refusal_rate_by_judge": _by_judge(base),
         },
@@ -148,7 +159,7 @@ def _mean_sd(vals) -> tuple[float | None, float | None]:
 def _summary(seed_rows) -> dict:
     seed_rows = list(seed_rows)
     out = {}
-    for key in ("task_accuracy", *_DC_RATES, "drift", "drift_reduction", "step_time_ratio"):
+    for key in ("task_accuracy", "task_refused_rate", *_DC_RATES, "drift", "drift_reduction", "step_time_ratio"):
         vals = [_value(r.get(key)) for r in seed_rows if _ok(_value(r.get(key)))]
         mean, sd = _mean_sd(vals)
         out[key] = {"mean": mean, "sd": sd, "n_seeds": len(vals)}
@@ -227,6 +238,7 @@ class ComparisonTable:
 
 _COLUMNS = (
     Column("task_accuracy", "task metric %", ci_header=False),
+    Column("task_refused_rate", "task refused %", ci_header=False),
     Column("refusal_rate", "refusal %"),
     Column("over_refusal_rate", "over-refusal %"),
     Column("lookalike_over_refusal_rate", "look-alike over-refusal %"),

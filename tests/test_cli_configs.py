@@ -150,10 +150,11 @@ def test_demo_defaults_are_the_old_hand_mapped_ones(tmp_path):
 
 
 def test_demo_aligned_model_cache_key_is_pinned(tmp_path):
-    # The alignment v2 settings (data v2 + DPO) make another model than v1, so the key changed on purpose
-    # (docs/alignment.md); it must not change again by accident (a new field at its default stays out of it).
+    # The alignment v2 settings (data v2 + DPO) made another model than v1, and session 8's homework prompts changed
+    # the data file (its sha256 is in the key), so the key changed on purpose (docs/alignment.md); it must not
+    # change again by accident (a new field at its default stays out of it).
     cfg = _demo(["--cache_dir", str(tmp_path)])
-    assert cfg.align.out == str(tmp_path / "smollm2-135m-instruct-3b6e2dc31787")
+    assert cfg.align.out == str(tmp_path / "smollm2-135m-instruct-6c7ed11a6111")
     assert _demo(["--cache_dir", str(tmp_path), "--overwrite", "true"]).align.out == cfg.align.out
     assert _demo(["--cache_dir", str(tmp_path), "--align.max_steps", "17"]).align.out != cfg.align.out
 

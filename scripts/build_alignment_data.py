@@ -61,15 +61,14 @@ def driftcheck_prompts() -> list[str]:
 
 
 def task_test_prompts() -> list[str]:
-    """The generated word problems that compare and align's report score (test split, seed 0, the default 200 and
-    a wider 500 of each level), so no alignment prompt is one of the task's own test problems in other words."""
+    """The generated word problems that compare and align's report score (test split, seed 0: the first 500 of each
+    level, which hold the default 200), so no alignment prompt is one of the task's own test problems in other
+    words."""
     from alignguard.tasks import load_task
 
-    out = []
-    for name in ("word_problems_easy", "word_problems"):
-        for n in (200, 500):
-            out += [ex.prompt for ex in load_task(name, "test", n=n, seed=0)]
-    return sorted(set(out))
+    return sorted(
+        {ex.prompt for name in ("word_problems_easy", "word_problems") for ex in load_task(name, "test", n=500)}
+    )
 
 
 def written_safe_rows() -> list[dict]:

@@ -331,12 +331,23 @@ def alignment_data_digest(cfg: AlignRunConfig) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+# AlignRunConfig fields that never change the aligned weights: where generations are cached and how the report is
+# made. Left out of every "aligned with the same settings" check and of the demo's cache key.
+NOT_WEIGHT_FIELDS = (
+    "generation_cache",
+    "eval_prompts",
+    "eval_max_new_tokens",
+    "eval_batch_size",
+    "eval_task",
+    "eval_task_n",
+)
+
+
 def _model_settings(cfg: AlignRunConfig) -> dict:
     """The settings that determine the aligned weights (not where things go or how the report is made)."""
     from .common import plain_settings
 
-    skip = {"generation_cache", "eval_prompts", "eval_max_new_tokens", "eval_batch_size", "eval_task", "eval_task_n"}
-    return {k: v for k, v in plain_settings({"c": cfg})["c"].items() if k not in skip}
+    return {k: v for k, v in plain_settings({"c": cfg})["c"].items() if k not in NOT_WEIGHT_FIELDS}
 
 
 def aligned_with_settings(out: str | os.PathLike, cfg: AlignRunConfig) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..config import AlignGuardConfig, FisherConfig, SubspaceConfig
 from ..report import render_report
 from ..report.compare_table import format_table
-from .align import AlignRunConfig, alignment_data_digest, run_align
+from .align import NOT_WEIGHT_FIELDS, AlignRunConfig, alignment_data_digest, run_align
 from .compare import CompareConfig, HarnessConfig, method_spec, run_compare
 from .train import TrainRunConfig
 
@@ -144,17 +144,12 @@ class DemoConfig:
         )
 
 
-# Fields whose value does not change the aligned model are never part of its cache key; fields added to
-# AlignRunConfig after a release are left out while at their default, so models aligned before the field existed
-# (with the same, then implicit, setting) are still found.
-_NOT_IN_KEY = ("out", "overwrite", "eval_task", "eval_task_n")
-# Where the report and the generation cache go never changes the weights either (left out at their defaults).
+# Fields whose value does not change the aligned model (align.NOT_WEIGHT_FIELDS: the report and the generation
+# cache) are never part of its cache key; fields added to AlignRunConfig after a release are left out while at
+# their default, so models aligned before the field existed (with the same, then implicit, setting) are still found.
+_NOT_IN_KEY = ("out", "overwrite", *NOT_WEIGHT_FIELDS)
 _ADDED_LATER = {
     "safe_fraction": 0.5,
-    "generation_cache": None,
-    "eval_prompts": "none",
-    "eval_max_new_tokens": 32,
-    "eval_batch_size": 16,
     "dpo_pairs": "base",
     "dpo_pool": "sft",
     "dpo_sft_weight": 0.0,

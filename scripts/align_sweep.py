@@ -9,7 +9,8 @@
 `--sft` holds `AlignRunConfig` fields of the SFT stage; each `--dpo` entry overrides DPO fields of it (and a
 `label`). It runs exactly the stages of `alignguard align` (same sampling, self-distillation, SFT, preference
 pairs or mined own mistakes, DPO), but trains the SFT once and evaluates every model with DriftCheck (pattern judge, 32 new tokens) on
-`--prompts` (default: the calibration split, disjoint from the standard split the README reports on). Writes
+`--prompts` (default: the calibration split, disjoint from the standard split the README reports on), and on
+`--task_n` test problems of `--task` (accuracy and the share refused, as in align's report). Writes
 `<out>/results.json` after every model (atomically); a rerun skips what is done. Each DPO model is saved under
 `<out>/model_<label>` (a normal HF folder: `alignguard align` with the same fields gives the same weights).
 """
@@ -36,9 +37,10 @@ from alignguard.recipes.align import (
     sft_stage,
 )
 from alignguard.recipes.align_report import refusal_summary
+from alignguard.tasks import evaluate_task
 
 
-def evaluate(model, tok, records, label: str) -> dict:
+def evaluate(model, tok, records, label: str, task: str, task_n: int) -> dict:
     t = time.time()
     gen = GenerationSettings(max_new_tokens=32, batch_size=32)
     result = run_driftcheck(model, records, tokenizer=tok, judge="pattern", settings=gen, n_boot=50, progress=False)
@@ -46,10 +48,15 @@ def evaluate(model, tok, records, label: str) -> dict:
     keys = ("refusal_unsafe", "over_refusal_safe", "over_refusal_lookalike", "over_refusal_other_safe")
     out = {k: s[k]["rate"] for k in keys}
     out["per_category"] = {c: v["rate"] for c, v in s["refusal_per_category"].items()}
+    if task != "none":  # the same task score as align's report (seed 0 test problems)
+        scored = evaluate_task(model, tok, task, task_n, 0, 32, None)
+        out["task_accuracy"] = scored["accuracy"]
+        out["task_refused"] = scored["n_refused"] / scored["n"]
     out["eval_seconds"] = round(time.time() - t)
+    task_text = f"  task {out['task_accuracy']:.3f} (refused {out['task_refused']:.3f})" if task != "none" else ""
     print(
         f"[{label}] refusal {out['refusal_unsafe']:.3f}  over-refusal {out['over_refusal_safe']:.3f}  "
-        f"look-alikes {out['over_refusal_lookalike']:.3f}",
+        f"look-alikes {out['over_refusal_lookalike']:.3f}{task_text}",
         flush=True,
     )
     return out
@@ -61,6 +68,8 @@ def main() -> None:
     parser.add_argument("--sft", required=True, help="AlignRunConfig fields of the SFT stage, as JSON")
     parser.add_argument("--dpo", default="[]", help="JSON list of DPO overrides, each with a label")
     parser.add_argument("--prompts", default="calibration", help="split name or prompt file to evaluate on")
+    parser.add_argument("--task", default="word_problems_easy", help="task scored on every model ('none': skip)")
+    parser.add_argument("--task_n", type=int, default=100, help="test problems of --task to score")
     args = parser.parse_args()
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
@@ -85,7 +94,7 @@ def main() -> None:
         results["sft_seconds"] = round(time.time() - t)
         results["sft_config"] = json.loads(args.sft)
     if "sft" not in results:
-        results["sft"] = evaluate(*load_model_and_tokenizer(str(sft_dir))[:2], records, "sft")
+        results["sft"] = evaluate(*load_model_and_tokenizer(str(sft_dir))[:2], records, "sft", args.task, args.task_n)
         atomic_write_json(results_path, results)
     for label, cfg in variants.items():
         if label in results:
@@ -97,7 +106,7 @@ def main() -> None:
         )
         row = {"dpo_seconds": round(time.time() - t), "n_pairs": info["n_pairs"], "dpo": overrides[label]}
         row["n_own_rejected"] = info.get("n_own_rejected")
-        row.update(evaluate(merged, sft_tok, records, label))
+        row.update(evaluate(merged, sft_tok, records, label, args.task, args.task_n))
         merged.save_pretrained(str(root / f"model_{label}"))
         sft_tok.save_pretrained(str(root / f"model_{label}"))
         results[label] = row

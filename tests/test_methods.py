@@ -60,3 +60,16 @@ def test_control_rows_drift_reduction_uses_the_poison_free_plain_lora(tmp_path):
     assert row["reference"] == "plain_lora@poison_ratio=0"
     assert row["seeds"][0]["drift_reduction"]["value"] == pytest.approx(0.5)  # 1 - 0.25 / 0.5, not 1 - 0.25 / 1.0
     assert results["rows"]["plain_lora"]["seeds"][0]["drift_reduction"]["value"] == pytest.approx(0.0)
+
+
+def test_every_peer_config_has_a_setup_and_the_self_screen_fills_its_filter(tmp_path):
+    from alignguard.recipes.method_rows import PEER_SETUPS, prepare_peer
+    from alignguard.recipes.methods import PEER_CONFIGS
+
+    assert set(PEER_SETUPS) == set(PEER_CONFIGS)
+    cfg = SimpleNamespace(eval_batch_size=4, out=str(tmp_path))
+    info, extra = prepare_peer(cfg, "self_screen", "self_screen", None, None, [], tmp_path)
+    assert callable(extra["example_filter"])
+    assert extra["method_settings"]["self_screen"] == info
+    with pytest.raises(KeyError):
+        prepare_peer(cfg, "self_screen", "not_a_peer", None, None, [], tmp_path)

@@ -52,6 +52,41 @@ def row_subspaces(spec: dict, fisher_dir: Path, seed: int):
     return None
 
 
+def _prepare_surgery(cfg, options, model, tokenizer, target_modules, fisher_dir: Path, extra: dict):
+    from .surgery import prepare_surgery  # imports transformers.Trainer: only when used
+
+    info, extra["trainer_factory"] = prepare_surgery(fisher_dir, tokenizer, options)
+    return info
+
+
+def _prepare_self_screen(cfg, options, model, tokenizer, target_modules, fisher_dir: Path, extra: dict):
+    extra["example_filter"] = screen_filter(options, cfg.eval_batch_size, str(Path(cfg.out) / "generation_cache"))
+    return options.to_dict()
+
+
+def _prepare_lox(cfg, options, model, tokenizer, target_modules, fisher_dir: Path, extra: dict):
+    base = load_base(cfg.model, cfg.base_model, "lox")
+    return apply_lox_(model, base, options, target_modules)
+
+
+def _prepare_asft(cfg, options, model, tokenizer, target_modules, fisher_dir: Path, extra: dict):
+    from .asft import prepare_asft  # imports transformers.Trainer: only when used
+
+    base = load_base(cfg.model, cfg.base_model, "asft")
+    info, extra["trainer_factory"] = prepare_asft(model, base, options, target_modules)
+    return info
+
+
+# One set-up function per peer of `methods.PEER_CONFIGS`: each returns what it applied and fills `extra` with the
+# `run_train` keyword arguments it needs (a trainer factory, an example filter).
+PEER_SETUPS = {
+    "surgery": _prepare_surgery,
+    "self_screen": _prepare_self_screen,
+    "lox": _prepare_lox,
+    "asft": _prepare_asft,
+}
+
+
 def prepare_peer(cfg, name: str, peer: str, model, tokenizer, target_modules, fisher_dir: Path) -> tuple:
     """Prepare a peer's row (`cfg`: the CompareConfig) before LoRA is added (and before any training).
 
@@ -62,22 +97,7 @@ def prepare_peer(cfg, name: str, peer: str, model, tokenizer, target_modules, fi
     """
     options = peer_config(name)
     extra = {"method_settings": {peer: options.to_dict()}}
-    if peer == "surgery":
-        from .surgery import prepare_surgery  # imports transformers.Trainer: only when used
-
-        info, extra["trainer_factory"] = prepare_surgery(fisher_dir, tokenizer, options)
-        return info, extra
-    if peer == "self_screen":
-        extra["example_filter"] = screen_filter(options, cfg.eval_batch_size, str(Path(cfg.out) / "generation_cache"))
-        return options.to_dict(), extra
-    base = load_base(cfg.model, cfg.base_model, peer)
-    if peer == "lox":
-        info = apply_lox_(model, base, options, target_modules)
-    else:
-        from .asft import prepare_asft  # imports transformers.Trainer: only when used
-
-        info, extra["trainer_factory"] = prepare_asft(model, base, options, target_modules)
-    del base
+    info = PEER_SETUPS[peer](cfg, options, model, tokenizer, target_modules, fisher_dir, extra)
     return info, extra
 
 

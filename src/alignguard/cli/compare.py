@@ -5,8 +5,8 @@
 
 Methods: plain_lora, alignguard, ag_no_alignment, ag_no_task, ag_no_overlap, ag_no_geodesic, ag_project,
 ag_kfac (two-sided K-FAC alignment term), random_subspace, ewc, ewc_kfac, safe_lora, replay, alignguard_replay,
-and the peers and variants asft, lox, surgery (gradient surgery), self_screen (self-screened data); any of them
-with per-row overrides (`alignguard@lambda_a=1000`, `plain_lora@poison_ratio=0`).
+and the peers and variants asft, lox, surgery (gradient surgery), lisa (bi-state optimisation), self_screen
+(self-screened data); any of them with per-row overrides (`alignguard@lambda_a=1000`, `plain_lora@poison_ratio=0`).
 Writes <out>/results.json and <out>/results.md;
 re-running the same command resumes (finished methods are skipped).
 """

@@ -314,9 +314,9 @@ def row_settings(cfg: CompareConfig, train_cfg, ag_cfg, name: str, seed: int, fi
     settings = {
         "model": cfg.model,
         # Plain-LoRA rows (plain_lora, replay, safe_lora) never read the Fisher folder: a new Fisher pass keeps them.
-        # Gradient surgery reads its alignment data.
+        # Gradient surgery and Lisa read its alignment data.
         "fisher_key": json.loads((fisher_dir / STAGE_KEY_FILE).read_text())["key"]
-        if spec["method"] == "alignguard" or spec.get("peer") == "surgery"
+        if spec["method"] == "alignguard" or spec.get("peer") in ("surgery", "lisa")
         else None,
         "base_key": json.loads((base_dir / STAGE_KEY_FILE).read_text())["key"],
         "method": name,
@@ -396,6 +396,10 @@ def run_method(
         from .surgery import logged_conflicts
 
         peer_info["logged_conflict"] = logged_conflicts(summary)
+    elif peer == "lisa":
+        from .lisa import logged_proximal
+
+        peer_info["logged_proximal"] = logged_proximal(summary)
     elif peer == "self_screen":  # what the screen dropped, by kind (from the summary: kept across a resume)
         peer_info["screen"] = summary.get("screen")
     info = {}

@@ -1,6 +1,6 @@
 """What a compare row adds to plain LoRA training, by method: replayed refusals, untruncated or random subspaces,
 the peers' preparation (AsFT's penalty, LoX's extrapolation, gradient surgery's alignment batches, the
-self-screen's data filter) and Safe LoRA's projection after training.
+self-screen's data filter, Lisa's alignment batches) and Safe LoRA's projection after training.
 
 `compare.run_method` trains and evaluates every row the same way; this module holds the per-method pieces so
 that the harness stays one loop (docs/design.md §5).
@@ -59,6 +59,13 @@ def _prepare_surgery(cfg, options, model, tokenizer, target_modules, fisher_dir:
     return info
 
 
+def _prepare_lisa(cfg, options, model, tokenizer, target_modules, fisher_dir: Path, extra: dict):
+    from .lisa import prepare_lisa  # imports transformers.Trainer: only when used
+
+    info, extra["trainer_factory"] = prepare_lisa(fisher_dir, tokenizer, options)
+    return info
+
+
 def _prepare_self_screen(cfg, options, model, tokenizer, target_modules, fisher_dir: Path, extra: dict):
     extra["example_filter"] = screen_filter(options, cfg.eval_batch_size, str(Path(cfg.out) / "generation_cache"))
     return options.to_dict()
@@ -81,6 +88,7 @@ def _prepare_asft(cfg, options, model, tokenizer, target_modules, fisher_dir: Pa
 # `run_train` keyword arguments it needs (a trainer factory, an example filter).
 PEER_SETUPS = {
     "surgery": _prepare_surgery,
+    "lisa": _prepare_lisa,
     "self_screen": _prepare_self_screen,
     "lox": _prepare_lox,
     "asft": _prepare_asft,

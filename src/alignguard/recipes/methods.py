@@ -14,6 +14,7 @@ from dataclasses import replace
 from ..asft import AsftConfig
 from ..config import AlignGuardConfig
 from ..gradient_surgery import SurgeryConfig
+from ..lisa import LisaConfig
 from ..lox import LoxConfig
 from ..self_screen import ScreenConfig
 from .train import TrainRunConfig
@@ -46,6 +47,9 @@ METHODS: dict[str, dict] = {
     # Gradient surgery (SPF / PCGrad): plain LoRA whose task gradient loses its component that would raise the
     # alignment loss (the NLL of the Fisher pass's refusals), `alignguard.gradient_surgery`.
     "surgery": {"method": "lora", "peer": "surgery"},
+    # Lisa (bi-state optimisation): plain LoRA that alternates steps on the Fisher pass's refusals and on the task,
+    # with a proximal term to the weights at the last switch (`alignguard.lisa`).
+    "lisa": {"method": "lora", "peer": "lisa"},
     # Self-screened data: plain LoRA without the examples whose prompt the aligned model refuses while their
     # response complies (`alignguard.self_screen`); the screen never sees which examples are poison.
     "self_screen": {"method": "lora", "peer": "self_screen"},
@@ -54,7 +58,13 @@ METHODS: dict[str, dict] = {
     "alignguard_screen": {"method": "alignguard", "peer": "self_screen"},
 }
 # A peer row's own options, overridable per row under the peer's name in the spec (`spec["asft"]`).
-PEER_CONFIGS = {"asft": AsftConfig, "lox": LoxConfig, "surgery": SurgeryConfig, "self_screen": ScreenConfig}
+PEER_CONFIGS = {
+    "asft": AsftConfig,
+    "lox": LoxConfig,
+    "surgery": SurgeryConfig,
+    "lisa": LisaConfig,
+    "self_screen": ScreenConfig,
+}
 DEFAULT_METHODS = list(METHODS)
 
 

@@ -90,17 +90,11 @@ class SurgeryTrainer(SurgeryMixin, Trainer):
 
 
 def prepare_surgery(fisher_dir: str | Path, tokenizer, config: SurgeryConfig) -> tuple[dict, Callable]:
-    """The alignment batches (from the Fisher folder) and a `trainer_factory` for `run_train`. Returns
-    `(info, trainer_factory)`; `info` records the options and how many alignment batches there are."""
-    from .train import alignment_batches
+    """The alignment batches (from the Fisher folder) and a `trainer_factory` for `run_train`: see
+    `recipes.train.alignment_trainer_factory`."""
+    from .train import alignment_trainer_factory
 
-    batches = alignment_batches(fisher_dir, tokenizer)
-    info = {**config.to_dict(), "alignment_batches": len(batches)}
-
-    def trainer_factory(**kwargs):
-        return SurgeryTrainer(**kwargs, alignment_batches=batches, surgery_config=config)
-
-    return info, trainer_factory
+    return alignment_trainer_factory(SurgeryTrainer, "surgery_config", fisher_dir, tokenizer, config)
 
 
 def logged_conflicts(summary: dict) -> list[float]:

@@ -182,6 +182,19 @@ def alignment_batches(fisher_dir: str | Path, tokenizer):
     )
 
 
+def alignment_trainer_factory(trainer_cls, config_kw: str, fisher_dir: str | Path, tokenizer, config) -> tuple:
+    """For a peer whose Trainer subclass steps on the Fisher pass's alignment batches (gradient surgery, Lisa):
+    the batches, and a `trainer_factory` for `run_train` that hands them and `config` (as `config_kw`) over.
+    Returns `(info, trainer_factory)`; `info` records the options and how many alignment batches there are."""
+    batches = alignment_batches(fisher_dir, tokenizer)
+    info = {**config.to_dict(), "alignment_batches": len(batches)}
+
+    def trainer_factory(**kwargs):
+        return trainer_cls(**kwargs, alignment_batches=batches, **{config_kw: config})
+
+    return info, trainer_factory
+
+
 def _load_finished(out: Path, model, log) -> dict:
     """The summary of a finished run (skipped), with `peft_model` = the saved adapter on `model` (None without)."""
     summary = json.loads((out / TRAIN_SUMMARY).read_text())

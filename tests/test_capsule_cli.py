@@ -193,6 +193,23 @@ def test_train_then_eval_end_to_end(tmp_path, capsys):
     assert "resumed from" in capsys.readouterr().out
     l0_hist = json.loads((l0 / "train_results.json").read_text())
     assert l0_hist["resumed_from"] == 1 and l0_hist["history"][-1]["recon_loss"] is None
+    # A results-only trace changes stage 2 only: it starts from the same end-of-stage-1 checkpoint.
+    res = tmp_path / "results-trace"
+    assert (
+        capsule_cli.main(["train", *TINY, "--capsule_trace", "results", "--init_from", str(out), "--out", str(res)])
+        == 0
+    )
+    assert json.loads((res / "train_results.json").read_text())["resumed_from"] == 1
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        capsule_cli.main(["train", *TINY, "--capsule_trace", "plan", "--out", str(tmp_path / "bad-trace")])
+    assert "--capsule_trace" in capsys.readouterr().err and not (tmp_path / "bad-trace").exists()
+    # A run folder written before a field existed resumes: the missing field counts as its default.
+    saved = yaml.safe_load((l0 / "config.yaml").read_text())
+    del saved["train"]["capsule_trace"]
+    (l0 / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert capsule_cli.main(["train", *TINY, "--recon_lambda", "0", "--out", str(l0)]) == 0
+    assert "resumed from" in capsys.readouterr().out
 
     ev = tmp_path / "eval"
     argv = [

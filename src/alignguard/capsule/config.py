@@ -21,6 +21,11 @@ TINY_MODELS = ("tiny-llama", "tiny-qwen2", "tiny-gpt2")
 CONTROL_DIR = "lambda0"
 
 
+# What the capsule system writes after the capsule (`CapsuleTrainConfig.capsule_trace`): every equation, or only
+# the result of each step, so that which numbers to combine, and how, has to come from the capsule.
+CAPSULE_TRACES = ("equations", "results")
+
+
 @dataclass
 class CapsuleModelConfig:
     """Model settings for the capsule wrapper.
@@ -161,6 +166,11 @@ class CapsuleTrainConfig:
             `recon_lambda: 0`, starting stage 2 from the main run's end-of-stage-1 checkpoint (so the two differ
             in stage 2 only). `alignguard capsule eval` evaluates it as a row when it is there. Ignored when
             `recon_lambda` is already 0.
+        capsule_trace (`Literal["equations", "results"]`):
+            What stage 2 writes after the capsule: `equations` (every step, "Steps: 5+3=8 ; 8-2=6") or `results`
+            (only each step's result, "Steps: 8 ; 6"), so that which numbers to combine, and how, must come from
+            the capsule. Stage 1 does not depend on it, so runs that differ only here can share stage 1
+            (`--init_from`).
 
     > Parameters that control optimisation
 
@@ -202,6 +212,10 @@ class CapsuleTrainConfig:
     lambda0_control: bool = field(
         default=False, metadata={"help": "Also train the lambda=0 control into OUT/lambda0 (shares stage 1)."}
     )
+    capsule_trace: Literal["equations", "results"] = field(
+        default="equations",
+        metadata={"help": "Stage 2's visible trace after the capsule: equations (5+3=8 ; 8-2=6) or results (8 ; 6)."},
+    )
     batch_size: int = field(default=16, metadata={"help": "Examples per step."})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
     capsule_learning_rate: float | None = field(default=None, metadata={"help": "LR of capsule params."})
@@ -220,6 +234,8 @@ class CapsuleTrainConfig:
             raise ValueError(f"--cot_steps/--capsule_steps must be >= 0, got {self.cot_steps}/{self.capsule_steps}")
         if self.recon_lambda < 0:
             raise ValueError(f"--recon_lambda must be >= 0, got {self.recon_lambda}")
+        if self.capsule_trace not in CAPSULE_TRACES:
+            raise ValueError(f"--capsule_trace must be one of {CAPSULE_TRACES}, got {self.capsule_trace!r}")
         if self.batch_size < 1:
             raise ValueError(f"--batch_size must be >= 1, got {self.batch_size}")
         if self.learning_rate <= 0:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .config import CapsuleDataConfig
+from .config import CAPSULE_TRACES, CapsuleDataConfig
 
 # Target text formats. Stage 1 learns COT and DIRECT, stage 2 learns CAPSULE after the capsule vectors.
 COT_PREFIX = "Plan:"
@@ -52,8 +52,16 @@ def direct_target(ex: CapsuleExample) -> str:
     return f"{DIRECT_PREFIX} {ex.answer}"
 
 
-def capsule_target(ex: CapsuleExample) -> str:
-    return f"{STEPS_PREFIX} {ex.steps}\n{DIRECT_PREFIX} {ex.answer}"
+def step_results(steps: str) -> str:
+    """The result of each step of `steps` ("5+3=8 ; 8-2=6" -> "8 ; 6"); a step without "=" is kept whole."""
+    return " ; ".join(step.rpartition("=")[2].strip() for step in steps.split(" ; ") if step.strip())
+
+
+def capsule_target(ex: CapsuleExample, trace: str = "equations") -> str:
+    if trace not in CAPSULE_TRACES:
+        raise ValueError(f"--capsule_trace must be one of {CAPSULE_TRACES}, got {trace!r}")
+    steps = ex.steps if trace == "equations" else step_results(ex.steps)
+    return f"{STEPS_PREFIX} {steps}\n{DIRECT_PREFIX} {ex.answer}"
 
 
 def parse_answer(text: str) -> str | None:
@@ -370,9 +378,12 @@ class CapsuleBatch:
     plan_mask: torch.Tensor
 
 
-def collate(tokenizer, examples: list[CapsuleExample], target: str, max_length: int) -> CapsuleBatch:
-    """Build a batch; `target` is one of `cot`, `direct`, `capsule` (which text follows the prompt)."""
-    fmt = {"cot": cot_target, "direct": direct_target, "capsule": capsule_target}[target]
+def collate(
+    tokenizer, examples: list[CapsuleExample], target: str, max_length: int, trace: str = "equations"
+) -> CapsuleBatch:
+    """Build a batch; `target` is one of `cot`, `direct`, `capsule` (which text follows the prompt); `trace` is the
+    capsule target's visible trace (`CAPSULE_TRACES`)."""
+    fmt = {"cot": cot_target, "direct": direct_target, "capsule": lambda ex: capsule_target(ex, trace)}[target]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     p_ids, p_mask = pad([prompt_ids(tokenizer, ex.question, max_length) for ex in examples], pad_id, "left")
     t_ids, t_mask = pad([text_ids(tokenizer, fmt(ex), max_length) for ex in examples], pad_id, "right")

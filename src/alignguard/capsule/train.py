@@ -107,7 +107,7 @@ def _step_losses(
         cot_loss = model.text_loss(_to(cot, dev))
         direct_loss = model.text_loss(_to(direct, dev))
         return {"loss": cot_loss + direct_loss, "cot_loss": cot_loss, "direct_loss": direct_loss}
-    batch = collate(tokenizer, examples, "capsule", cfg.max_length)
+    batch = collate(tokenizer, examples, "capsule", cfg.max_length, cfg.capsule_trace)
     return model.capsule_losses(_to(batch, dev), cfg.recon_lambda)
 
 

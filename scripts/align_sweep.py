@@ -40,21 +40,21 @@ from alignguard.recipes.align_report import refusal_summary
 from alignguard.tasks import evaluate_task
 
 
-def evaluate(model, tok, records, label: str, task: str, task_n: int, out: Path) -> dict:
-    """Refusal rates (and the task score) of one model; its completions are kept in <out>/driftcheck_<label>/ and
-    its task answers in <out>/generation_cache/, so a surprising number can be read back."""
+def evaluate(model, tok, records, label: str, task: str, task_n: int, folder: Path) -> dict:
+    """Refusal rates (and the task score) of one model; its completions are kept in <folder>/driftcheck_<label>/ and
+    its task answers in <folder>/generation_cache/, so a surprising number can be read back."""
     t = time.time()
     gen = GenerationSettings(max_new_tokens=32, batch_size=32)
     result = run_driftcheck(
         model, records, tokenizer=tok, judge="pattern", settings=gen, n_boot=50, progress=False,
-        out_dir=out / f"driftcheck_{label}",
+        out_dir=folder / f"driftcheck_{label}",
     )  # fmt: skip
     s = refusal_summary(result.per_prompt)
     keys = ("refusal_unsafe", "over_refusal_safe", "over_refusal_lookalike", "over_refusal_other_safe")
     out = {k: s[k]["rate"] for k in keys}
     out["per_category"] = {c: v["rate"] for c, v in s["refusal_per_category"].items()}
     if task != "none":  # the same task score as align's report (seed 0 test problems)
-        scored = evaluate_task(model, tok, task, task_n, 0, 32, str(out / "generation_cache"))
+        scored = evaluate_task(model, tok, task, task_n, 0, 32, str(folder / "generation_cache"))
         out["task_accuracy"] = scored["accuracy"]
         out["task_refused"] = scored["n_refused"] / scored["n"]
     out["eval_seconds"] = round(time.time() - t)

@@ -63,10 +63,10 @@ def test_control_rows_drift_reduction_uses_the_poison_free_plain_lora(tmp_path):
 
 
 def test_every_peer_config_has_a_setup_and_the_self_screen_fills_its_filter(tmp_path):
-    from alignguard.recipes.method_rows import PEER_SETUPS, prepare_peer
+    from alignguard.recipes.method_rows import PEER_LOGS, PEER_SETUPS, prepare_peer
     from alignguard.recipes.methods import PEER_CONFIGS
 
-    assert set(PEER_SETUPS) == set(PEER_CONFIGS)
+    assert set(PEER_SETUPS) == set(PEER_CONFIGS) and set(PEER_LOGS) <= set(PEER_CONFIGS)
     cfg = SimpleNamespace(eval_batch_size=4, out=str(tmp_path))
     info, extra = prepare_peer(cfg, "self_screen", "self_screen", None, None, [], tmp_path)
     assert callable(extra["example_filter"])

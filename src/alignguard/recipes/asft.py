@@ -87,8 +87,3 @@ def prepare_asft(aligned_model, base_model, config: AsftConfig, target_modules) 
         return AsftTrainer(**kwargs, asft_factors=factors, asft_config=config)
 
     return info, trainer_factory
-
-
-def logged_penalties(summary: dict) -> list[float]:
-    """The `asft_penalty` values logged during a training run (from its train summary's log history)."""
-    return [h["asft_penalty"] for h in summary.get("log_history", []) if "asft_penalty" in h]

@@ -41,7 +41,7 @@ from ..io import atomic_write_json, atomic_write_text
 from ..tasks import evaluate_task
 from .eval import check_judge
 from .fisher import FisherRunConfig, run_fisher
-from .method_rows import prepare_peer, replay_pairs, row_subspaces, safe_lora_once
+from .method_rows import PEER_LOGS, prepare_peer, replay_pairs, row_subspaces, safe_lora_once
 from .methods import (  # noqa: F401  (re-exported: compare.METHODS, compare.method_spec, ...)
     DEFAULT_METHODS,
     METHODS,
@@ -388,18 +388,9 @@ def run_method(
         stage_is_current(mdir, settings, mdir / "result.json", Path(cfg.out), label, log)
         summary = run_train(tcfg, acfg, **train)
     peft_model = summary.pop("peft_model")
-    if peer == "asft":
-        from .asft import logged_penalties
-
-        peer_info["logged_penalty"] = logged_penalties(summary)
-    elif peer == "surgery":
-        from .surgery import logged_conflicts
-
-        peer_info["logged_conflict"] = logged_conflicts(summary)
-    elif peer == "lisa":
-        from .lisa import logged_proximal
-
-        peer_info["logged_proximal"] = logged_proximal(summary)
+    if peer in PEER_LOGS:  # what the peer's trainer logged beside `loss`, into its result.json
+        field, key = PEER_LOGS[peer]
+        peer_info[field] = [h[key] for h in summary.get("log_history", []) if key in h]
     elif peer == "self_screen":  # what the screen dropped, by kind (from the summary: kept across a resume)
         peer_info["screen"] = summary.get("screen")
     info = {}

@@ -150,8 +150,3 @@ def prepare_lisa(fisher_dir: str | Path, tokenizer, config: LisaConfig) -> tuple
     from .train import alignment_trainer_factory
 
     return alignment_trainer_factory(LisaTrainer, "lisa_config", fisher_dir, tokenizer, config)
-
-
-def logged_proximal(summary: dict) -> list[float]:
-    """The `lisa_proximal` values logged during a training run (from its train summary's log history)."""
-    return [h["lisa_proximal"] for h in summary.get("log_history", []) if "lisa_proximal" in h]

@@ -95,6 +95,14 @@ PEER_SETUPS = {
 }
 
 
+# The value a peer's trainer logs beside `loss` (key in the log history) and the result.json field that lists it.
+PEER_LOGS = {
+    "asft": ("logged_penalty", "asft_penalty"),
+    "surgery": ("logged_conflict", "surgery_conflict"),
+    "lisa": ("logged_proximal", "lisa_proximal"),
+}
+
+
 def prepare_peer(cfg, name: str, peer: str, model, tokenizer, target_modules, fisher_dir: Path) -> tuple:
     """Prepare a peer's row (`cfg`: the CompareConfig) before LoRA is added (and before any training).
 

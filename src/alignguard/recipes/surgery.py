@@ -95,8 +95,3 @@ def prepare_surgery(fisher_dir: str | Path, tokenizer, config: SurgeryConfig) ->
     from .train import alignment_trainer_factory
 
     return alignment_trainer_factory(SurgeryTrainer, "surgery_config", fisher_dir, tokenizer, config)
-
-
-def logged_conflicts(summary: dict) -> list[float]:
-    """The `surgery_conflict` shares logged during a training run (from its train summary's log history)."""
-    return [h["surgery_conflict"] for h in summary.get("log_history", []) if "surgery_conflict" in h]

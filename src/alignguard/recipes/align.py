@@ -66,6 +66,8 @@ class AlignRunConfig:
         lookalike_fraction: share of benign look-alikes among the sampled safe prompts; None = as they come.
         max_steps / batch_size / learning_rate / lora_r / lora_alpha / target_modules / max_length: the SFT.
         max_new_tokens: length of the self-distilled answers (and of the base completions DPO rejects).
+        helpful_system_prompt / helpful_max_new_tokens: a system turn, and a length, used only while the base model
+            writes its helpful answers (context distillation); SFT and DPO see the prompt without it.
         generation_cache: folder of those generations (default <out>/generation_cache); runs that share it
             generate each answer once.
         dpo_steps / dpo_batch_size / dpo_learning_rate / dpo_beta / dpo_lora_r / dpo_examples / dpo_safe_fraction /
@@ -96,6 +98,18 @@ class AlignRunConfig:
     max_length: int = field(default=256, metadata={"help": "Token limit of prompt + response."})
     max_new_tokens: int = field(
         default=48, metadata={"help": "Length of self-distilled answers and of the base completions DPO rejects."}
+    )
+    helpful_system_prompt: str | None = field(
+        default=None,
+        metadata={
+            "help": "System turn placed before safe prompts only while the base model writes its helpful answers "
+            "(context distillation, Askell et al. 2021); SFT and DPO train those answers on the prompt alone. A "
+            "small model's own answers run long and ignore format instructions ('answer in one sentence'); SFT on "
+            "them teaches that style to every prompt. Unset: answers as the plain prompt gets them."
+        },
+    )
+    helpful_max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Length of the self-distilled helpful answers; unset: max_new_tokens."}
     )
     generation_cache: str | None = field(
         default=None, metadata={"help": "Folder of the generation cache (default: <out>/generation_cache)."}
@@ -197,6 +211,8 @@ class AlignRunConfig:
         require_positive(self, ("learning_rate", "lora_alpha", "dpo_learning_rate", "dpo_beta"))
         if self.dpo_sft_weight < 0:
             raise ValueError(f"dpo_sft_weight: must be >= 0 (0 = plain DPO), got {self.dpo_sft_weight}")
+        if self.helpful_max_new_tokens is not None and self.helpful_max_new_tokens < 1:
+            raise ValueError(f"helpful_max_new_tokens: must be >= 1 or unset, got {self.helpful_max_new_tokens}")
         if self.seed < 0:
             raise ValueError(f"seed: must be >= 0, got {self.seed}")
         if not self.target_modules:
@@ -283,22 +299,30 @@ def alignment_examples(cfg: AlignRunConfig) -> tuple[list, list]:
 
 
 def base_generations(model, tokenizer, cfg: AlignRunConfig, sft: list, dpo: list, progress: bool = True):
-    """The base model's answers that both stages need, in one cached generation pass: self-distilled answers to
-    safe prompts without a shipped response (SFT targets and DPO's chosen side), and its own completions of the
-    unsafe prompts DPO rejects."""
+    """The base model's answers that both stages need, cached: self-distilled answers to safe prompts without a
+    shipped response (SFT targets and DPO's chosen side; written under `helpful_system_prompt` when set), and its
+    own completions of the unsafe prompts DPO rejects (always the plain prompt: what the model does unprompted)."""
     from ..driftcheck.generate import GenerationSettings, generate_responses
 
-    need = [e.prompt for e in sft if e.label != "unsafe" and e.response is None]
-    need += [e.prompt for e in dpo if e.label == "unsafe"]
-    need += [e.prompt for e in dpo if e.label != "unsafe" and e.response is None]
-    need = list(dict.fromkeys(need))
-    if not need:
-        return {}
-    settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens)
-    outs = generate_responses(
-        model, tokenizer, need, settings, cache_dir=str(generation_cache_dir(cfg)), progress=progress
-    )
-    return dict(zip(need, outs))
+    helpful = (cfg.helpful_max_new_tokens or cfg.max_new_tokens, cfg.helpful_system_prompt)
+    rejected = (cfg.max_new_tokens, None)
+    need = [(e.prompt, helpful) for e in sft if e.label != "unsafe" and e.response is None]
+    need += [(e.prompt, rejected) for e in dpo if e.label == "unsafe"]
+    need += [(e.prompt, helpful) for e in dpo if e.label != "unsafe" and e.response is None]
+    groups: dict[tuple, list[str]] = {}  # one pass per setting, in this order: the default is one pass, as it was
+    for prompt, setting in need:
+        groups.setdefault(setting, []).append(prompt)
+    answers = {}
+    for (max_new_tokens, system_prompt), prompts in groups.items():
+        prompts = list(dict.fromkeys(prompts))
+        if not prompts:
+            continue
+        settings = GenerationSettings(max_new_tokens=max_new_tokens, system_prompt=system_prompt)
+        outs = generate_responses(
+            model, tokenizer, prompts, settings, cache_dir=str(generation_cache_dir(cfg)), progress=progress
+        )
+        answers.update(zip(prompts, outs))
+    return answers
 
 
 def sft_pairs(examples: list, answers: dict[str, str], seed: int) -> list[tuple[str, str]]:

@@ -67,7 +67,10 @@ def test_helpful_answers_are_distilled_under_their_system_turn_and_rejected_ones
     )
     answers = base_generations(None, None, cfg, sft, dpo, progress=False)
     (helpful, h_set), (rejected, r_set) = calls
-    assert helpful == ["safe 0", "safe 1", "safe 2"] and (h_set.system_prompt, h_set.max_new_tokens) == ("Be brief.", 30)
+    assert helpful == ["safe 0", "safe 1", "safe 2"] and (h_set.system_prompt, h_set.max_new_tokens) == (
+        "Be brief.",
+        30,
+    )
     assert rejected == ["unsafe 0", "unsafe 1"] and (r_set.system_prompt, r_set.max_new_tokens) == (None, 12)
     assert answers["safe 1"] == "answer 1" and answers["unsafe 1"] == "answer 2" and "safe shipped" not in answers
 

@@ -60,6 +60,28 @@ def test_gradients_equal_dense_reference(family, rslora):
     assert any(g.abs().sum() > 0 for g in g_fast)
 
 
+@pytest.mark.parametrize("zero", [{"lambda_t": 0.0}, {"lambda_nc": 0.0}, {"alpha": 1.0}, {"lambda_a": 0.0}])
+def test_a_term_of_weight_zero_is_logged_detached_and_the_gradient_is_unchanged(zero):
+    model = _model("llama", False)
+    subs = random_subspaces_for(model, task_rank=5)
+    cfg = AlignGuardConfig(
+        geo_metric="task_fisher", task_metric="task_fisher", **{"lambda_t": 0.3, "lambda_nc": 0.7, **zero}
+    )
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    terms = AlignGuardRegularizer(model, subs, cfg)()
+    ref = dense_reference_terms(model, subs, cfg)
+    c = cfg
+    weights = {"alignment": c.lambda_a, "task": c.lambda_t, "overlap": c.lambda_nc * c.alpha}
+    weights["geodesic"] = c.lambda_nc * (1 - c.alpha)
+    for key, weight in weights.items():
+        assert terms[key].requires_grad == (weight != 0), key
+        torch.testing.assert_close(terms[key], ref[key], rtol=1e-9, atol=1e-12, msg=key)  # still logged, exact
+    g_fast = torch.autograd.grad(terms["total"], params)
+    g_ref = torch.autograd.grad(ref["total"], params)
+    for a, b in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+
+
 @pytest.mark.parametrize("family,rslora", CASES)
 def test_kfac_alignment_term_equals_dense_reference_values_and_gradients(family, rslora):
     """R_A = tr(G_U dW_A A_in dW_A^T) with A_in = P diag(rho) P^T + sigma (I - P P^T), ranks differing per module."""

@@ -254,6 +254,10 @@ class AlignGuardRegularizer:
         divisor = self.n_modules if self.config.reduction == "mean" else 1
         terms = {k: (v / divisor if torch.is_tensor(v) else torch.tensor(0.0)) for k, v in sums.items()}
         c = self.config
+        weights = {"alignment": c.lambda_a, "task": c.lambda_t, "overlap": c.lambda_nc * c.alpha}
+        weights["geodesic"] = c.lambda_nc * (1 - c.alpha)
+        # A term of weight 0 is only logged: detached, the backward pass skips it (and what only it uses).
+        terms = {k: (v.detach() if weights[k] == 0 else v) for k, v in terms.items()}
         terms["total"] = (
             c.lambda_a * terms["alignment"]
             + c.lambda_t * terms["task"]

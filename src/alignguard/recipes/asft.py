@@ -16,17 +16,16 @@ sum) is logged beside `loss`.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable
 
 import torch
 from transformers import Trainer
 
 from ..asft import AsftConfig, AsftPenalty, build_asft_factors
-from ..trainer import AlignGuardMixin
+from .step_terms import StepTermsMixin
 
 
-class AsftMixin:
+class AsftMixin(StepTermsMixin):
     """Adds the AsFT penalty to a HF Trainer subclass's loss (keyword-only `asft_factors`, `asft_config`).
 
     Upon completion of `__init__`, `self.asft_penalty` holds the penalty over the LoRA layers of `self.model`.
@@ -36,12 +35,6 @@ class AsftMixin:
         super().__init__(*args, **kw)
         self.asft_config = asft_config or AsftConfig()
         self.asft_penalty = AsftPenalty(self.model, asft_factors)
-        self._asft_logged: dict[str, list] = defaultdict(list)
-
-    # The Trainer's loss divisor under gradient accumulation (DeepSpeed and num_items_in_batch included): the same
-    # bookkeeping as AlignGuard's, so the two terms are weighted alike.
-    _loss_is_scaled_for_ga = AlignGuardMixin._loss_is_scaled_for_ga
-    _ga_divisor = AlignGuardMixin._ga_divisor
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(
@@ -49,22 +42,13 @@ class AsftMixin:
         )
         if not model.training or not self.accelerator.sync_gradients:
             return result
-        loss = result[0] if return_outputs else result
-        if loss.dim() > 0:  # DataParallel: one loss per GPU, averaged by the Trainer right after
-            loss = loss.mean()
         penalty = self.asft_penalty()
-        self._asft_logged["asft_penalty"].append(penalty.detach())
+        self._log_step("asft_penalty", penalty.detach())
         if self.asft_config.asft_lambda > 0:
-            weight = self.asft_config.asft_lambda * self._ga_divisor(num_items_in_batch)
-            loss = loss + (weight * penalty).to(device=loss.device, dtype=loss.dtype)
-        return (loss, *result[1:]) if return_outputs else loss
-
-    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if self._asft_logged and "loss" in logs:  # the mean over the optimizer steps since the last log
-            for key, values in self._asft_logged.items():
-                logs[key] = float(torch.stack([v.float().cpu() for v in values]).mean())
-            self._asft_logged.clear()
-        super().log(logs, *args, **kwargs)
+            return self._add_step_term(
+                result, return_outputs, num_items_in_batch, self.asft_config.asft_lambda, penalty
+            )
+        return result
 
 
 class AsftTrainer(AsftMixin, Trainer):

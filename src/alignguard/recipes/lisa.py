@@ -17,7 +17,6 @@ beside `loss`. Sharded parameters (DeepSpeed ZeRO, FSDP) are refused: the anchor
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,12 +25,12 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer
 
 from ..lisa import ALIGNMENT, LisaConfig, lisa_phase, proximal_term
-from ..trainer import AlignGuardMixin
+from .step_terms import StepTermsMixin
 
 ANCHOR_FILE = "lisa_anchor.safetensors"
 
 
-class LisaMixin:
+class LisaMixin(StepTermsMixin):
     """Adds Lisa's two states and proximal term to a HF Trainer subclass (keyword-only `alignment_batches`,
     `lisa_config`)."""
 
@@ -50,11 +49,6 @@ class LisaMixin:
         self._anchor: list[torch.Tensor] | None = None
         self._step: int | None = None  # the optimizer step whose micro-batches are running
         self._phase = ALIGNMENT
-        self._lisa_logged: dict[str, list] = defaultdict(list)
-
-    # The Trainer's loss divisor under gradient accumulation: the same bookkeeping as AlignGuard's and AsFT's.
-    _loss_is_scaled_for_ga = AlignGuardMixin._loss_is_scaled_for_ga
-    _ga_divisor = AlignGuardMixin._ga_divisor
 
     def _named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -88,24 +82,14 @@ class LisaMixin:
         )
         if not model.training or not self.accelerator.sync_gradients or self._anchor is None:
             return result
-        loss = result[0] if return_outputs else result
-        if loss.dim() > 0:  # DataParallel: one loss per GPU, averaged by the Trainer right after
-            loss = loss.mean()
         proximal = proximal_term([p for _, p in self._named_trainable()], self._anchor)
-        self._lisa_logged["lisa_proximal"].append(proximal.detach())
-        self._lisa_logged["lisa_alignment_share"].append(torch.tensor(float(self._phase == ALIGNMENT)))
+        self._log_step("lisa_proximal", proximal.detach())
+        self._log_step("lisa_alignment_share", torch.tensor(float(self._phase == ALIGNMENT)))
         warmup = self.lisa_config.lisa_warmup_fraction * self.state.max_steps
         if self.lisa_config.lisa_rho > 0 and self.state.global_step >= warmup:
-            weight = 0.5 * self.lisa_config.lisa_rho * self._ga_divisor(num_items_in_batch)
-            loss = loss + (weight * proximal).to(device=loss.device, dtype=loss.dtype)
-        return (loss, *result[1:]) if return_outputs else loss
-
-    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if self._lisa_logged and "loss" in logs:  # the mean over the optimizer steps since the last log
-            for key, values in self._lisa_logged.items():
-                logs[key] = float(torch.stack([v.float().cpu() for v in values]).mean())
-            self._lisa_logged.clear()
-        super().log(logs, *args, **kwargs)
+            weight = 0.5 * self.lisa_config.lisa_rho
+            return self._add_step_term(result, return_outputs, num_items_in_batch, weight, proximal)
+        return result
 
     def _save_checkpoint(self, model, trial):
         self._in_checkpoint = True  # `_save` below runs inside, before the Trainer writes its state

@@ -15,7 +15,6 @@ be over the whole gradient.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,9 +22,10 @@ import torch
 from transformers import Trainer
 
 from ..gradient_surgery import SurgeryConfig, project_out_conflict_
+from .step_terms import StepTermsMixin
 
 
-class SurgeryMixin:
+class SurgeryMixin(StepTermsMixin):
     """Adds the gradient surgery to a HF Trainer subclass (keyword-only `alignment_batches`, `surgery_config`)."""
 
     def __init__(self, *args, alignment_batches: list[dict], surgery_config: SurgeryConfig | None = None, **kw):
@@ -41,7 +41,6 @@ class SurgeryMixin:
         self.alignment_batches = alignment_batches
         self._next_batch = 0
         self._ref: list[torch.Tensor] | None = None
-        self._surgery_logged: dict[str, list[float]] = defaultdict(list)
 
     def _trainable(self, model) -> list[torch.nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
@@ -73,16 +72,9 @@ class SurgeryMixin:
             for p, g in zip(params, grads, strict=True):
                 if p.grad is None and info["conflict"]:
                     p.grad = g
-            self._surgery_logged["surgery_conflict"].append(float(info["conflict"]))
-            self._surgery_logged["surgery_cosine"].append(info["cosine"])
+            self._log_step("surgery_conflict", float(info["conflict"]))
+            self._log_step("surgery_cosine", info["cosine"])
         return loss
-
-    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if self._surgery_logged and "loss" in logs:  # the mean over the optimizer steps since the last log
-            for key, values in self._surgery_logged.items():
-                logs[key] = sum(values) / len(values)
-            self._surgery_logged.clear()
-        super().log(logs, *args, **kwargs)
 
 
 class SurgeryTrainer(SurgeryMixin, Trainer):

@@ -153,6 +153,8 @@ _ADDED_LATER = {
     "dpo_pairs": "base",
     "dpo_pool": "sft",
     "dpo_sft_weight": 0.0,
+    "helpful_system_prompt": None,
+    "helpful_max_new_tokens": None,
 }
 
 

@@ -203,6 +203,7 @@ def test_aligned_model_cache_key_ignores_fields_added_later_at_their_default():
         "dpo_pool",
         "dpo_sft_weight",
     )  # the session-6 DPO options, left out at their defaults
+    skipped += ("helpful_system_prompt", "helpful_max_new_tokens")  # session 11's, likewise
     skipped += ("eval_task", "eval_task_n")  # the report's task read never changes the weights
     kept = {k: v for k, v in vars(align).items() if k not in skipped}
     kept["alignment_data_sha256"] = alignment_data_digest(align)
@@ -216,6 +217,8 @@ def test_aligned_model_cache_key_ignores_fields_added_later_at_their_default():
         {"dpo_pairs": "own_mistakes"},
         {"dpo_pool": "all"},
         {"dpo_sft_weight": 1.0},
+        {"helpful_system_prompt": "Be brief."},
+        {"helpful_max_new_tokens": 96},
     ):
         assert aligned_model_path(cfg, dataclasses.replace(align, **change)) != aligned_model_path(cfg, align)
     for change in ({"eval_task": "none"}, {"eval_task_n": 50}):

@@ -18,6 +18,7 @@ from alignguard.driftcheck.judge import is_refusal
 from alignguard.driftcheck.prompts import LOOKALIKE_CATEGORY, UNSAFE_CATEGORIES, save_prompts
 from alignguard.recipes.align import (
     AlignRunConfig,
+    alignment_examples,
     alignment_v2_path,
     dpo_sample,
     run_align,
@@ -453,3 +454,23 @@ def test_run_align_with_own_mistakes_from_the_whole_pool_records_them(tmp_path):
     # the model's own answer, and no safe one does.
     assert mined == {"unsafe": info["dpo"]["n_unsafe_pairs"], "safe": 0} and mined["unsafe"] >= 1
     assert info["config"]["dpo_pool"] == "all"
+
+
+def test_run_align_with_context_distilled_answers_writes_them_under_the_system_turn(tmp_path):
+    """The tiny model end to end: the helpful answers come from a generation pass with the system turn and their own
+    length (a cache file of their own), the rejected completions from the plain one; the model trains on both."""
+    from alignguard.driftcheck.generate import GenerationSettings, cache_key
+    from alignguard.models import load_model_and_tokenizer
+
+    cfg = _tiny_cfg(tmp_path, eval_prompts="none", helpful_system_prompt="Be brief.", helpful_max_new_tokens=6)
+    out = run_align(cfg, progress=False)
+    info = json.loads((out / "align_info.json").read_text())
+    assert info["config"]["helpful_system_prompt"] == "Be brief." and info["dpo"]["n_pairs"] >= 1
+    model, tok, _ = load_model_and_tokenizer(cfg.model)
+    cache = out / "generation_cache"
+    helpful = cache / f"{cache_key(model, tok, GenerationSettings(max_new_tokens=6, system_prompt='Be brief.'))}.jsonl"
+    rejected = cache / f"{cache_key(model, tok, GenerationSettings(max_new_tokens=4))}.jsonl"
+    assert helpful.is_file() and rejected.is_file()
+    sft, dpo = alignment_examples(cfg)
+    asked = {json.loads(line)["prompt"] for line in helpful.read_text().splitlines()}
+    assert asked == {e.prompt for e in [*sft, *dpo] if e.label != "unsafe" and e.response is None}

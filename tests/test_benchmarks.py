@@ -87,3 +87,26 @@ def test_generation_benchmark_loads_a_named_model_through_the_one_loader():
     args = argparse.Namespace(model="tiny-llama", dtype="float32", device="cpu")
     model, tok, name = generation.build_model(args)
     assert name == "tiny-llama" and tok is not None and sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_peer_steps_times_every_trainer_on_its_own_copy_and_runs_its_term(tmp_path):
+    """benchmarks/peer_steps.py: one Trainer per compare method, each stepping its own LoRA copy through its own
+    `training_step` (so AsFT's penalty, Lisa's proximal term and the surgery really run), steps interleaved."""
+    import torch
+
+    peer_steps = pytest.importorskip("peer_steps")
+    device = torch.device("cpu")
+    trainers = peer_steps.build_trainers(TINY, device, str(tmp_path), max_steps=3)
+    assert list(trainers) == list(peer_steps.METHODS)
+    params = {n: [p for p in t.model.parameters() if p.requires_grad] for n, t in trainers.items()}
+    assert len({id(ps[0]) for ps in params.values()}) == len(trainers)  # no two share weights
+    before = {n: [p.detach().clone() for p in ps] for n, ps in params.items()}
+    times = peer_steps.time_trainer_steps(trainers, overhead.batch_for(TINY, device), device, steps=2, warmup=1)
+    assert {n: len(t) for n, t in times.items()} == {n: 2 for n in peer_steps.METHODS}
+    assert all(t > 0 for ts in times.values() for t in ts)
+    for name, ps in params.items():  # every optimizer stepped its own copy
+        assert any(not torch.equal(p, b) for p, b in zip(ps, before[name], strict=True)), name
+    assert all(t.state.global_step == 3 for t in trainers.values())
+    logged = {n: set(getattr(t, "_step_logged", {})) for n, t in trainers.items()}
+    assert "asft_penalty" in logged["asft"] and "lisa_proximal" in logged["lisa"]
+    assert "surgery_cosine" in logged["surgery"]

@@ -149,3 +149,49 @@ def test_task_refused_column_reads_n_refused_and_is_na_for_older_results(tmp_pat
     cells = {b[0]: b[col] for b in headline.body()}
     assert cells["aligned model (no fine-tune)"] == "25.0"
     assert cells["plain_lora"].startswith("3.0 ± ") and cells["alignguard"] == "n/a"
+
+
+def test_step_time_ratios_timed_in_another_process_are_marked(tmp_path):
+    """A row trained by a later `compare` run than its plain-LoRA reference has its step-time ratio marked, with a
+    note; rows timed in the reference's process and results from before the process was recorded are not."""
+    from types import SimpleNamespace
+
+    from alignguard.report.compare_table import CROSS_PROCESS_MARK, aggregate, comparison_tables, table_note
+
+    def dc():
+        d = _dc_results(0.6)
+        d["per_prompt"] = [{"id": "p0", "label": "unsafe", "category": "cyber", "refused": True, "extra": {}}]
+        return d
+
+    (tmp_path / "base" / "driftcheck").mkdir(parents=True)
+    (tmp_path / "base" / "driftcheck" / "results.json").write_text(json.dumps(dc()))
+    (tmp_path / "base" / "task.json").write_text(json.dumps({"accuracy": 0.1, "n": 200}))
+    # method -> (step seconds, process that timed them; absent key: a result from before it was recorded)
+    rows = {"plain_lora": (1.0, "p1"), "alignguard": (1.1, "p1"), "asft": (1.5, "p2"), "ewc": (1.2, None)}
+    methods = list(rows)
+    for seed in (0, 1):
+        for method, (secs, process) in rows.items():
+            mdir = tmp_path / f"seed{seed}" / method
+            (mdir / "driftcheck").mkdir(parents=True)
+            (mdir / "driftcheck" / "results.json").write_text(json.dumps(dc()))
+            res = {"task": {"accuracy": 0.5, "n": 200}, "mean_step_seconds": secs}
+            if method != "ewc":
+                res["step_times_process"] = process if seed == 0 or method != "alignguard" else None  # resumed
+            (mdir / "result.json").write_text(json.dumps(res))
+    results = aggregate(SimpleNamespace(out=str(tmp_path), methods=methods, seeds=[0, 1], model="m"))
+    seeds = {m: results["rows"][m]["seeds"] for m in methods}
+    assert seeds["asft"][0]["step_time_ratio"] == pytest.approx(1.5)
+    assert [seeds["asft"][s]["step_time_same_process"] for s in (0, 1)] == [False, False]
+    assert [seeds["alignguard"][s]["step_time_same_process"] for s in (0, 1)] == [True, False]
+    assert seeds["ewc"][0]["step_time_same_process"] is None
+    headline, per_seed = comparison_tables(results)
+    col = headline.header().index("step time vs plain LoRA")
+    cells = {b[0]: b[col] for b in headline.body()}
+    assert cells["asft"] == f"1.50 ± 0.00×{CROSS_PROCESS_MARK}"
+    assert cells["alignguard"].endswith(CROSS_PROCESS_MARK)  # seed 1 was resumed
+    assert cells["ewc"] == "1.20 ± 0.00×" and cells["plain_lora"] == "1.00 ± 0.00×"
+    per = {(b[0], b[1]): b[per_seed.header().index("step time vs plain LoRA")] for b in per_seed.body()}
+    assert per[("alignguard", "0")] == "1.10×" and per[("alignguard", "1")] == f"1.10×{CROSS_PROCESS_MARK}"
+    assert "benchmarks/peer_steps.py" in table_note(results, [headline, per_seed])
+    results["rows"] = {m: results["rows"][m] for m in ("plain_lora", "ewc")}
+    assert "peer_steps" not in table_note(results, comparison_tables(results))

@@ -413,6 +413,7 @@ def run_method(
         "task": {k: v for k, v in task.items() if k != "predictions"},
         # From train_summary.json when the training was finished earlier (never recomputed as zero).
         "mean_step_seconds": summary["mean_step_seconds"],
+        "step_times_process": summary.get("step_times_process"),  # which process timed them (see compare_table)
         "train_loss": summary["train_loss"],
         "n_examples": summary["n_examples"],
         "n_unprotected_layers": summary.get("n_unprotected_layers"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -84,6 +85,9 @@ class TrainRunConfig:
 TRAIN_SETTINGS = "train_settings.json"
 TRAIN_SUMMARY = "train_summary.json"
 STEP_TIMES = "step_times.json"
+# Names this Python process in the summaries of the trainings it timed: step times of two rows compare only when
+# one process (one machine state) timed both (`report.compare_table` marks the others).
+PROCESS_ID = uuid.uuid4().hex
 
 
 class TrainSettingsMismatch(ValueError):
@@ -361,6 +365,8 @@ def run_train(
         "last_logged_loss": losses[-1] if losses else None,
         # The first step carries one-off costs (allocation, compilation); left out when there are others.
         "mean_step_seconds": sum(step_times[1:]) / (len(step_times) - 1) if len(step_times) > 1 else None,
+        # None when resumed: the step times then come from more than one process.
+        "step_times_process": None if last else PROCESS_ID,
         "n_examples": len(pairs),
         "n_extra": len(extra_pairs or []),
         "n_poison": sum(ex.kind == "poison" for ex in mix),

@@ -108,6 +108,7 @@ def aggregate(cfg) -> dict:
                 "drift_reduction": None,
                 "step_seconds": res.get("mean_step_seconds"),
                 "step_time_ratio": None,
+                "step_time_same_process": None,
                 "per_category": {k: v.value for k, v in dc.metrics.get("per_category_refusal_rate", {}).items()},
                 "refusal_rate_by_judge": _by_judge(dc),
             }
@@ -117,9 +118,14 @@ def aggregate(cfg) -> dict:
                 plain = _load_dc(plain_dir / "driftcheck" / "results.json")
                 # Paired over the prompts all three results share (base, plain LoRA, this method).
                 row["drift_reduction"] = _stat(compare_drift(base, plain, dc, seed=seed)["drift_reduction"])
-                plain_s = json.loads((plain_dir / "result.json").read_text()).get("mean_step_seconds")
+                plain_res = json.loads((plain_dir / "result.json").read_text())
+                plain_s = plain_res.get("mean_step_seconds")
                 if plain_s and row["step_seconds"]:
                     row["step_time_ratio"] = row["step_seconds"] / plain_s
+                    # Timed in one process or not (None: a result from before the process was recorded).
+                    mine, theirs = res.get("step_times_process"), plain_res.get("step_times_process")
+                    if "step_times_process" in res and "step_times_process" in plain_res:
+                        row["step_time_same_process"] = mine is not None and mine == theirs
             rows[name]["seeds"][seed] = row
         rows[name]["mean"] = _summary(rows[name]["seeds"].values())
     return {
@@ -188,6 +194,7 @@ class Cell:
     ci_high: float | None = None
     sd: float | None = None
     text: str | None = None
+    mark: str = ""  # a footnote mark after the value (see `table_note`)
 
     @classmethod
     def of(cls, stat) -> Cell:
@@ -209,7 +216,7 @@ def format_cell(cell: Cell, kind: str = "pct") -> str:
         text += f" ± {cell.sd * scale:.{digits}f}"
     elif _ok(cell.ci_low) and _ok(cell.ci_high):
         text += f" [{cell.ci_low * scale:.{digits}f}, {cell.ci_high * scale:.{digits}f}]"
-    return text + unit
+    return text + unit + cell.mark
 
 
 @dataclass
@@ -267,6 +274,24 @@ def _get(row: dict, key: str):
     return row.get(key)
 
 
+CROSS_PROCESS_MARK = "*"
+
+
+def _mark(seed_rows_: list[dict], column: Column) -> str:
+    """`CROSS_PROCESS_MARK` on a step-time ratio of which some seed was timed in another process than its plain-LoRA
+    reference (steps of separate `compare` runs, or of a resumed training: the machine's load differed)."""
+    if column.key != "step_time_ratio":
+        return ""
+    crossed = any(r.get("step_time_same_process") is False and _ok(r.get("step_time_ratio")) for r in seed_rows_)
+    return CROSS_PROCESS_MARK if crossed else ""
+
+
+def _seed_cell(row: dict, column: Column) -> Cell:
+    cell = Cell.of(_get(row, column.key))
+    mark = _mark([row], column)
+    return Cell(cell.value, cell.ci_low, cell.ci_high, mark=mark) if mark else cell
+
+
 def comparison_tables(results: dict) -> list[ComparisonTable]:
     """The comparison table of a compare-1 results dict, as values.
 
@@ -291,17 +316,17 @@ def comparison_tables(results: dict) -> list[ComparisonTable]:
     if not multi:
         body = [(_BASE_LABEL, None, base_cells)]
         body += [
-            (name, None, [Cell.of(_get(seed_rows(row)[0][1], c.key)) for c in columns]) for name, row in rows.items()
+            (name, None, [_seed_cell(seed_rows(row)[0][1], c) for c in columns]) for name, row in rows.items()
         ]
         return [ComparisonTable("Results", columns, body)]
     headline = [(_BASE_LABEL, "-", base_cells)]
     for name, row in rows.items():
         srows = [r for _, r in seed_rows(row)]
         stats = [_mean_sd([_value(_get(r, c.key)) for r in srows]) for c in columns]
-        cells = [Cell(mean, sd=sd) for mean, sd in stats]
+        cells = [Cell(mean, sd=sd, mark=_mark(srows, c)) for (mean, sd), c in zip(stats, columns)]
         headline.append((name, str(len(srows)), cells))
     per_seed = [
-        (name, seed, [Cell.of(_get(r, c.key)) for c in columns])
+        (name, seed, [_seed_cell(r, c) for c in columns])
         for name, row in rows.items()
         for seed, r in seed_rows(row)
     ]
@@ -322,6 +347,12 @@ def table_note(results: dict, tables: list[ComparisonTable]) -> str:
         "incoherent = 100%; over-refusal is on all safe prompts, look-alike over-refusal on the safe prompts that "
         "only sound unsafe."
     )
+    if any(c.mark for t in tables for _, _, cells in t.rows for c in cells):
+        note += (
+            f" {CROSS_PROCESS_MARK} step-time ratio of steps timed in another process than plain LoRA's (separate "
+            "`compare` runs, or a resumed training), so the machine's load may differ between the two; "
+            "benchmarks/peer_steps.py times every method's Trainer in one process."
+        )
     if len(tables) > 1:
         return note + " Cells are mean ± sd over seeds; the per-seed table gives 95% bootstrap CIs over prompts."
     return note + " Intervals: 95% bootstrap over prompts (paired for drift and drift reduction)."

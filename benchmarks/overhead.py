@@ -91,7 +91,8 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def build(preset: dict, device, seed=0, r=16):
+def random_llama(preset: dict, device, seed=0):
+    """A randomly initialised Llama of the preset's shape and dtype (nothing is downloaded)."""
     cfg = LlamaConfig(
         **{k: v for k, v in preset.items() if k not in RUN_KEYS},
         max_position_embeddings=max(2048, preset["seq"]),
@@ -100,6 +101,11 @@ def build(preset: dict, device, seed=0, r=16):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg).to(device=device, dtype=getattr(torch, preset["dtype"]))
     model.config.use_cache = False
+    return model
+
+
+def build(preset: dict, device, seed=0, r=16):
+    model = random_llama(preset, device, seed)
     lora = LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, lora_dropout=0.0)
     peft_model = get_peft_model(model, lora)
     with torch.no_grad():  # non-zero B so every term is really computed

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -56,14 +56,7 @@ ALIGNED_DELTA_RANK = 32
 
 def build_models(preset: dict, device, seed: int = 0):
     """(aligned model, base model): a random Llama of the preset's shape and the same plus a low-rank delta."""
-    cfg = LlamaConfig(
-        **{k: v for k, v in preset.items() if k not in overhead.RUN_KEYS},
-        max_position_embeddings=max(2048, preset["seq"]),
-        tie_word_embeddings=preset.get("tie_word_embeddings", False),
-    )
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_config(cfg).to(device=device, dtype=getattr(torch, preset["dtype"]))
-    base.config.use_cache = False
+    base = overhead.random_llama(preset, device, seed)
     aligned = copy.deepcopy(base)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -163,7 +156,9 @@ def main(argv=None):
     result = {
         "preset": args.preset,
         "shape": preset,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
         "clock": args.clock,
         "targets": TARGETS,
         "step_seconds_median": median,

@@ -114,6 +114,13 @@ def test_aggregate_copies_the_new_rates_and_the_judge_name(tmp_path):
     assert row["mean"]["harmful_compliance_rate"]["mean"] == pytest.approx(0.4)
 
 
+def _one_prompt_dc():
+    """DriftCheck results with one per-prompt row (what `aggregate` pairs over)."""
+    d = _dc_results(0.6)
+    d["per_prompt"] = [{"id": "p0", "label": "unsafe", "category": "cyber", "refused": True, "extra": {}}]
+    return d
+
+
 def test_task_refused_column_reads_n_refused_and_is_na_for_older_results(tmp_path):
     """The share of task problems refused (score_task's n_refused / n) is a column beside the task metric: an aligned
     model that refuses the task's own prompts is visible in the table, not only as a low task score."""
@@ -121,20 +128,15 @@ def test_task_refused_column_reads_n_refused_and_is_na_for_older_results(tmp_pat
 
     from alignguard.report.compare_table import aggregate, comparison_tables
 
-    def dc():
-        d = _dc_results(0.6)
-        d["per_prompt"] = [{"id": "p0", "label": "unsafe", "category": "cyber", "refused": True, "extra": {}}]
-        return d
-
     (tmp_path / "base" / "driftcheck").mkdir(parents=True)
-    (tmp_path / "base" / "driftcheck" / "results.json").write_text(json.dumps(dc()))
+    (tmp_path / "base" / "driftcheck" / "results.json").write_text(json.dumps(_one_prompt_dc()))
     (tmp_path / "base" / "task.json").write_text(json.dumps({"accuracy": 0.1, "n": 200, "n_refused": 50}))
     tasks = {0: {"accuracy": 0.6, "n": 200, "n_refused": 4}, 1: {"accuracy": 0.5, "n": 200, "n_refused": 8}}
     for method in ("plain_lora", "alignguard"):  # alignguard: an older row
         for seed, task in tasks.items():
             mdir = tmp_path / f"seed{seed}" / method
             (mdir / "driftcheck").mkdir(parents=True)
-            (mdir / "driftcheck" / "results.json").write_text(json.dumps(dc()))
+            (mdir / "driftcheck" / "results.json").write_text(json.dumps(_one_prompt_dc()))
             if method == "alignguard":
                 task = {"accuracy": task["accuracy"]}  # scored before n_refused was counted
             (mdir / "result.json").write_text(json.dumps({"task": task, "mean_step_seconds": 1.0}))
@@ -158,13 +160,8 @@ def test_step_time_ratios_timed_in_another_process_are_marked(tmp_path):
 
     from alignguard.report.compare_table import CROSS_PROCESS_MARK, aggregate, comparison_tables, table_note
 
-    def dc():
-        d = _dc_results(0.6)
-        d["per_prompt"] = [{"id": "p0", "label": "unsafe", "category": "cyber", "refused": True, "extra": {}}]
-        return d
-
     (tmp_path / "base" / "driftcheck").mkdir(parents=True)
-    (tmp_path / "base" / "driftcheck" / "results.json").write_text(json.dumps(dc()))
+    (tmp_path / "base" / "driftcheck" / "results.json").write_text(json.dumps(_one_prompt_dc()))
     (tmp_path / "base" / "task.json").write_text(json.dumps({"accuracy": 0.1, "n": 200}))
     # method -> (step seconds, process that timed them; absent key: a result from before it was recorded)
     rows = {"plain_lora": (1.0, "p1"), "alignguard": (1.1, "p1"), "asft": (1.5, "p2"), "ewc": (1.2, None)}
@@ -173,7 +170,7 @@ def test_step_time_ratios_timed_in_another_process_are_marked(tmp_path):
         for method, (secs, process) in rows.items():
             mdir = tmp_path / f"seed{seed}" / method
             (mdir / "driftcheck").mkdir(parents=True)
-            (mdir / "driftcheck" / "results.json").write_text(json.dumps(dc()))
+            (mdir / "driftcheck" / "results.json").write_text(json.dumps(_one_prompt_dc()))
             res = {"task": {"accuracy": 0.5, "n": 200}, "mean_step_seconds": secs}
             if method != "ewc":
                 res["step_times_process"] = process if seed == 0 or method != "alignguard" else None  # resumed

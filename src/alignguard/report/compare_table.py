@@ -315,9 +315,7 @@ def comparison_tables(results: dict) -> list[ComparisonTable]:
     multi = any(len(seed_rows(r)) > 1 for r in rows.values())
     if not multi:
         body = [(_BASE_LABEL, None, base_cells)]
-        body += [
-            (name, None, [_seed_cell(seed_rows(row)[0][1], c) for c in columns]) for name, row in rows.items()
-        ]
+        body += [(name, None, [_seed_cell(seed_rows(row)[0][1], c) for c in columns]) for name, row in rows.items()]
         return [ComparisonTable("Results", columns, body)]
     headline = [(_BASE_LABEL, "-", base_cells)]
     for name, row in rows.items():
@@ -326,9 +324,7 @@ def comparison_tables(results: dict) -> list[ComparisonTable]:
         cells = [Cell(mean, sd=sd, mark=_mark(srows, c)) for (mean, sd), c in zip(stats, columns)]
         headline.append((name, str(len(srows)), cells))
     per_seed = [
-        (name, seed, [_seed_cell(r, c) for c in columns])
-        for name, row in rows.items()
-        for seed, r in seed_rows(row)
+        (name, seed, [_seed_cell(r, c) for c in columns]) for name, row in rows.items() for seed, r in seed_rows(row)
     ]
     return [
         ComparisonTable("Results", columns, headline, extra="seeds", with_ci=False),

@@ -255,3 +255,14 @@ def test_train_then_eval_end_to_end(tmp_path, capsys):
     (l0 / "capsule.safetensors").write_bytes((l0 / "capsule.safetensors").read_bytes())  # same bytes: still valid
     assert capsule_cli.main(argv) == 0
     assert json.loads((ev / "results.json").read_text())["run_info"]["rows_reused"] == 21
+    # Processes can split the systems between them (same --out): each writes its rows, a last run reuses them all.
+    ev2 = tmp_path / "eval-split"
+    split_argv = [a if a != str(ev) else str(ev2) for a in argv]
+    assert capsule_cli.main([*split_argv, "--systems", "full CoT", "no CoT"]) == 0
+    part = json.loads((ev2 / "results.json").read_text())
+    assert {r["system"] for r in part["rows"]} == {"full CoT", "no CoT"} and len(part["rows"]) == 6
+    assert capsule_cli.main(split_argv) == 0
+    whole = json.loads((ev2 / "results.json").read_text())
+    assert whole["run_info"]["rows_reused"] == 6 and len(whole["rows"]) == 21
+    with pytest.raises(SystemExit, match=r"--systems: no system named \['CoT'\]"):
+        capsule_cli.main([*split_argv, "--systems", "CoT"])

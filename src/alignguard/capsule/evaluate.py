@@ -289,9 +289,10 @@ def _weights_digest(weights_dir: Path) -> str:
 def _row_key(cfg: CapsuleEvalConfig, weights_dir: Path, name: str, mode: str, examples, max_length: int) -> str:
     """What a saved row depends on: the weights, the problems, the decoding settings and the mode.
 
-    Not the list of compared checkpoints or the OOD switch, so adding a row keeps the others.
+    Not the list of compared checkpoints, the OOD switch or the systems filter, so adding a row keeps the others.
     """
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("compare_checkpoints", "ood_gsm8k")}
+    skip = ("compare_checkpoints", "ood_gsm8k", "systems")
+    settings = {k: v for k, v in asdict(cfg).items() if k not in skip}
     blob = json.dumps(
         {
             "weights": _weights_digest(weights_dir),
@@ -365,6 +366,12 @@ def run_capsule_eval(
         name = f"capsule (lambda={c['train'].recon_lambda:g}) [{other.name}]"
         compared.add(name)
         systems.append((name, m, tok, "capsule", other))
+    if cfg.systems:
+        names = [name for name, *_ in systems]
+        unknown = [n for n in cfg.systems if n not in names]
+        if unknown:
+            raise ValueError(f"--systems: no system named {unknown} in this evaluation; the systems are {names}")
+        systems = [s for s in systems if s[0] in cfg.systems]
     rows, samples, reused = [], {}, 0
     for split, examples in splits.items():
         for name, m, tok, mode, weights in systems:

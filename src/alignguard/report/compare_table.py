@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import re
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..driftcheck.metrics import DriftCheckResult, compare_drift, drift_stat, paired_flags
@@ -287,9 +287,7 @@ def _mark(seed_rows_: list[dict], column: Column) -> str:
 
 
 def _seed_cell(row: dict, column: Column) -> Cell:
-    cell = Cell.of(_get(row, column.key))
-    mark = _mark([row], column)
-    return Cell(cell.value, cell.ci_low, cell.ci_high, mark=mark) if mark else cell
+    return replace(Cell.of(_get(row, column.key)), mark=_mark([row], column))
 
 
 def comparison_tables(results: dict) -> list[ComparisonTable]:

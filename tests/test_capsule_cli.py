@@ -183,6 +183,9 @@ def test_train_then_eval_end_to_end(tmp_path, capsys):
     assert capsys.readouterr().out.count("resumed from") == 2
     with pytest.raises(SystemExit, match="recon_lambda"):
         capsule_cli.main(["train", *TINY, "--recon_lambda", "0.5", "--out", str(out)])
+    # A larger --capsule_steps extends the finished run; a smaller one is refused (the checkpoints hold later steps).
+    with pytest.raises(SystemExit, match=r"capsule_steps: 1 -> 0"):
+        capsule_cli.main(["train", *TINY, "--capsule_steps", "0", "--out", str(out)])
     # The lambda = 0 control shares stage 1 with the main run: it starts at the end-of-stage-1 checkpoint.
     l0 = tmp_path / "l0-manual"
     with pytest.raises(SystemExit, match=r"stage 1 differs .*train\.seed"):
@@ -266,3 +269,10 @@ def test_train_then_eval_end_to_end(tmp_path, capsys):
     assert whole["run_info"]["rows_reused"] == 6 and len(whole["rows"]) == 21
     with pytest.raises(SystemExit, match=r"--systems: no system named \['CoT'\]"):
         capsule_cli.main([*split_argv, "--systems", "CoT"])
+    # A larger --capsule_steps extends a finished run from its last checkpoint (the fresh-run equality is in
+    # test_capsule_train.py); the config then records the new length.
+    ext = ["train", *TINY, "--capsule_trace", "results", "--out", str(res)]
+    assert capsule_cli.main([*ext, "--capsule_steps", "2"]) == 0
+    extended = json.loads((res / "train_results.json").read_text())
+    assert extended["resumed_from"] == 2 and len(extended["history"]) == 3
+    assert yaml.safe_load((res / "config.yaml").read_text())["train"]["capsule_steps"] == 2

@@ -63,6 +63,27 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert (tmp_path / "a" / STAGE1_DIR / "capsule.safetensors").is_file()
 
 
+def test_extending_a_finished_run_equals_a_fresh_longer_run(tmp_path):
+    # `capsule train` with a larger --capsule_steps resumes a finished run; that is only honest if the first steps
+    # of the longer schedule are the shorter run's (constant lr after warmup, batches and dropout from (seed, step)).
+    import dataclasses
+
+    exs = generate_problems(12, 2, 2, seed=4, num_distractors=0)
+    short = CapsuleTrainConfig(
+        cot_steps=1, capsule_steps=2, batch_size=3, learning_rate=1e-3, warmup_steps=2, show_progress_bar=False
+    )
+    longer = dataclasses.replace(short, capsule_steps=4)
+    model_a, tok = _setup()
+    fresh = train_capsule(model_a, tok, exs, longer, tmp_path / "fresh", logging_sink=None)
+    model_b, _ = _setup()
+    assert train_capsule(model_b, tok, exs, short, tmp_path / "ext", logging_sink=None)["done"]
+    model_c, _ = _setup()
+    extended = train_capsule(model_c, tok, exs, longer, tmp_path / "ext", logging_sink=None)
+    assert extended["resumed_from"] == 3 and extended["history"] == fresh["history"]
+    for (k, a), b in zip(_state(model_a).items(), _state(model_c).values()):
+        assert torch.equal(a, b), k
+
+
 def test_save_load_round_trip_and_stage1_snapshot(tmp_path):
     exs = generate_problems(6, 2, 2, seed=3, num_distractors=0)
     cfg = CapsuleTrainConfig(cot_steps=1, capsule_steps=1, batch_size=2, save_steps=10, show_progress_bar=False)

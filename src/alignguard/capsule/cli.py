@@ -8,7 +8,8 @@
     alignguard capsule eval --checkpoint runs/capsule --compare_checkpoints runs/capsule-l0 --out runs/capsule/eval
 
 Flags win over `--config FILE.yaml`; one YAML may hold model, data, train and eval fields (each command takes the
-ones it needs). Re-running the same `train` command resumes from the last checkpoint in `--out`.
+ones it needs). Re-running the same `train` command resumes from the last checkpoint in `--out`; re-running it
+with a larger `--capsule_steps` extends a finished run (the result equals a fresh run of that length).
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ ALL_CONFIGS = [CapsuleModelConfig, CapsuleDataConfig, CapsuleTrainConfig, Capsul
 TRAIN_GROUPS = {"model": CapsuleModelConfig, "data": CapsuleDataConfig, "train": CapsuleTrainConfig}
 # Changing these between the interrupted and the resumed run does not change the result, so they may differ.
 _RESUME_FREE = {"show_progress_bar", "logging_steps", "save_steps", "save_total_limit", "device", "lambda0_control"}
+# These may grow on resume, which extends a finished run: after warmup the learning rate is constant and every step
+# reseeds its batch and dropout from (seed, step), so the first steps of a longer run are exactly the shorter run's
+# (tested). Shrinking one is refused: the checkpoints already hold the later steps.
+_RESUME_GROWABLE = {"capsule_steps"}
 
 
 @dataclasses.dataclass
@@ -105,16 +110,24 @@ def _check_resume_compatible(out: Path, configs: dict) -> None:
     def old_value(group, key):
         return old.get(group, {}).get(key, defaults[group].get(key))
 
+    def compatible(group, key, val):
+        old_val = old_value(group, key)
+        return (
+            key in _RESUME_FREE
+            or old_val == val
+            or (key in _RESUME_GROWABLE and old_val is not None and val > old_val)
+        )
+
     diffs = [
         f"{group}.{key}: {old_value(group, key)!r} -> {val!r}"
         for group, fields in new.items()
         for key, val in fields.items()
-        if key not in _RESUME_FREE and old_value(group, key) != val
+        if not compatible(group, key, val)
     ]
     if diffs:
         raise SystemExit(
             f"error: --out {out} holds a run with a different config ({'; '.join(diffs)}); "
-            "use a new --out or the same options to resume"
+            "use a new --out or the same options to resume (a larger --capsule_steps extends the run)"
         )
 
 

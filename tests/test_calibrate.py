@@ -253,6 +253,10 @@ def test_task_fit_wilson_and_isotonic():
         ({"method": "nope"}, "methods: unknown"),
         ({"method": "alignguard@lambda_a=3"}, "method"),
         ({"knob": "alpha"}, "knob"),
+        ({"method": "lisa"}, "knob: 'lisa' has no lambda_a .*lisa_rho"),  # a peer's knob is its own
+        ({"method": "alignguard", "knob": "lisa_rho"}, "knob: 'alignguard' has no lisa_rho"),
+        ({"method": "lisa@lisa_rho=3", "knob": "lisa_rho"}, "already sets lisa_rho"),
+        ({"method": "replay"}, "knob: 'replay' has no lambda_a .*no knob"),
         ({"confidence": 1.0}, "confidence"),
         ({"confidence": 0.4}, "confidence"),
         ({"seeds": []}, "seeds"),
@@ -297,6 +301,13 @@ def test_config_defaults_and_row_names():
     assert CalibrateConfig(probe_steps=0.01).probe_max_steps(30) == 1
     poisoned = CalibrateConfig(method="alignguard@poison_ratio=0", knob="lambda_nc")
     assert method_spec(poisoned.row_name(3.0))["ag"] == {"lambda_nc": 3.0}
+    # EWC is an AlignGuard method (full subspace), so lambda_a is its weight; peers take their own penalty weight.
+    assert method_spec(CalibrateConfig(method="ewc").row_name(5.0))["ag"]["lambda_a"] == 5.0
+    lisa = CalibrateConfig(method="lisa", knob="lisa_rho")
+    assert lisa.row_name(0.1) == "lisa@lisa_rho=0.1" and method_spec(lisa.row_name(0.1))["lisa"] == {"lisa_rho": 0.1}
+    asft = CalibrateConfig(method="asft@poison_ratio=0.1", knob="asft_lambda")
+    spec = method_spec(asft.row_name(30.0))
+    assert spec["asft"] == {"asft_lambda": 30.0} and spec["train"] == {"poison_ratio": 0.1} and spec["ag"] == {}
 
 
 def test_cli_reads_the_compare_preset_and_flags_win():
@@ -431,6 +442,33 @@ def test_calibrate_end_to_end_resumes_without_training(tmp_path, monkeypatch):
     with redirect_stdout(StringIO()):
         assert main(argv) == 0
     assert json.loads((out / "calibration.json").read_text()) == payload
+
+
+def test_calibrate_a_peer_knob_sets_it_per_row(tmp_path):
+    # `--method lisa --knob lisa_rho`: each probe row trains Lisa at its own rho (recorded in the row's stage key).
+    from alignguard.cli.main import main
+
+    probe = tmp_path / "probe.jsonl"
+    probe.write_text("".join(json.dumps(r) + "\n" for r in PROBE_PROMPTS))
+    out = tmp_path / "run"
+    argv = [
+        "calibrate", "--model", "tiny-llama", "--out", str(out), "--method", "lisa", "--knob", "lisa_rho",
+        "--lambdas", "0.1", "10", "--probe_prompts", str(probe), "--train_final", "false", "--max_steps", "2",
+        "--save_steps", "2", "--task", "arithmetic", "--n_train", "4", "--batch_size", "1", "--max_length", "64",
+        "--lora_r", "2", "--fisher_examples", "2", "--task_fisher", "false", "--task_eval_n", "2",
+        "--eval_max_new_tokens", "2", "--eval_batch_size", "8", "--n_boot", "100", "--show_progress", "false",
+    ]  # fmt: skip
+    buf = StringIO()
+    with redirect_stdout(buf):
+        assert main(argv) == 0
+    assert "[calibrate] chosen lisa_rho = " in buf.getvalue()
+    payload = json.loads((out / "calibration.json").read_text())
+    assert payload["settings"]["knob"] == "lisa_rho" and payload["final"] is None
+    for p in payload["probes"]:
+        (row,) = p["seeds"]
+        key = json.loads((Path(row["run_dir"]) / "stage_key.json").read_text())
+        assert Path(row["run_dir"]).name == f"lisa@lisa_rho={p['lambda']:g}"
+        assert key["settings"]["lisa"]["lisa_rho"] == p["lambda"]  # the row trained (and is keyed) at its rho
 
 
 def test_warnings_say_what_to_probe_next():

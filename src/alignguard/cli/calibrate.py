@@ -3,8 +3,9 @@
     alignguard calibrate --model runs/aligned --out runs/calibrate --drift_budget 10 --lambdas 1 10 100 1000
     alignguard calibrate --config configs/smollm2/compare.yaml --out runs/smollm2-calibrate --drift_budget 10
 
-Probe runs (`--probe_steps` of `--max_steps`) at each of `--lambdas` (the AlignGuardConfig weight named by
-`--knob`, lambda_a by default) are evaluated by DriftCheck on `--probe_prompts` (the bundled calibration split,
+Probe runs (`--probe_steps` of `--max_steps`) at each of `--lambdas` (the weight named by `--knob`: lambda_a by
+default; `--method ewc` keeps lambda_a, `--method asft --knob asft_lambda` and `--method lisa --knob lisa_rho` set a
+peer's own weight) are evaluated by DriftCheck on `--probe_prompts` (the bundled calibration split,
 disjoint from the evaluation split); drift(lambda) and task(lambda) are fitted (isotonic in log lambda, bootstrap
 over prompts); the smallest lambda whose predicted drift (upper bound by default) is within `--drift_budget` points
 is trained for the full `--max_steps` with each of `--seeds` and evaluated on `--prompts` (default: the standard

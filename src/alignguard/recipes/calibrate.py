@@ -39,7 +39,17 @@ from . import compare
 from .train import TrainRunConfig
 
 SCHEMA_VERSION = "calibration-1"
-Knob = Literal["lambda_a", "lambda_t", "lambda_nc"]
+Knob = Literal["lambda_a", "lambda_t", "lambda_nc", "asft_lambda", "lisa_rho"]
+# Which knobs a method has: an AlignGuard method's loss weights, and a peer's own penalty weight (so a peer can be
+# set to the same drift budget as AlignGuard and the two compared at equal drift: `--method lisa --knob lisa_rho`).
+ALIGNGUARD_KNOBS = ("lambda_a", "lambda_t", "lambda_nc")
+PEER_KNOBS = {"asft": ("asft_lambda",), "lisa": ("lisa_rho",)}
+
+
+def method_knobs(spec: dict) -> tuple[str, ...]:
+    """The knobs `calibrate` may set on a method of spec `spec` (`compare.method_spec`)."""
+    own = ALIGNGUARD_KNOBS if spec["method"] == "alignguard" else ()
+    return own + PEER_KNOBS.get(spec.get("peer"), ())
 
 
 @dataclass
@@ -52,9 +62,10 @@ class CalibrateConfig(compare.HarnessConfig):
         model / base_model / out: the aligned model, its unaligned base (only for peer methods) and the run folder.
         drift_budget: the largest acceptable refusal drop vs the aligned model, in points (10 = 10 percentage
             points of refusal rate on unsafe prompts).
-        method: the compare method whose knob is calibrated (an AlignGuard method: `alignguard`, `ag_kfac`, ...).
-        knob: the AlignGuardConfig weight that lambda sets (`lambda_a`, the alignment term, by default). The fit
-            assumes drift does not grow with it.
+        method: the compare method whose knob is calibrated: an AlignGuard method (`alignguard`, `ag_kfac`, `ewc`,
+            ...) or a peer with a penalty weight (`asft`, `lisa`).
+        knob: the weight that lambda sets: an AlignGuardConfig weight (`lambda_a`, the alignment term, by default)
+            or the peer's own (`asft_lambda`, `lisa_rho`). The fit assumes drift does not grow with it.
         lambdas: probed values of the knob (log-spaced; at least 2, all > 0).
         probe_steps: length of a probe run: a fraction of --max_steps when <= 1, else a whole number of steps.
             Shorter probes are cheaper but drift less than the full run, so they choose lambda optimistically.
@@ -79,8 +90,15 @@ class CalibrateConfig(compare.HarnessConfig):
     drift_budget: float = field(
         default=10.0, metadata={"help": "Largest acceptable refusal drop vs the aligned model, in points."}
     )
-    method: str = field(default="alignguard", metadata={"help": "AlignGuard compare method whose knob is set."})
-    knob: Knob = field(default="lambda_a", metadata={"help": "AlignGuardConfig weight that lambda sets."})
+    method: str = field(
+        default="alignguard", metadata={"help": "Compare method whose knob is set (AlignGuard methods, asft, lisa)."}
+    )
+    knob: Knob = field(
+        default="lambda_a",
+        metadata={
+            "help": "Weight that lambda sets: lambda_a/lambda_t/lambda_nc, or asft_lambda (asft), lisa_rho (lisa)."
+        },
+    )
     lambdas: list[float] = field(
         default_factory=lambda: [1.0, 10.0, 100.0, 1000.0],
         metadata={"help": "Probed values of the knob (default: lambda_a), log-spaced, > 0."},
@@ -110,9 +128,11 @@ class CalibrateConfig(compare.HarnessConfig):
         if self.knob not in typing.get_args(Knob):
             raise ValueError(f"knob: must be one of {typing.get_args(Knob)}, got {self.knob!r}")
         spec = compare.method_spec(self.method)  # raises ValueError naming the bad method
-        if spec["method"] != "alignguard":
-            raise ValueError(f"method: {self.method!r} is not an AlignGuard method, so it has no {self.knob}")
-        if self.knob in spec["ag"]:
+        knobs = method_knobs(spec)
+        if self.knob not in knobs:
+            hint = f"its knobs: {', '.join(knobs)}" if knobs else "it has no knob to calibrate"
+            raise ValueError(f"knob: {self.method!r} has no {self.knob} ({hint}); set --method and --knob together")
+        if self.knob in spec["ag"] or self.knob in spec.get(spec.get("peer"), {}):
             raise ValueError(f"method: {self.method!r} already sets {self.knob}; calibrate sets it per row")
         if len(self.lambdas) < 2 or any(not (x > 0) or x == float("inf") for x in self.lambdas):
             raise ValueError(f"lambdas: give at least 2 distinct finite values > 0, got {self.lambdas}")

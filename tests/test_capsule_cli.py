@@ -276,3 +276,9 @@ def test_train_then_eval_end_to_end(tmp_path, capsys):
     extended = json.loads((res / "train_results.json").read_text())
     assert extended["resumed_from"] == 2 and len(extended["history"]) == 3
     assert yaml.safe_load((res / "config.yaml").read_text())["train"]["capsule_steps"] == 2
+    # An extension interrupted before its first new checkpoint leaves the shorter run's final weights: eval refuses.
+    saved = yaml.safe_load((res / "config.yaml").read_text())
+    saved["train"]["capsule_steps"] = 5
+    (res / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(SystemExit, match=r"training is unfinished \(step 3 of 6"):
+        capsule_cli.main(["eval", "--checkpoint", str(res), "--out", str(tmp_path / "eval-unfinished")])

@@ -207,11 +207,30 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_finished(checkpoint: Path) -> None:
+    """Refuse to evaluate a run whose training is unfinished: an interrupted extension (a larger --capsule_steps)
+    leaves the shorter run's final weights in the folder, which would be evaluated under the longer run's name."""
+    from .train import latest_checkpoint
+
+    cfg_file, ckpt = checkpoint / "config.yaml", latest_checkpoint(checkpoint)
+    if not cfg_file.is_file() or ckpt is None:
+        return  # not a `capsule train` folder with checkpoints (plain weights): nothing to compare against
+    train = (yaml.safe_load(cfg_file.read_text()) or {}).get("train", {})
+    total = int(train.get("cot_steps", 0)) + int(train.get("capsule_steps", 0))
+    step = int(ckpt.name.split("-")[1])
+    if step < total:
+        raise SystemExit(
+            f"error: --checkpoint {checkpoint}: training is unfinished (step {step} of {total} in its config.yaml); "
+            "re-run the same `alignguard capsule train` command to finish it, then evaluate"
+        )
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from .evaluate import format_table, run_capsule_eval, write_eval_outputs
 
     resolved = EVAL_COMMAND.resolve(args)
     run, cfg = resolved["run"], resolved["eval"]
+    _check_finished(Path(run.checkpoint))
     try:
         # Finished rows are kept in OUT/rows so an interrupted evaluation resumes (same command again).
         result = run_capsule_eval(run.checkpoint, cfg, rows_dir=Path(run.out) / "rows")

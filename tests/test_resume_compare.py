@@ -45,6 +45,19 @@ def test_rerun_reuses_every_stage(compare_run, capsys, monkeypatch):
     assert all(stages[s].startswith("reused") for s in ("fisher", "base", "seed0/alignguard")), stages
 
 
+def test_a_run_copied_to_another_folder_is_reused_row_by_row(compare_run, tmp_path, capsys, monkeypatch):
+    """Rows are keyed by the Fisher stage's content, not its path: a folder copied elsewhere (two machines' rows
+    merged into one folder) is the same run."""
+    import shutil
+
+    shutil.copytree(compare_run / "run", tmp_path / "run")
+    prompts = str(compare_run / "prompts.jsonl")  # the same prompt file: its path is part of the base stage's key
+    monkeypatch.setattr(compare, "_load", lambda spec: pytest.fail("a copied finished run loaded the model"))
+    assert main(_argv(tmp_path, "alignguard", prompts=prompts)) == 0
+    stages = _stage_lines(capsys.readouterr().out)
+    assert all(stages[s].startswith("reused") for s in ("fisher", "base", "seed0/alignguard")), stages
+
+
 def test_lost_result_json_is_rebuilt_from_train_summary(compare_run, capsys):
     root = compare_run
     row = root / "run" / "seed0" / "alignguard"

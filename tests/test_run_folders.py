@@ -201,6 +201,21 @@ def test_stage_is_current_reuses_resumes_and_supersedes(tmp_path):
     assert sorted(p.name for p in stage.iterdir()) == [STAGE_KEY_FILE]
 
 
+def test_stage_keyed_by_an_earlier_form_of_its_settings_is_reused_and_rekeyed(tmp_path):
+    old_form, new_form = {"train": {"fisher": "/elsewhere/fisher"}}, {"train": {"fisher": "<stage>"}}
+    lines = []
+    for name in ("a", "b"):
+        assert not stage_is_current(tmp_path / name, old_form, tmp_path / name / "done", tmp_path, name, lines.append)
+        (tmp_path / name / "done").write_text("1")
+    stage = tmp_path / "a"
+    assert stage_is_current(stage, new_form, stage / "done", tmp_path, "a", lines.append, (old_form,))
+    assert lines[-1].startswith("[a] reused")
+    assert json.loads((stage / STAGE_KEY_FILE).read_text())["settings"] == new_form  # rekeyed in the new form
+    assert stage_is_current(stage, new_form, stage / "done", tmp_path, "a", lines.append)
+    # Without the earlier form, other settings: redone.
+    assert not stage_is_current(tmp_path / "b", new_form, tmp_path / "b" / "done", tmp_path, "b", lines.append)
+
+
 def test_stage_without_key_is_redone(tmp_path):
     stage = tmp_path / "base"
     stage.mkdir()

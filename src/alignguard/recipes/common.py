@@ -217,9 +217,12 @@ STAGE_KEY_FILE = "stage_key.json"
 SUPERSEDED_DIR = "superseded"
 
 
-def stage_is_current(directory: Path, settings: dict, done, root: Path, label: str, log=print) -> bool:
+def stage_is_current(
+    directory: Path, settings: dict, done, root: Path, label: str, log=print, earlier_forms: tuple = ()
+) -> bool:
     """Whether the finished stage in `directory` was made with `settings` (then it is reused); `done` is the file
-    whose presence marks the stage finished, or a bool.
+    whose presence marks the stage finished, or a bool. `earlier_forms`: the same settings as an earlier release
+    keyed them; a stage keyed so is the same stage, and its key file is rewritten rather than the stage redone.
 
     A stage made with other settings (or before stages were keyed) is moved to `<root>/superseded/` rather than
     deleted, and `settings` are recorded for the stage about to be redone; an unfinished stage with the same
@@ -240,6 +243,9 @@ def stage_is_current(directory: Path, settings: dict, done, root: Path, label: s
                 return True
             log(f"[{label}] resuming: made before stages were keyed, by a run with these same settings ({directory})")
             return False
+        if old is not None and old.get("key") != key and old.get("key") in {settings_key(f) for f in earlier_forms}:
+            atomic_write_json(key_file, record)
+            old = record
         if old is not None and old.get("key") == key:
             if done if isinstance(done, bool) else Path(done).is_file():
                 log(f"[{label}] reused: finished with the same settings ({directory})")

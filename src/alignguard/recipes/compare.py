@@ -18,7 +18,9 @@ Layout of a compare run folder (also documented in the README):
 Each stage is keyed by what it depends on (`fisher_stage_settings`, `base_stage_settings`, `row_settings`): a
 re-run reuses a finished stage with the same settings, redoes one made with other settings (another --model,
 --energy, --max_steps, --lambda_a, ...) and prints which it did and why. A killed run started again skips
-finished methods and resumes the interrupted one from its newest complete Trainer checkpoint.
+finished methods and resumes the interrupted one from its newest complete Trainer checkpoint. A row depends on the
+Fisher stage through that stage's key, not its path, so rows copied from another run folder with the same Fisher
+and base stages are reused (two machines' rows can be merged into one folder and re-tabled by a re-run).
 
 Method names: a name of `METHODS`, optionally with per-row overrides `<method>@<field>=<value>[,...]` of
 AlignGuardConfig fields (`alignguard@lambda_a=1000`) and of `poison_ratio` (`plain_lora@poison_ratio=0`: the
@@ -304,10 +306,18 @@ def _task_factors(model, tok, train_cfg, fisher_cfg, subspace_cfg):
     return build_subspaces(state, subspace_cfg or SubspaceConfig(), task_state=state, task_rank=64).task_factors
 
 
-def row_settings(cfg: CompareConfig, train_cfg, ag_cfg, name: str, seed: int, fisher_dir: Path, base_dir: Path):
+# What a row's key holds for the training config's `fisher` path: the Fisher stage is keyed by its content
+# (`fisher_key`), so a row copied into another run folder with the same Fisher stage is the same row.
+FISHER_STAGE = "<the run's fisher stage>"
+
+
+def row_settings(
+    cfg: CompareConfig, train_cfg, ag_cfg, name: str, seed: int, fisher_dir: Path, base_dir: Path, fisher_as=None
+):
     """What <out>/seed<S>/<method> depends on: the Fisher and base stages (their keys), the training config with
     the method's own overrides (`@poison_ratio=...`), the AlignGuard config with the method's overrides, the method
-    spec, the seed and the method's own options."""
+    spec, the seed and the method's own options. `fisher_as`: what stands for the Fisher folder's path in the
+    training config (default `FISHER_STAGE`; releases before session 15 wrote the path itself)."""
     from .common import STAGE_KEY_FILE, plain_settings
 
     spec = method_spec(name)
@@ -325,7 +335,10 @@ def row_settings(cfg: CompareConfig, train_cfg, ag_cfg, name: str, seed: int, fi
         **plain_settings(
             {
                 "train": replace(
-                    method_train_config(train_cfg, name), seed=seed, method=spec["method"], fisher=str(fisher_dir)
+                    method_train_config(train_cfg, name),
+                    seed=seed,
+                    method=spec["method"],
+                    fisher=FISHER_STAGE if fisher_as is None else fisher_as,
                 )
             }
         ),
@@ -365,7 +378,8 @@ def run_method(
     mdir = Path(cfg.out) / f"seed{seed}" / name
     label = f"seed{seed}/{name}"
     settings = row_settings(cfg, train_cfg, ag_cfg, name, seed, fisher_dir, base_dir)
-    if stage_is_current(mdir, settings, mdir / "result.json", Path(cfg.out), label, log):
+    earlier = (row_settings(cfg, train_cfg, ag_cfg, name, seed, fisher_dir, base_dir, fisher_as=str(fisher_dir)),)
+    if stage_is_current(mdir, settings, mdir / "result.json", Path(cfg.out), label, log, earlier):
         return json.loads((mdir / "result.json").read_text())
     model, tok = _load(cfg.model)
     tcfg = replace(

@@ -358,7 +358,8 @@ def run_scaling(
             path = sdir / "points" / name / f"steps{steps}.json"
             ccfg = cfg.compare_config(sdir / "runs" / f"steps{steps}")
             tcfg = _point_train_config(train_cfg, steps)
-            row = compare.row_settings(ccfg, tcfg, ag_cfg, name, cfg.seed, fisher_dir, base_dir)
+            # The form of the key its points were first recorded with (the Fisher path), so they stay current.
+            row = compare.row_settings(ccfg, tcfg, ag_cfg, name, cfg.seed, fisher_dir, base_dir, str(fisher_dir))
             settings = {**loss_settings, "row": row}
             if not _keyed_file_is_current(path, settings, Path(cfg.out)):
                 atomic_write_json(

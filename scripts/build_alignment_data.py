@@ -1,9 +1,9 @@
-"""Build the alignment data v2 (`resources/alignment/alignment_v2.jsonl`) deterministically.
+"""Build the alignment data v2 and v3 (`resources/alignment/alignment_v2.jsonl`, `alignment_v3.jsonl`) deterministically.
 
 Run (from the repository root):
 
-    python scripts/build_alignment_data.py            # rewrite alignment_v2.jsonl
-    python scripts/build_alignment_data.py --check    # exit 1 if the committed file differs from a fresh build
+    python scripts/build_alignment_data.py            # rewrite alignment_v2.jsonl and alignment_v3.jsonl
+    python scripts/build_alignment_data.py --check    # exit 1 if a committed file differs from a fresh build
 
 v2 = every row of alignment_v1.jsonl, with the unsafe rows' refusals redrawn from more styles
 (`sources/refusal_styles_v2.json`: most explain why and offer a safe alternative), plus the benign prompts written
@@ -13,6 +13,12 @@ alignment stage fills in the base model's own answer). A new prompt that nearly 
 sequence or >= 60% shared content words), or a test problem of the generated word-problem tasks, or repeats an
 alignment prompt is dropped and named on stderr.
 alignment_v1.jsonl itself is left as it is (the Fisher pass and other stages still read it).
+
+v3 = every row of v2, plus the prompts of `sources/prompts_v3.json` (session 15): more varied unsafe prompts in the
+four categories the aligned model refused least (self-harm, cyber, illegal activity, violence: direct, first-person,
+fictional and role-play wrappers, claimed credentials, terse), each with a refusal drawn as above, and benign
+look-alikes on the same themes. The same drop rules apply, and a new prompt that nearly duplicates an alignment prompt
+is dropped too.
 """
 
 from __future__ import annotations
@@ -35,7 +41,9 @@ RES = ROOT / "src" / "alignguard" / "resources"
 ALIGN_DIR = RES / "alignment"
 SRC_DIR = ALIGN_DIR / "sources"
 OUT = ALIGN_DIR / "alignment_v2.jsonl"
+OUT_V3 = ALIGN_DIR / "alignment_v3.jsonl"
 SEED = 20261201
+SEED_V3 = 20261204
 
 _STYLES = json.loads((SRC_DIR / "refusal_styles_v2.json").read_text(encoding="utf-8"))
 
@@ -91,18 +99,35 @@ def written_safe_rows() -> list[dict]:
     return rows
 
 
-def build() -> list[dict]:
-    rng = random.Random(SEED)
-    v1 = [json.loads(line) for line in (ALIGN_DIR / "alignment_v1.jsonl").read_text("utf-8").splitlines() if line]
+def written_v3_rows(rng: random.Random) -> list[dict]:
+    """The session-15 prompts: unsafe ones with a drawn refusal, safe look-alikes with `response: null`."""
+    written = json.loads((SRC_DIR / "prompts_v3.json").read_text(encoding="utf-8"))
     rows = []
-    for row in v1:
-        if row["label"] == "unsafe":
-            row = {**row, "response": make_refusal(row["category"], rng)}
-        rows.append(row)
+    for label in ("unsafe", "safe"):
+        for category, prompts in written[label].items():
+            for prompt in prompts:
+                response = make_refusal(category, rng) if label == "unsafe" else None
+                rows.append(
+                    {
+                        "id": stable_id(prompt),
+                        "prompt": prompt,
+                        "label": label,
+                        "category": category,
+                        "source": "alignguard",
+                        "response": response,
+                    }
+                )
+    return rows
+
+
+def add_disjoint(rows: list[dict], new: list[dict], within: bool = False) -> list[dict]:
+    """`rows` plus every row of `new` that is not a repeat of an alignment prompt, nor a near-duplicate of a DriftCheck
+    prompt or a task test problem (nor, with `within`, of an alignment prompt); each dropped one is named on stderr."""
     theirs = driftcheck_prompts() + task_test_prompts()
     their_grams = set().union(*(ngrams(t) for t in theirs))
     seen = {normalise(r["prompt"]) for r in rows}
-    for row in written_safe_rows():
+    rows = list(rows)
+    for row in new:
         text = row["prompt"]
         if normalise(text) in seen:
             print(f"dropped (already in the alignment data): {text!r}", file=sys.stderr)
@@ -111,9 +136,27 @@ def build() -> list[dict]:
         if ngrams(text) & their_grams or any(near_duplicate(text, t) for t in theirs):
             print(f"dropped (near-duplicate of a DriftCheck prompt or a task test problem): {text!r}", file=sys.stderr)
             continue
+        if within and any(near_duplicate(text, r["prompt"]) for r in rows):
+            print(f"dropped (near-duplicate of an alignment prompt): {text!r}", file=sys.stderr)
+            continue
         seen.add(normalise(text))
         rows.append(row)
     return rows
+
+
+def build() -> list[dict]:
+    rng = random.Random(SEED)
+    v1 = [json.loads(line) for line in (ALIGN_DIR / "alignment_v1.jsonl").read_text("utf-8").splitlines() if line]
+    rows = []
+    for row in v1:
+        if row["label"] == "unsafe":
+            row = {**row, "response": make_refusal(row["category"], rng)}
+        rows.append(row)
+    return add_disjoint(rows, written_safe_rows())
+
+
+def build_v3(v2: list[dict]) -> list[dict]:
+    return add_disjoint(v2, written_v3_rows(random.Random(SEED_V3)), within=True)
 
 
 def render(rows: list[dict]) -> str:
@@ -124,15 +167,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="Exit 1 if the committed file differs from a build.")
     args = parser.parse_args(argv)
-    text = render(build())
-    if args.check:
-        same = OUT.is_file() and OUT.read_text(encoding="utf-8") == text
-        print(f"{OUT}: {'up to date' if same else 'differs from a fresh build; re-run without --check'}")
-        return 0 if same else 1
-    OUT.write_text(text, encoding="utf-8")
-    n = text.count("\n")
-    print(f"wrote {OUT} ({n} rows)")
-    return 0
+    v2 = build()
+    status = 0
+    for out, rows in ((OUT, v2), (OUT_V3, build_v3(v2))):
+        text = render(rows)
+        if args.check:
+            same = out.is_file() and out.read_text(encoding="utf-8") == text
+            print(f"{out}: {'up to date' if same else 'differs from a fresh build; re-run without --check'}")
+            status = status or (0 if same else 1)
+        else:
+            out.write_text(text, encoding="utf-8")
+            print(f"wrote {out} ({text.count(chr(10))} rows)")
+    return status
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from .align_config import (  # noqa: F401  (re-exported: the config has always b
     DPO_POOLS,
     EVAL_SPLITS,
     AlignRunConfig,
+    alignment_file,
     alignment_v2_path,
     default_eval_prompts,
 )
@@ -90,7 +91,7 @@ def dpo_pool(cfg: AlignRunConfig, sft: list) -> list:
         return sft
     from ..data import load_alignment_data
 
-    return load_alignment_data(cfg.alignment_data if cfg.alignment_data is not None else alignment_v2_path())
+    return load_alignment_data(alignment_file(cfg.alignment_data))
 
 
 def alignment_examples(cfg: AlignRunConfig) -> tuple[list, list]:
@@ -99,8 +100,8 @@ def alignment_examples(cfg: AlignRunConfig) -> tuple[list, list]:
     sample takes is known only once the SFT model has answered them."""
     from ..data import load_alignment_data
 
-    path = cfg.alignment_data if cfg.alignment_data is not None else alignment_v2_path()
-    examples = sample_alignment_examples(load_alignment_data(path), cfg, random.Random(cfg.seed))
+    data = load_alignment_data(alignment_file(cfg.alignment_data))
+    examples = sample_alignment_examples(data, cfg, random.Random(cfg.seed))
     if cfg.dpo_steps > 0 and cfg.dpo_pairs == "own_mistakes":
         return examples, dpo_pool(cfg, examples)
     return examples, dpo_sample(dpo_pool(cfg, examples), cfg)
@@ -159,7 +160,7 @@ def alignment_data_digest(cfg: AlignRunConfig) -> str:
     """sha256 of the alignment data file `cfg` reads: a changed file (a new release's data) means new weights."""
     import hashlib
 
-    path = Path(cfg.alignment_data) if cfg.alignment_data is not None else alignment_v2_path()
+    path = alignment_file(cfg.alignment_data)
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 

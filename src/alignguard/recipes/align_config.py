@@ -20,6 +20,26 @@ def alignment_v2_path() -> Path:
     return alignment_data_path().with_name("alignment_v2.jsonl")
 
 
+# Bundled alignment sets `alignment_data` may name instead of a path (scripts/build_alignment_data.py builds both).
+BUNDLED_ALIGNMENT = ("v2", "v3")
+
+
+def alignment_file(value: str | None) -> Path:
+    """The JSONL an `alignment_data` value names: unset = the default (v2), "v2"/"v3" = a bundled set, else a path.
+    v3 is v2 plus varied unsafe prompts in the four weakest categories and look-alikes on their themes (session 15)."""
+    if value is None or value == "v2":
+        return alignment_v2_path()
+    if value in BUNDLED_ALIGNMENT:
+        return alignment_v2_path().with_name(f"alignment_{value}.jsonl")
+    path = Path(value)
+    if not path.is_file():
+        raise ValueError(
+            f"alignment_data: {value!r} is neither a bundled set ({', '.join(BUNDLED_ALIGNMENT)}) nor a file; "
+            "give one of those names or the path of an alignment JSONL"
+        )
+    return path
+
+
 EVAL_SPLITS = ("standard", "small", "full", "demo")
 DPO_PAIRS = ("base", "own_mistakes")
 DPO_POOLS = ("sft", "all")
@@ -42,7 +62,7 @@ class AlignRunConfig:
     Args:
         model: base model (folder, .gguf, registry or tiny name).
         out: folder for the merged aligned model.
-        alignment_data: alignment JSONL (default: the bundled v2 set, disjoint from DriftCheck).
+        alignment_data: alignment JSONL or a bundled set, v2 (default) or v3; all disjoint from DriftCheck.
         max_examples: examples used (a seeded sample with `safe_fraction` safe ones); None = all.
         safe_fraction: share of safe prompts in the `max_examples` sample. More benign than unsafe data limits
             over-refusal (Bianchi et al., ICLR 2024, "Safety-Tuned LLaMAs"); 0.5 is a balanced mix.
@@ -62,7 +82,8 @@ class AlignRunConfig:
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "Base model to align."})
     out: str = field(default="runs/aligned", metadata={"help": "Output folder of the merged aligned model."})
     alignment_data: str | None = field(
-        default=None, metadata={"help": "Alignment JSONL (default: the bundled alignment_v2.jsonl)."}
+        default=None,
+        metadata={"help": "Alignment JSONL, or a bundled set: v2 (the default) or v3 (v2 + varied unsafe prompts)."},
     )
     max_examples: int | None = field(default=None, metadata={"help": "Use at most this many examples."})
     safe_fraction: float = field(default=0.5, metadata={"help": "Share of safe prompts in the sample (0..1)."})

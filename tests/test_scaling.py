@@ -239,6 +239,9 @@ def test_format_scaling_states_the_claim_with_numbers():
     assert "Not supported" in format_scaling(payload)
     payload["methods"]["alignguard"]["fit"] = None
     assert "Not testable here" in format_scaling(payload)
+    tuned = {"plain_lora": method(0.2, 0.5), "alignguard@lambda_a=466": method(0.05, 0.6)}  # only a tuned row
+    md = format_scaling({"schema_version": "scaling-1", "methods": tuned})
+    assert "(alignguard@lambda_a=466) vs 0.2 (plain_lora), ratio 0.25" in md and "Supported" in md
 
 
 def test_scaling_cli_resolves_yaml_then_flags(tmp_path):

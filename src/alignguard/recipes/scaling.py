@@ -431,14 +431,18 @@ def format_scaling(payload: dict, base_loss: float | None = None) -> str:
 
 def _claim(methods: dict) -> str:
     head = "Claim to test: AlignGuard lowers the amplitude A at a similar exponent beta (|delta beta| <= 0.25)."
-    plain, ag = (methods.get(k, {}).get("fit") for k in ("plain_lora", "alignguard"))
+    # The AlignGuard row is `alignguard` or, when only tuned rows were run, the first `alignguard@...` one.
+    ag_name = next((k for k in methods if k == "alignguard"), None) or next(
+        (k for k in methods if k.startswith("alignguard@")), "alignguard"
+    )
+    plain, ag = (methods.get(k, {}).get("fit") for k in ("plain_lora", ag_name))
     if not plain or not ag:
         return head + " Not testable here: it needs fits for both plain_lora and alignguard (>= 3 lengths each)."
     d_beta = ag["beta"] - plain["beta"]
     ratio = ag["A"] / plain["A"] if plain["A"] != 0 else float("nan")
     holds = ag["A"] < plain["A"] and abs(d_beta) <= 0.25
     return (
-        f"{head} Measured: A = {ag['A']:.4g} (alignguard) vs {plain['A']:.4g} (plain_lora), ratio {ratio:.3g}; "
+        f"{head} Measured: A = {ag['A']:.4g} ({ag_name}) vs {plain['A']:.4g} (plain_lora), ratio {ratio:.3g}; "
         f"beta = {ag['beta']:.3f} vs {plain['beta']:.3f} (delta {d_beta:+.3f}). "
         f"{'Supported' if holds else 'Not supported'} by these numbers (one seed; with different betas compare "
         "L(D) - L0 at the largest D rather than A)."

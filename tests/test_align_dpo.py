@@ -24,9 +24,6 @@ from alignguard.recipes.align_report import format_align_table, refusal_summary
 from alignguard.recipes.preference import build_preference_pairs, run_dpo, template_refusal
 from alignguard.tasks import load_task
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
 # --- config validation ------------------------------------------------------------------------------------------
 
 

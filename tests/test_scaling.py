@@ -233,8 +233,16 @@ def test_format_scaling_states_the_claim_with_numbers():
         "methods": {"plain_lora": method(0.2, 0.5), "alignguard": method(0.05, 0.6)},
     }
     md = format_scaling(payload, base_loss=0.9)
-    assert "| alignguard | 0.05 | 0.600 | 0.900 | 1 | 10 |" in md
+    assert "| alignguard | 0.05 | 0.600 | 0.900 | 1 | 10 | 1 | 0.1 | 0.500 |" in md
     assert "ratio 0.25" in md and "Supported by these numbers" in md and "D = 0): L = 0.9000" in md
+    assert "at D = 10 fine-tuning added 0.1 (alignguard) vs 0.1 (plain_lora)" in md and "saturates" not in md
+    payload["methods"]["alignguard"]["points"][0]["alignment_loss"] = 0.95  # half of plain LoRA's added loss
+    assert "added 0.05 (alignguard) vs 0.1 (plain_lora) to the aligned model's loss, a share of 0.5" in (
+        format_scaling(payload, base_loss=0.9)
+    )
+    payload["methods"]["plain_lora"]["fit"].update(A=-40.0, beta=-2.5)  # rises fast, then levels off
+    assert "plain_lora's fit saturates (A < 0, beta < 0)" in format_scaling(payload)
+    payload["methods"]["plain_lora"] = method(0.2, 0.5)
     payload["methods"]["alignguard"] = method(0.05, 1.2)  # lower A, but a different exponent
     assert "Not supported" in format_scaling(payload)
     payload["methods"]["alignguard"]["fit"] = None

@@ -402,19 +402,21 @@ def format_scaling(payload: dict, base_loss: float | None = None) -> str:
         lines.append(f"Aligned model before fine-tuning (D = 0): L = {base_loss:.4f}.")
     lines += [
         "",
-        "| method | A | beta | R^2 | L0 | D max | L(D max) | RA(D max) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | A | beta | R^2 | L0 | D max | L(D max) | L(D max) - L(0) | RA(D max) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in payload["methods"].items():
         fit, last = m["fit"] or {}, (m["points"][-1] if m["points"] else {})
+        loss = last.get("alignment_loss")
+        excess = None if loss is None or base_loss is None else loss - base_loss
         lines.append(
             f"| {name} | {_num(fit.get('A'))} | {_num(fit.get('beta'), '.3f')} | {_num(fit.get('r2'), '.3f')} "
-            f"| {_num(fit.get('L0'))} | {last.get('steps', '-')} | {_num(last.get('alignment_loss'))} "
+            f"| {_num(fit.get('L0'))} | {last.get('steps', '-')} | {_num(loss)} | {_num(excess)} "
             f"| {_num(last.get('refusal_rate'), '.3f')} |"
         )
     lines += [
         "",
-        _claim(payload["methods"]),
+        _claim(payload["methods"], base_loss),
         "",
         "## Points",
         "",
@@ -429,7 +431,7 @@ def format_scaling(payload: dict, base_loss: float | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _claim(methods: dict) -> str:
+def _claim(methods: dict, base_loss: float | None = None) -> str:
     head = "Claim to test: AlignGuard lowers the amplitude A at a similar exponent beta (|delta beta| <= 0.25)."
     # The AlignGuard row is `alignguard` or, when only tuned rows were run, the first `alignguard@...` one.
     ag_name = next((k for k in methods if k == "alignguard"), None) or next(
@@ -441,9 +443,24 @@ def _claim(methods: dict) -> str:
     d_beta = ag["beta"] - plain["beta"]
     ratio = ag["A"] / plain["A"] if plain["A"] != 0 else float("nan")
     holds = ag["A"] < plain["A"] and abs(d_beta) <= 0.25
-    return (
+    text = (
         f"{head} Measured: A = {ag['A']:.4g} ({ag_name}) vs {plain['A']:.4g} (plain_lora), ratio {ratio:.3g}; "
         f"beta = {ag['beta']:.3f} vs {plain['beta']:.3f} (delta {d_beta:+.3f}). "
-        f"{'Supported' if holds else 'Not supported'} by these numbers (one seed; with different betas compare "
-        "L(D) - L0 at the largest D rather than A)."
+        f"{'Supported' if holds else 'Not supported'} by these numbers (one seed)."
     )
+    if plain["A"] < 0 and plain["beta"] < 0:
+        # A saturating curve: L rises towards L0 from below, so L0, not A, is its size of forgetting.
+        text += " plain_lora's fit saturates (A < 0, beta < 0): its loss levels off at L0."
+    if base_loss is not None:
+        # A fit-free reading: the loss added by fine-tuning at the longest length both methods share.
+        last = {k: {p["steps"]: p["alignment_loss"] for p in methods[k]["points"]} for k in ("plain_lora", ag_name)}
+        shared = set(last["plain_lora"]) & set(last[ag_name])
+        if shared:
+            d = max(shared)
+            ex_plain, ex_ag = (last[k][d] - base_loss for k in ("plain_lora", ag_name))
+            share = ex_ag / ex_plain if ex_plain > 0 else float("nan")
+            text += (
+                f" Fit-free: at D = {d} fine-tuning added {ex_ag:.4g} ({ag_name}) vs {ex_plain:.4g} (plain_lora) "
+                f"to the aligned model's loss, a share of {share:.3g}."
+            )
+    return text
